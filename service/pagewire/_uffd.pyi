@@ -1,0 +1,99 @@
+"""Typed stubs for the native module pagewire._uffd (see _uffd.c)."""
+
+from collections.abc import Sequence
+
+# page states, one byte per page in Engine.page_states()
+MISSING: int
+REQUESTED: int
+PRESENT: int
+ZERO: int
+REMOVED: int
+SRC_ZERO: int  # flag bit: the source declares this page zero
+
+# install kinds (Engine.install)
+FAULT: int
+PREFETCH: int
+BACKGROUND: int
+
+# resolution indexes of the histograms
+RES_LOCAL: int
+RES_REMOTE: int
+RES_ZERO: int
+HIST_BUCKETS: int
+HIST_BOUNDS_NS: tuple[int, ...]  # upper bound of each bucket, nanoseconds
+
+FEATURE_EVENT_FORK: int
+FEATURE_EVENT_REMAP: int
+FEATURE_EVENT_REMOVE: int
+FEATURE_MISSING_HUGETLBFS: int
+FEATURE_MISSING_SHMEM: int
+FEATURE_EVENT_UNMAP: int
+FEATURE_SIGBUS: int
+FEATURE_THREAD_ID: int
+FEATURE_EXACT_ADDRESS: int
+FEATURE_POISON: int
+FEATURE_WP: int
+API_FEATURES_SUPPORTED: int  # features this kernel offers (a probe UFFDIO_API)
+
+class UffdError(OSError): ...
+
+# Region: (base_host_virt_addr, size, offset, page_size)
+Region = tuple[int, int, int, int]
+
+class Engine:
+    """One post-copy session: a uffd, its regions, and a native fault thread."""
+
+    def __init__(
+        self,
+        uffd: int,
+        regions: Sequence[Region],
+        notify_fd: int,
+        *,
+        source_fd: int = -1,
+        source_size: int = 0,
+        zero_map: bytes | None = None,
+        zero_map_page_size: int = 0,
+        pidfd: int = -1,
+        background: bool = True,
+        window_pages: int = 16,
+        batch_bytes: int = 1 << 20,
+    ) -> None: ...
+    def start(self) -> None: ...
+    def install(self, image_offset: int, data: bytes | bytearray | memoryview, kind: int) -> int:
+        """COPY data at image_offset into every region page that still needs it.
+
+        Releases the GIL. Returns the number of pages installed."""
+    def take_requests(self) -> list[int]:
+        """Image offsets of pages the engine could not serve alone (drains the queue)."""
+    def stats(self) -> dict[str, int]: ...
+    def histogram(self, resolution: int) -> tuple[list[int], int, int]:
+        """(bucket counts, sum_ns, max_ns) for one resolution."""
+    def page_states(self) -> bytes: ...
+    def fail(self, code: str, poison: bool) -> None:
+        """Stop the session: poison missing pages (if poison), unregister, close the uffd."""
+    def wake_all(self) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def state(self) -> str: ...  # "created", "running", "completed", "failed"
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def features(self) -> int: ...
+    @property
+    def uffd(self) -> int: ...
+
+def uffd_create(features: int, nonblock: bool = True) -> int: ...
+def uffd_features(fd: int) -> int: ...
+def uffd_register(fd: int, addr: int, size: int, wp: bool = False) -> None: ...
+def uffd_unregister(fd: int, addr: int, size: int) -> None: ...
+def mmap_anon(size: int, hugetlb: bool = False) -> int: ...
+def munmap(addr: int, size: int) -> None: ...
+def madvise(addr: int, size: int, advice: int) -> None: ...
+def read_memory(addr: int, size: int) -> bytes: ...
+def write_memory(addr: int, data: bytes) -> None: ...
+def touch_pages(addr: int, page_size: int, pages: Sequence[int], write: bool = False) -> list[int]:
+    """Touch each page (read one byte, or write) in order; returns ns per touch. GIL released."""
+def zero_map(fd: int, size: int, page_size: int) -> bytes:
+    """One byte per page, 1 where the image page is all zero (SEEK_HOLE plus a scan)."""
+def memory_equals_file(addr: int, size: int, fd: int, offset: int) -> int:
+    """-1 if equal, else the first differing byte offset. GIL released."""
