@@ -319,13 +319,15 @@ class Export:
     def read_chunk(self, index: int) -> bytes:
         """The chunk's non-zero pages, concatenated in order (empty for a zero chunk)."""
         runs = self._data_runs(index)
-        return self._read(index, lambda fd: b"".join(os.pread(fd, n, off) for off, n in runs))
+        want = sum(n for _, n in runs)
+        return self._read(want, lambda fd: b"".join(os.pread(fd, n, off) for off, n in runs))
 
     def read_chunk_full(self, index: int) -> bytes:
         """The whole chunk, zero pages included."""
+        self._check_index(index)
         first, last = self.chunk_pages(index)
         off, length = first * self.page_size, (last - first) * self.page_size
-        return self._read(index, lambda fd: os.pread(fd, length, off))
+        return self._read(length, lambda fd: os.pread(fd, length, off))
 
     def _data_runs(self, index: int) -> list[tuple[int, int]]:
         """(offset, length) of each run of non-zero pages in a chunk."""
@@ -350,8 +352,7 @@ class Export:
                 f"chunk {index} out of range: export {self.name!r} has {self.chunks} chunks"
             )
 
-    def _read(self, index: int, reader: Callable[[int], bytes]) -> bytes:
-        self._check_index(index)
+    def _read(self, length: int, reader: Callable[[int], bytes]) -> bytes:
         fd = self._acquire()
         try:
             self.check()
@@ -359,9 +360,9 @@ class Export:
             self.check()  # a write during the read would otherwise go out as published data
         finally:
             self._release()
-        first, last = self.chunk_pages(index)
-        if len(data) > (last - first) * self.page_size:
-            raise ExportStale(f"export {self.name!r}: short read")
+        if len(data) != length:
+            self.mark_stale()
+            raise ExportStale(f"export {self.name!r} is stale: short read")
         return data
 
     def _acquire(self) -> int:

@@ -1,0 +1,65 @@
+"""`pagewire agent`: one asyncio loop hosting FastAPI on uvicorn and the gRPC page service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from .app import create_app
+from .settings import Settings, split_host_port
+from .state import AgentState
+
+log = logging.getLogger("pagewire.agent")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the agent drains sessions first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(settings: Settings) -> None:
+    agent = AgentState(settings)
+    await agent.start()
+    host, port = split_host_port(settings.http)
+    config = uvicorn.Config(
+        create_app(agent), host=host, port=port, log_config=None, access_log=False,
+        lifespan="off",
+    )
+    server = _Server(config)
+    stopping = asyncio.Event()
+
+    async def drain() -> None:
+        log.info("shutting down: draining sessions")
+        await agent.stop()
+        server.should_exit = True
+
+    def on_signal(signum: int) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            asyncio.get_running_loop().create_task(drain())
+        else:
+            server.force_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    log.info("agent listening", extra={"http": settings.http, "grpc": settings.grpc,
+                                       "node": settings.node_name})
+    try:
+        await server.serve()
+    finally:
+        if not stopping.is_set():
+            await agent.stop()
+        await agent.close()
+
+
+def run(settings: Settings) -> None:
+    asyncio.run(serve(settings))

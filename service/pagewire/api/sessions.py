@@ -1,0 +1,48 @@
+"""Sessions: create, list, inspect, cancel or forget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+
+from ..errors import ErrorResponse
+from ..models import SessionList, SessionRequest, SessionState, SessionStatus
+from .deps import Agent, require_token
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 429, 503)
+}
+
+
+@router.post("", status_code=201, response_model=SessionStatus, responses=ERRORS)
+async def create_session(body: SessionRequest, agent: Agent) -> dict[str, Any]:
+    session = await agent.sessions.create(body)
+    return session.status()
+
+
+@router.get("", response_model=SessionList, responses=ERRORS)
+async def list_sessions(
+    agent: Agent, state: SessionState | None = Query(default=None)
+) -> dict[str, Any]:
+    items = [s.status() for s in agent.sessions.sessions.values() if state in (None, s.state)]
+    return {"sessions": items}
+
+
+@router.get("/{session_id}", response_model=SessionStatus, responses=ERRORS)
+async def get_session(session_id: str, agent: Agent) -> dict[str, Any]:
+    return agent.sessions.get(session_id).status()
+
+
+@router.delete("/{session_id}", response_model=SessionStatus, responses=ERRORS)
+async def delete_session(session_id: str, agent: Agent) -> dict[str, Any]:
+    """Cancel a running session (missing pages poisoned) or forget an ended one."""
+    manager = agent.sessions
+    session = manager.get(session_id)
+    if session.active:
+        await manager.cancel(session)
+    else:
+        manager.forget(session)
+    return session.status()

@@ -1,0 +1,37 @@
+"""The FastAPI application: routers per resource, one error shape, body size bound."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+
+from . import __version__
+from .api import health, info, sessions
+from .errors import error_response, install_handlers
+from .state import AgentState
+
+MAX_BODY_BYTES = 1 << 20
+
+
+def create_app(agent: AgentState) -> FastAPI:
+    app = FastAPI(
+        title="pagewire agent",
+        version=__version__,
+        description="Post-copy memory over userfaultfd: exports, sessions, progress, metrics.",
+    )
+    app.state.agent = agent
+    install_handlers(app)
+
+    @app.middleware("http")
+    async def bound_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error_response(413, "body_too_large", f"bodies are at most {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
+
+    for module in (health, info, sessions):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,99 @@
+"""Request and response bodies of the REST API (pydantic; unknown fields rejected)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SessionState = Literal["awaiting_attach", "running", "paused", "completed", "failed", "cancelled"]
+ACTIVE_STATES = ("awaiting_attach", "running", "paused")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathSource(Strict):
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class PeerSource(Strict):
+    peer: str = Field(min_length=3, max_length=512, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+    export: str = Field(min_length=1, max_length=63)
+
+
+class NodeSource(Strict):
+    node: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9]([A-Za-z0-9.\-]*)$")
+    export: str = Field(min_length=1, max_length=63)
+
+
+class SocketOptions(Strict):
+    uid: int | None = Field(default=None, ge=0, le=2**32 - 2)
+    gid: int | None = Field(default=None, ge=0, le=2**32 - 2)
+    mode: str = Field(default="0600", pattern=r"^0?[0-7]{3}$")
+
+    @field_validator("mode")
+    @classmethod
+    def _no_world(cls, value: str) -> str:
+        if int(value, 8) & 0o007:
+            raise ValueError("the socket may not be open to every user (mode xx0 at most)")
+        return value
+
+
+class SessionRequest(Strict):
+    source: PathSource | PeerSource | NodeSource
+    prefetch: Literal["around", "none", "working_set"] = "around"
+    background: bool = True
+    on_source_lost: Literal["wait", "sigbus"] = "wait"
+    pause_timeout_s: float = Field(default=30.0, gt=0, le=86400)
+    attach_timeout_s: float = Field(default=60.0, gt=0, le=86400)
+    socket: SocketOptions | None = None
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Faults(BaseModel):
+    local: int
+    remote: int
+    zero: int
+
+
+class Latency(BaseModel):
+    p50: float | None
+    p99: float | None
+    max: float | None
+
+
+class SessionStatus(BaseModel):
+    id: str
+    state: SessionState
+    source: dict[str, str]
+    socket: str
+    pages_total: int
+    pages_present: int
+    pages_zero: int
+    pages_removed: int
+    faults: Faults
+    pages_prefetched: int
+    pages_background: int
+    bytes_received: int
+    fault_latency_seconds: Latency
+    created_at: float
+    attached_at: float | None
+    completed_at: float | None
+    error: ErrorInfo | None
+    workload_pid: int | None = None
+    page_size: int | None = None
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionStatus]
+
+
+class ExportRequest(Strict):
+    name: str = Field(min_length=1, max_length=63)
+    path: str = Field(min_length=1, max_length=4096)
