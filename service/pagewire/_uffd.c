@@ -159,7 +159,7 @@ typedef struct {
     uint64_t total, n_present, n_zero, n_removed;
     uint64_t faults[NRES];
     uint64_t pages_by_kind[3], bytes_installed;
-    uint64_t ev_remove, ev_unmap, ev_remap, ev_fork, copy_eagain, faults_unknown;
+    uint64_t ev_remove, ev_unmap, ev_remap, ev_fork, copy_eagain, faults_unknown, pages_eexist;
     hist_t hist[NRES];
 } Engine;
 
@@ -296,6 +296,7 @@ static int install_run(Engine *e, region_t *r, uint64_t p, uint64_t n, const uin
             err = (int)-got;
         if (err == EEXIST) {
             uint64_t q = p + off / ps;
+            e->pages_eexist++;
             if ((r->state[q] & ST_MASK) != ST_REMOVED)
                 set_state(e, r, q, new_state == ST_REMOVED ? ST_REMOVED : ST_PRESENT);
             off += ps;
@@ -1123,6 +1124,7 @@ static PyObject *Engine_stats(Engine *e, PyObject *unused)
     STAT("events_fork", e->ev_fork);
     STAT("copy_eagain", e->copy_eagain);
     STAT("faults_unknown", e->faults_unknown);
+    STAT("pages_eexist", e->pages_eexist);
     pthread_mutex_unlock(&e->lock);
     return d;
 }
@@ -1355,6 +1357,21 @@ static PyObject *mod_uffd_unregister(PyObject *m, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *mod_uffd_copy(PyObject *m, PyObject *args)
+{
+    int fd, rc;
+    unsigned long long addr;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "iKy*", &fd, &addr, &b))
+        return NULL;
+    struct uffdio_copy c = {.dst = addr, .src = (uint64_t)(uintptr_t)b.buf, .len = (uint64_t)b.len};
+    Py_BEGIN_ALLOW_THREADS rc = ioctl(fd, UFFDIO_COPY, &c);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&b);
+    if (rc < 0 && c.copy <= 0)
+        return PyErr_Format(UffdError, "UFFDIO_COPY: %s", strerror(errno));
+    return PyLong_FromLongLong(c.copy);
+}
+
 static PyObject *mod_mmap_anon(PyObject *m, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"size", "hugetlb", NULL};
@@ -1564,6 +1581,7 @@ static PyMethodDef module_methods[] = {
     {"uffd_register", (PyCFunction)(void (*)(void))mod_uffd_register,
      METH_VARARGS | METH_KEYWORDS, "Register a range in MISSING (and WP) mode."},
     {"uffd_unregister", mod_uffd_unregister, METH_VARARGS, "Unregister a range."},
+    {"uffd_copy", mod_uffd_copy, METH_VARARGS, "UFFDIO_COPY bytes to an address; bytes copied."},
     {"mmap_anon", (PyCFunction)(void (*)(void))mod_mmap_anon, METH_VARARGS | METH_KEYWORDS,
      "Map an anonymous private region; returns its address."},
     {"munmap", mod_munmap, METH_VARARGS, "Unmap."},

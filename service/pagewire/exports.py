@@ -10,6 +10,7 @@ export stale and it refuses to serve (DESIGN.md section 5, integrity).
 from __future__ import annotations
 
 import base64
+import builtins
 import errno
 import hashlib
 import json
@@ -506,7 +507,7 @@ class ExportRegistry:
         log.info("withdrew export %s", name)
         return exp
 
-    def set_working_set(self, name: str, chunks: list[int]) -> int:
+    def set_working_set(self, name: str, chunks: builtins.list[int]) -> int:
         """Store a first-touch chunk order (duplicates dropped); returns how many were kept."""
         exp = self.get(name)
         exp.check()
@@ -556,8 +557,7 @@ class ExportRegistry:
             raise ExportInvalid(f"{real} is not a regular file")
         if st.st_size <= 0 or st.st_size % PAGE_SIZE:
             raise ExportInvalid(
-                f"{real}: size {st.st_size} is not a positive multiple of the page size "
-                f"{PAGE_SIZE}"
+                f"{real}: size {st.st_size} is not a positive multiple of the page size {PAGE_SIZE}"
             )
         zero_map, digests = scan_file(fd, st.st_size, PAGE_SIZE, self.chunk_size)
         identity = FileIdentity.of(st)
@@ -601,7 +601,7 @@ class ExportRegistry:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
 
-    def load(self) -> list[Export]:
+    def load(self) -> builtins.list[Export]:
         """Reload every record from the state dir (agent start); returns what was loaded."""
         loaded = []
         for rec_path in sorted(self.dir.glob("*.json")):

@@ -162,11 +162,23 @@ async def _read_message(
             return body, fds
         if len(body) > MAX_BODY:
             return body, fds
-        try:
-            json.loads(body.decode("utf-8"))
+        if _complete_or_broken(body):
             return body, fds
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
+
+
+def _complete_or_broken(body: bytes) -> bool:
+    """True when body parses, or fails before its end (more bytes cannot fix it)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.end < len(body)  # a truncated character at the end may still complete
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg.startswith("Unterminated string"):
+            return False  # reported at the string's start, though it is cut at the end
+        return exc.pos < len(text.rstrip())
+    return True
 
 
 def _validate(conn: socket.socket, body: bytes, fds: list[int], limits: Limits) -> Handoff:

@@ -38,6 +38,15 @@ from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 DIGEST_LEN = 32
+# Statuses that mean the connection or the peer failed, not that the request was refused.
+_TRANSPORT_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
 # Verify batches larger than this in a worker thread so the loop keeps serving faults.
 INLINE_VERIFY_BYTES = 256 * 1024
 
@@ -240,10 +249,13 @@ class PeerClient:
             self._broken = False
 
     def _stream_broke(self, exc: BaseException) -> None:
-        self._broken = True
+        """Count a stream ended by the peer or the network (not by a refused request)."""
         if isinstance(exc, PeerIntegrityError):
             self.integrity_failures += 1
             log.warning("peer %s: %s", self.address, exc)
+            self._broken = True
+        elif not isinstance(exc, PeerError) or exc.code in _TRANSPORT_CODES or exc.code is None:
+            self._broken = True
 
     # --- unary calls ---
 
@@ -304,8 +316,9 @@ class PeerClient:
                 for item in await _rebuild_batch(remote, received):
                     yield item
         except grpc.aio.AioRpcError as exc:
-            self._stream_broke(exc)
-            raise PeerError.from_rpc(exc) from None
+            error = PeerError.from_rpc(exc)
+            self._stream_broke(error)
+            raise error from None
         except PeerIntegrityError as exc:
             self._stream_broke(exc)
             raise
@@ -357,7 +370,8 @@ class UrgentStream:
         return merged
 
     def _split(self, chunks: list[int]) -> list[list[int]]:
-        per_request = max(1, min(MAX_CHUNKS_PER_REQUEST, MAX_URGENT_BYTES // self.remote.chunk_size))
+        by_bytes = MAX_URGENT_BYTES // self.remote.chunk_size
+        per_request = max(1, min(MAX_CHUNKS_PER_REQUEST, by_bytes))
         return [chunks[i : i + per_request] for i in range(0, len(chunks), per_request)]
 
     async def _request(self, chunks: list[int]) -> dict[int, bytes]:
@@ -372,8 +386,10 @@ class UrgentStream:
                 await self._call.write(request)
         except grpc.aio.AioRpcError as exc:
             self._teardown(PeerError.from_rpc(exc))
-        except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
-            self._teardown(PeerError(f"urgent stream closed: {exc}"))
+        except (asyncio.InvalidStateError, grpc.aio.UsageError):
+            # the call ended before the reader saw why: report the call's own status
+            code, details = await self._call.code(), await self._call.details()
+            self._teardown(PeerError(f"{code.name}: {details}", code))
         return await future
 
     async def _read_loop(self) -> None:
@@ -384,7 +400,7 @@ class UrgentStream:
                     raise PeerError("urgent stream closed by the peer")
                 await self._answer(batch)
         except asyncio.CancelledError:
-            self._teardown(PeerError("urgent stream closed"))
+            self._teardown(PeerError("urgent stream closed"), broken=False)
             raise
         except grpc.aio.AioRpcError as exc:
             self._teardown(PeerError.from_rpc(exc))
@@ -408,12 +424,13 @@ class UrgentStream:
         if not pending.future.done():  # the caller may have given up (cancelled)
             pending.future.set_result(dict(rebuilt))
 
-    def _teardown(self, exc: BaseException) -> None:
+    def _teardown(self, exc: BaseException, broken: bool = True) -> None:
         """Fail every outstanding fetch and cancel the call; the stream is unusable."""
         if self._error is not None:
             return
         self._error = exc
-        self.client._stream_broke(exc)
+        if broken:
+            self.client._stream_broke(exc)
         self._call.cancel()
         for pending in self._pending.values():
             if not pending.future.done():

@@ -22,7 +22,6 @@ from pagewire.exports import (
     DIGEST_ALGORITHM,
     ChunkOutOfRange,
     Export,
-    ExportError,
     ExportInvalid,
     ExportNotFound,
     ExportRegistry,
@@ -146,7 +145,9 @@ class PageServicer(pb_grpc.PageServiceServicer):
         self.requests_by_status[code.name] += 1
         self.requests_by_method[(method, code.name)] += 1
 
-    async def _fail(self, method: str, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    async def _fail(
+        self, method: str, context: grpc.aio.ServicerContext, exc: Exception
+    ) -> NoReturn:
         code, message = _status(exc)
         self._count(method, code)
         await context.abort(code, message)
@@ -323,8 +324,7 @@ class PageServicer(pb_grpc.PageServiceServicer):
         for index in request.chunks:
             if index >= export.chunks:
                 raise ChunkOutOfRange(
-                    f"chunk {index} out of range: export {export.name!r} has "
-                    f"{export.chunks} chunks"
+                    f"chunk {index} out of range: export {export.name!r} has {export.chunks} chunks"
                 )
 
     async def _urgent_one(self, export: Export, request: Any, out: asyncio.Queue[Any]) -> None:
@@ -386,8 +386,12 @@ async def serve_peers(
     await server.start()
     for name in (SERVICE_NAME, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("page service listening on %s (port %d, %s)", address, port,
-             "mTLS" if material else "plain text")
+    log.info(
+        "page service listening on %s (port %d, %s)",
+        address,
+        port,
+        "mTLS" if material else "plain text",
+    )
     return PeerServer(server, servicer, health_servicer, port)
 
 
@@ -403,7 +407,12 @@ async def start_peer_server(
 ) -> grpc.aio.Server:
     """Start the page service; pass servicer to keep a handle on its counters."""
     peer = await serve_peers(
-        registry, address, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
-        insecure_peers=insecure_peers, servicer=servicer,
+        registry,
+        address,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        insecure_peers=insecure_peers,
+        servicer=servicer,
     )
     return peer.server

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-
 from pagewire.exports import PAGE_SIZE, Export, ExportRegistry, pack_bits
 from pagewire.peer_client import PeerClient, PeerError, PeerIntegrityError, RemoteExport
 from pagewire.peer_server import PageServicer, PeerServer, serve_peers, start_peer_server
@@ -101,7 +100,10 @@ def test_describe(image: tuple[ExportRegistry, Export, bytes]) -> None:
     async def body(peer: PeerServer, client: PeerClient) -> None:
         remote = await client.describe("vm")
         assert (remote.name, remote.size, remote.page_size, remote.chunk_size) == (
-            "vm", len(data), PS, CHUNK,
+            "vm",
+            len(data),
+            PS,
+            CHUNK,
         )
         assert remote.zero_map == export.zero_map
         assert remote.digests == export.digests
@@ -236,8 +238,9 @@ def test_malformed_requests_are_invalid_and_server_stays_healthy(
             raw_urgent(stub, [pb.ChunkRequest(export="Bad/Name", request_id=1)]),
             collect(stub.Bulk(pb.BulkRequest(export="vm", want=b"\xff"))),  # needs 2 bytes
             collect(stub.Bulk(pb.BulkRequest(export="vm", want=b"\xff" * 3))),
-            collect(stub.Bulk(pb.BulkRequest(export="vm", want=b"\xff\xff",
-                                             max_batch_bytes=9 << 20))),
+            collect(
+                stub.Bulk(pb.BulkRequest(export="vm", want=b"\xff\xff", max_batch_bytes=9 << 20))
+            ),
             collect(stub.Bulk(pb.BulkRequest(export="", want=b""))),
         ]
         codes = []
@@ -280,6 +283,28 @@ def test_stale_export_is_failed_precondition(image: tuple[ExportRegistry, Export
         assert await client.health() == "SERVING"
 
     with_peer(registry, body)
+
+
+def test_peer_going_away_fails_outstanding_fetches(
+    image: tuple[ExportRegistry, Export, bytes],
+) -> None:
+    registry, _, data = image
+
+    async def main() -> None:
+        peer = await serve(registry)
+        async with PeerClient(f"127.0.0.1:{peer.port}") as client:
+            remote = await client.describe("vm")
+            stream = client.urgent(remote)
+            assert (await stream.fetch([0]))[0] == chunk_of(data, 0)
+            await peer.stop(0)
+            with pytest.raises(PeerError) as info:
+                await stream.fetch([1])
+            assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            assert stream.closed and client.integrity_failures == 0
+            client.urgent(remote)  # a new stream after a broken one is a reconnect
+            assert client.reconnects == 1
+
+    run(main())
 
 
 # --- integrity ----------------------------------------------------------------------------
@@ -369,23 +394,26 @@ def test_plain_text_only_on_loopback(image: tuple[ExportRegistry, Export, bytes]
     run(main())
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+def openssl(args: str, cwd: Path) -> None:
+    """Run openssl; args are split on spaces (every file name here is relative to cwd)."""
+    subprocess.run(["openssl", *args.split()], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+EC_KEY = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
 
 
 def make_ca(d: Path, name: str) -> None:
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "1",
-            "-subj", f"/CN={name}", cwd=d)
+    openssl(f"req -x509 {EC_KEY} -keyout {name}.key -out {name}.crt -days 1 -subj /CN={name}", d)
 
 
 def make_cert(d: Path, name: str, ca: str, ext: str) -> None:
     (d / f"{name}.ext").write_text(ext + "\n")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext",
-            cwd=d)
+    openssl(f"req {EC_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}", d)
+    openssl(
+        f"x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -CAcreateserial "
+        f"-out {name}.crt -days 1 -extfile {name}.ext",
+        d,
+    )
 
 
 @pytest.fixture
@@ -396,8 +424,9 @@ def pki(tmp_path: Path) -> Path:
     d.mkdir()
     make_ca(d, "ca")
     make_ca(d, "other-ca")
-    make_cert(d, "server", "ca",
-              "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
+    make_cert(
+        d, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"
+    )
     make_cert(d, "client", "ca", "extendedKeyUsage=clientAuth")
     make_cert(d, "rogue", "other-ca", "extendedKeyUsage=clientAuth")
     return d
@@ -406,9 +435,12 @@ def pki(tmp_path: Path) -> Path:
 def test_mtls(image: tuple[ExportRegistry, Export, bytes], pki: Path) -> None:
     registry, _, data = image
 
-    def tls(name: str) -> dict[str, Path]:
-        return {"tls_cert": pki / f"{name}.crt", "tls_key": pki / f"{name}.key",
-                "tls_ca": pki / "ca.crt"}
+    def tls(name: str) -> dict[str, Any]:
+        return {
+            "tls_cert": pki / f"{name}.crt",
+            "tls_key": pki / f"{name}.key",
+            "tls_ca": pki / "ca.crt",
+        }
 
     async def main() -> None:
         # mTLS is allowed on any address; the server listens on loopback for the test

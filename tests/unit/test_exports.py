@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from pagewire.exports import (
     PAGE_SIZE,
     ChunkOutOfRange,
@@ -92,8 +91,16 @@ def test_publish_zero_map_and_digests(registry: ExportRegistry, root: Path) -> N
     assert exp.state == "ready"
     j = exp.to_json()
     assert set(j) == {
-        "name", "path", "size", "page_size", "chunk_size", "pages", "zero_pages", "chunks",
-        "state", "created_at",
+        "name",
+        "path",
+        "size",
+        "page_size",
+        "chunk_size",
+        "pages",
+        "zero_pages",
+        "chunks",
+        "state",
+        "created_at",
     }
     assert j["path"] == str(root / "img")
 

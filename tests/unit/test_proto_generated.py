@@ -35,8 +35,15 @@ def test_generated_modules_import_and_match_the_contract() -> None:
 
     fields = {f.name for f in pagewire_pb2.ExportDescription.DESCRIPTOR.fields}
     assert fields == {
-        "name", "size", "page_size", "chunk_size", "zero_map", "chunk_digests",
-        "digest_algorithm", "generation", "working_set",
+        "name",
+        "size",
+        "page_size",
+        "chunk_size",
+        "zero_map",
+        "chunk_digests",
+        "digest_algorithm",
+        "generation",
+        "working_set",
     }
     request = pagewire_pb2.ChunkRequest(export="e", request_id=7, chunks=[1, 2])
     assert pagewire_pb2.ChunkRequest.FromString(request.SerializeToString()) == request
