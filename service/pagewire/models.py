@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 SessionState = Literal["awaiting_attach", "running", "paused", "completed", "failed", "cancelled"]
 ACTIVE_STATES = ("awaiting_attach", "running", "paused")
@@ -41,8 +41,25 @@ class SocketOptions(Strict):
         return value
 
 
+def _source_kind(value: object) -> str | None:
+    keys = value if isinstance(value, dict) else vars(value) if isinstance(value, BaseModel) else {}
+    return next((k for k in ("path", "peer", "node") if k in keys), None)
+
+
+Source = Annotated[
+    Annotated[PathSource, Tag("path")]
+    | Annotated[PeerSource, Tag("peer")]
+    | Annotated[NodeSource, Tag("node")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="invalid_source",
+        custom_error_message="source needs {path}, {peer, export} or {node, export}",
+    ),
+]
+
+
 class SessionRequest(Strict):
-    source: PathSource | PeerSource | NodeSource
+    source: Source
     prefetch: Literal["around", "none", "working_set"] = "around"
     background: bool = True
     on_source_lost: Literal["wait", "sigbus"] = "wait"

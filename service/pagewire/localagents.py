@@ -1,0 +1,124 @@
+"""Agents as child processes on this machine: for the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalAgent:
+    """One `pagewire agent` process with its own directories and ports."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        export_roots: list[Path],
+        *,
+        host: str = "127.0.0.1",
+        extra: list[str] | None = None,
+        netns: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir / name
+        self.name = name
+        self.host = host
+        self.http_port = free_port() if netns is None else 7070
+        self.grpc_port = free_port() if netns is None else 7071
+        self.export_roots = export_roots
+        self.extra = extra or []
+        self.netns = netns
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "agent.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "pagewire.cli", "agent",
+            "--http", f"{self.host}:{self.http_port}",
+            "--grpc", f"{self.host}:{self.grpc_port}",
+            "--socket-dir", str(self.workdir / "sockets"),
+            "--state-dir", str(self.workdir / "state"),
+            "--node-name", self.name,
+        ]
+        for root in self.export_roots:
+            cmd += ["--export-root", str(root)]
+        cmd += self.extra
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        return cmd
+
+    def start(self, timeout: float = 20.0) -> LocalAgent:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, **self.env)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env)
+        log.close()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"agent {self.name} exited: {self.log_tail()}")
+            try:
+                if self.request("GET", "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"agent {self.name} did not come up: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        kw.setdefault("timeout", 30.0)
+        return httpx.request(method, self.url + path, **kw)
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
