@@ -34,6 +34,7 @@ CFLAGS = ["-O2", "-pthread", "-Wall", "-Wextra"]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
+
 def build_minimal_handler() -> Path:
     """Compile the minimal handler if the cached binary is missing or older than the source."""
     if BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:

@@ -33,8 +33,10 @@ def uffd_available() -> bool:
 
 @pytest.fixture
 def require_uffd() -> None:
-    need(uffd_available(), "userfaultfd is not available (needs root, CAP_SYS_PTRACE or "
-         "access to /dev/userfaultfd)")
+    need(
+        uffd_available(),
+        "userfaultfd is not available (needs root, CAP_SYS_PTRACE or access to /dev/userfaultfd)",
+    )
 
 
 @pytest.fixture

@@ -69,8 +69,15 @@ class Engine:
     def histogram(self, resolution: int) -> tuple[list[int], int, int]:
         """(bucket counts, sum_ns, max_ns) for one resolution."""
     def page_states(self) -> bytes: ...
-    def fail(self, code: str, poison: bool) -> None:
-        """Stop the session: poison missing pages (if poison), unregister, close the uffd."""
+    def fail(self, code: str, poison: bool) -> bool:
+        """Stop the session: poison missing pages (if poison), unregister, close the uffd.
+
+        Returns False if poison was asked for but the uffd lacks UFFD_FEATURE_POISON
+        (then nothing was closed)."""
+    def close_uffd(self) -> None:
+        """Stop the fault thread and close the uffd copy without unregistering."""
+    def mark_present(self, present: bytes) -> None:
+        """One byte per page in region order; non-zero marks the page present."""
     def wake_all(self) -> None: ...
     def close(self) -> None: ...
     @property
@@ -94,7 +101,9 @@ def read_memory(addr: int, size: int) -> bytes: ...
 def write_memory(addr: int, data: bytes) -> None: ...
 def touch_pages(addr: int, page_size: int, pages: Sequence[int], write: bool = False) -> list[int]:
     """Touch each page (read one byte, or write) in order; returns ns per touch. GIL released."""
+
 def zero_map(fd: int, size: int, page_size: int) -> bytes:
     """One byte per page, 1 where the image page is all zero (SEEK_HOLE plus a scan)."""
+
 def memory_equals_file(addr: int, size: int, fd: int, offset: int) -> int:
     """-1 if equal, else the first differing byte offset. GIL released."""

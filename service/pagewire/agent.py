@@ -30,7 +30,11 @@ async def serve(settings: Settings) -> None:
     await agent.start()
     host, port = split_host_port(settings.http)
     config = uvicorn.Config(
-        create_app(agent), host=host, port=port, log_config=None, access_log=False,
+        create_app(agent),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
         lifespan="off",
     )
     server = _Server(config)
@@ -51,8 +55,10 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    log.info("agent listening", extra={"http": settings.http, "grpc": settings.grpc,
-                                       "node": settings.node_name})
+    log.info(
+        "agent listening",
+        extra={"http": settings.http, "grpc": settings.grpc, "node": settings.node_name},
+    )
     try:
         await server.serve()
     finally:

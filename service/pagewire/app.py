@@ -29,7 +29,9 @@ def create_app(agent: AgentState) -> FastAPI:
     ) -> Response:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_response(413, "body_too_large", f"bodies are at most {MAX_BODY_BYTES} bytes")
+            return error_response(
+                413, "body_too_large", f"bodies are at most {MAX_BODY_BYTES} bytes"
+            )
         return await call_next(request)
 
     for module in (health, info, sessions):

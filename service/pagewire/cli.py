@@ -14,26 +14,56 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
     ("--advertise-grpc", {"help": "gRPC address peers should use (PAGEWIRE_ADVERTISE_GRPC)"}),
     ("--socket-dir", {"help": "directory of session sockets (PAGEWIRE_SOCKET_DIR)"}),
     ("--state-dir", {"help": "directory of export and session records (PAGEWIRE_STATE_DIR)"}),
-    ("--export-root", {"action": "append", "dest": "export_roots",
-                       "help": "directory exports and local sources must lie under; repeatable "
-                               "(PAGEWIRE_EXPORT_ROOTS, colon-separated)"}),
+    (
+        "--export-root",
+        {
+            "action": "append",
+            "dest": "export_roots",
+            "help": "directory exports and local sources must lie under; repeatable "
+            "(PAGEWIRE_EXPORT_ROOTS, colon-separated)",
+        },
+    ),
     ("--token-file", {"help": "file holding the REST bearer token (PAGEWIRE_TOKEN_FILE)"}),
     ("--tls-cert", {"help": "PEM certificate for peer mTLS (PAGEWIRE_TLS_CERT)"}),
     ("--tls-key", {"help": "PEM key for peer mTLS (PAGEWIRE_TLS_KEY)"}),
     ("--tls-ca", {"help": "PEM CA bundle peers are checked against (PAGEWIRE_TLS_CA)"}),
-    ("--insecure-peers", {"action": "store_const", "const": True,
-                          "help": "allow plain-text gRPC off loopback (PAGEWIRE_INSECURE_PEERS)"}),
+    (
+        "--insecure-peers",
+        {
+            "action": "store_const",
+            "const": True,
+            "help": "allow plain-text gRPC off loopback (PAGEWIRE_INSECURE_PEERS)",
+        },
+    ),
     ("--node-name", {"help": "this node's name (PAGEWIRE_NODE_NAME)"}),
-    ("--peer-dns-pattern", {"help": "how a node name becomes a gRPC address, e.g. "
-                                    "'{node}.pagewire.pagewire.svc:7071' (PAGEWIRE_PEER_DNS_PATTERN)"}),
+    (
+        "--peer-dns-pattern",
+        {
+            "help": "how a node name becomes a gRPC address, e.g. "
+            "'{node}.pagewire.pagewire.svc:7071' (PAGEWIRE_PEER_DNS_PATTERN)"
+        },
+    ),
     ("--max-sessions", {"type": int, "help": "concurrent sessions (PAGEWIRE_MAX_SESSIONS)"}),
-    ("--max-bytes-in-flight", {"type": int,
-                               "help": "bytes fetched but not installed (PAGEWIRE_MAX_BYTES_IN_FLIGHT)"}),
+    (
+        "--max-bytes-in-flight",
+        {"type": int, "help": "bytes fetched but not installed (PAGEWIRE_MAX_BYTES_IN_FLIGHT)"},
+    ),
     ("--chunk-size", {"type": int, "help": "chunk size of new exports (PAGEWIRE_CHUNK_SIZE)"}),
-    ("--shutdown-grace-s", {"type": float,
-                            "help": "seconds running sessions get on SIGTERM (PAGEWIRE_SHUTDOWN_GRACE_S)"}),
-    ("--retention-s", {"type": float, "help": "seconds ended sessions are kept (PAGEWIRE_RETENTION_S)"}),
-    ("--log-json", {"action": "store_const", "const": True, "help": "JSON logs (PAGEWIRE_LOG_JSON)"}),
+    (
+        "--shutdown-grace-s",
+        {
+            "type": float,
+            "help": "seconds running sessions get on SIGTERM (PAGEWIRE_SHUTDOWN_GRACE_S)",
+        },
+    ),
+    (
+        "--retention-s",
+        {"type": float, "help": "seconds ended sessions are kept (PAGEWIRE_RETENTION_S)"},
+    ),
+    (
+        "--log-json",
+        {"action": "store_const", "const": True, "help": "JSON logs (PAGEWIRE_LOG_JSON)"},
+    ),
     ("--log-level", {"help": "debug, info, warning (PAGEWIRE_LOG_LEVEL)"}),
 ]
 
@@ -68,8 +98,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(size_mib=args.size_mib, threads=args.threads, workdir=args.workdir,
-                    quiet=args.quiet, json_report=args.json)
+    return run_demo(
+        size_mib=args.size_mib,
+        threads=args.threads,
+        workdir=args.workdir,
+        quiet=args.quiet,
+        json_report=args.json,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

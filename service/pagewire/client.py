@@ -63,9 +63,7 @@ class Attachment:
         self.close()
 
 
-def map_regions(
-    layout: list[tuple[int, int]], page_size: int = SYSTEM_PAGE_SIZE
-) -> list[Region]:
+def map_regions(layout: list[tuple[int, int]], page_size: int = SYSTEM_PAGE_SIZE) -> list[Region]:
     """Map one anonymous region per (size, image_offset) pair."""
     regions = []
     for size, offset in layout:

@@ -41,10 +41,23 @@ def _check(response: Any, what: str) -> dict[str, Any]:
     return body
 
 
-def _start_workload(socket_path: str, size: int, threads: int, image: Path) -> subprocess.Popen[bytes]:
+def _start_workload(
+    socket_path: str, size: int, threads: int, image: Path
+) -> subprocess.Popen[bytes]:
     cmd = [
-        sys.executable, "-m", "pagewire.workload", "--socket", socket_path, "--size", str(size),
-        "--order", "random", "--threads", str(threads), "--verify", str(image),
+        sys.executable,
+        "-m",
+        "pagewire.workload",
+        "--socket",
+        socket_path,
+        "--size",
+        str(size),
+        "--order",
+        "random",
+        "--threads",
+        str(threads),
+        "--verify",
+        str(image),
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE)
 
@@ -62,8 +75,9 @@ def _watch(dest: LocalAgent, session_id: str, started: float, quiet: bool) -> di
         time.sleep(0.1)
 
 
-def build_report(status: dict[str, Any], workload: dict[str, Any], total_s: float,
-                 size: int) -> dict[str, Any]:
+def build_report(
+    status: dict[str, Any], workload: dict[str, Any], total_s: float, size: int
+) -> dict[str, Any]:
     lat = status["fault_latency_seconds"]
     return {
         "image_mib": size // MiB,
@@ -104,8 +118,13 @@ def print_report(report: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
-def run_demo(size_mib: int = 256, threads: int = 2, workdir: Path | None = None,
-             quiet: bool = False, json_report: bool = False) -> int:
+def run_demo(
+    size_mib: int = 256,
+    threads: int = 2,
+    workdir: Path | None = None,
+    quiet: bool = False,
+    json_report: bool = False,
+) -> int:
     own_dir = workdir is None
     base = Path(tempfile.mkdtemp(prefix="pagewire-demo-")) if workdir is None else workdir
     size = size_mib * MiB
@@ -120,8 +139,10 @@ def run_demo(size_mib: int = 256, threads: int = 2, workdir: Path | None = None,
         make_image(image, size, seed=42)
         source.start()
         dest.start()
-        _check(source.request("POST", "/v1/exports", json={"name": "demo", "path": str(image)}),
-               "publishing the export")
+        _check(
+            source.request("POST", "/v1/exports", json={"name": "demo", "path": str(image)}),
+            "publishing the export",
+        )
         body = {"source": {"peer": source.grpc, "export": "demo"}}
         session = _check(dest.request("POST", "/v1/sessions", json=body), "creating the session")
         started = time.monotonic()

@@ -34,8 +34,14 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 # value-range failures are bounds (422); everything else about a body is malformed (400)
 BOUNDS_TYPES = {
-    "greater_than", "greater_than_equal", "less_than", "less_than_equal",
-    "too_long", "too_short", "string_too_long", "string_too_short",
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "too_long",
+    "too_short",
+    "string_too_long",
+    "string_too_short",
 }
 
 
@@ -49,7 +55,11 @@ def _describe(errors: list[Any]) -> tuple[int, str, str]:
     if kind in BOUNDS_TYPES:
         return 422, "out_of_bounds", text
     if first.get("loc") == ("body",) and kind in ("model_attributes_type", "dict_type"):
-        return 400, "malformed_body", "the body must be a JSON object (Content-Type: application/json)"
+        return (
+            400,
+            "malformed_body",
+            "the body must be a JSON object (Content-Type: application/json)",
+        )
     if kind == "extra_forbidden":
         return 400, "unknown_field", text
     return 400, "invalid_request", text
@@ -68,8 +78,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
-                              str(exc.detail))
+        return error_response(
+            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

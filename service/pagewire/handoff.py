@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _uffd
-from .layout import Limits, Region, LayoutError, parse_layout, parse_region
+from .layout import LayoutError, Limits, Region, parse_layout, parse_region
 
 MAX_BODY = 1 << 20
 MAX_FDS = 8
@@ -99,8 +99,8 @@ def unregistered_ranges(pid: int, regions: list[Region]) -> list[Region]:
     for line in text.splitlines():
         head = line.split(" ", 1)[0]
         if "-" in head and ":" not in head:
-            lo, hi = head.split("-")
-            start, end = int(lo, 16), int(hi, 16)
+            first, last = head.split("-")
+            start, end = int(first, 16), int(last, 16)
         elif line.startswith("VmFlags:") and " um" in line:
             covered.append((start, end))
     bad = []
@@ -131,6 +131,24 @@ def release_bad_uffd(uffd: int, body: bytes) -> None:
         os.close(uffd)
 
 
+async def _wait_readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
+    if timeout <= 0:
+        raise HandoffError("handoff_timeout", "the layout did not arrive in time")
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        raise HandoffError("handoff_timeout", "the layout did not arrive in time") from None
+    finally:
+        loop.remove_reader(fd)
+
+
 async def _read_message(
     loop: asyncio.AbstractEventLoop, conn: socket.socket
 ) -> tuple[bytes, list[int]]:
@@ -142,19 +160,7 @@ async def _read_message(
         try:
             data, ancdata, _flags, _addr = conn.recvmsg(65536, fd_space)
         except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise HandoffError("handoff_timeout", "the layout did not arrive in time")
-            ready = loop.create_future()
-            loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
-            try:
-                await asyncio.wait_for(ready, remaining)
-            except TimeoutError:
-                raise HandoffError(
-                    "handoff_timeout", "the layout did not arrive in time"
-                ) from None
-            finally:
-                loop.remove_reader(conn.fileno())
+            await _wait_readable(loop, conn.fileno(), deadline - time.monotonic())
             continue
         fds.extend(_fds_from_ancillary(ancdata))
         body += data
@@ -221,7 +227,7 @@ async def receive_handoff(conn: socket.socket, limits: Limits) -> Handoff:
     Handoff. On failure it is closed, and a real uffd is unregistered and closed."""
     loop = asyncio.get_running_loop()
     conn.setblocking(False)
-    body, fds = b"", []
+    body, fds = b"", list[int]()
     try:
         body, fds = await _read_message(loop, conn)
         return _validate(conn, body, fds, limits)
@@ -257,7 +263,9 @@ def listen(spec: SocketSpec) -> socket.socket:
     finally:
         os.umask(old_umask)
     if spec.uid is not None or spec.gid is not None:
-        os.chown(spec.path, -1 if spec.uid is None else spec.uid, -1 if spec.gid is None else spec.gid)
+        os.chown(
+            spec.path, -1 if spec.uid is None else spec.uid, -1 if spec.gid is None else spec.gid
+        )
     os.chmod(spec.path, spec.mode)
     sock.listen(4)
     sock.setblocking(False)

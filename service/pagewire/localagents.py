@@ -56,12 +56,20 @@ class LocalAgent:
 
     def command(self) -> list[str]:
         cmd = [
-            sys.executable, "-m", "pagewire.cli", "agent",
-            "--http", f"{self.host}:{self.http_port}",
-            "--grpc", f"{self.host}:{self.grpc_port}",
-            "--socket-dir", str(self.workdir / "sockets"),
-            "--state-dir", str(self.workdir / "state"),
-            "--node-name", self.name,
+            sys.executable,
+            "-m",
+            "pagewire.cli",
+            "agent",
+            "--http",
+            f"{self.host}:{self.http_port}",
+            "--grpc",
+            f"{self.host}:{self.grpc_port}",
+            "--socket-dir",
+            str(self.workdir / "sockets"),
+            "--state-dir",
+            str(self.workdir / "state"),
+            "--node-name",
+            self.name,
         ]
         for root in self.export_roots:
             cmd += ["--export-root", str(root)]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import _uffd
-from .engine import EngineOptions, Histogram, all_faults_histogram, histogram, open_engine
+from .engine import EngineOptions, Histogram, histogram, open_engine
 from .errors import ApiError
 from .handoff import Handoff, HandoffError, SocketSpec, listen, peer_credentials, receive_handoff
 from .layout import SYSTEM_PAGE_SIZE, Limits
@@ -60,7 +60,9 @@ class LocalSource:
             size = os.fstat(fd).st_size
             if size == 0 or size % SYSTEM_PAGE_SIZE:
                 raise ApiError(
-                    400, "invalid_image", f"{path}: size must be a positive multiple of the page size"
+                    400,
+                    "invalid_image",
+                    f"{path}: size must be a positive multiple of the page size",
                 )
             return cls(path, fd, size, _uffd.zero_map(fd, size, SYSTEM_PAGE_SIZE))
         except BaseException:
@@ -230,7 +232,9 @@ class SessionManager:
         active = sum(1 for s in self.sessions.values() if s.active)
         if active >= self.settings.max_sessions:
             raise ApiError(
-                429, "too_many_sessions", f"{active} sessions active, at most {self.settings.max_sessions}"
+                429,
+                "too_many_sessions",
+                f"{active} sessions active, at most {self.settings.max_sessions}",
             )
         source = await self.open_source(request)
         session_id = "s-" + secrets.token_hex(8)
@@ -246,7 +250,9 @@ class SessionManager:
             listener = listen(spec)
         except OSError as exc:
             await source.stop()
-            raise ApiError(400, "socket_failed", f"cannot create the session socket: {exc}") from None
+            raise ApiError(
+                400, "socket_failed", f"cannot create the session socket: {exc}"
+            ) from None
         session = Session(session_id, request, source, socket_path)
         self.sessions[session_id] = session
         self.persist(session)
@@ -354,7 +360,9 @@ class SessionManager:
             code = engine.error or "failed"
             self._end(session, "failed", code, _FAILURE_TEXT.get(code, code))
 
-    def _end(self, session: Session, state: str, code: str | None = None, message: str = "") -> None:
+    def _end(
+        self, session: Session, state: str, code: str | None = None, message: str = ""
+    ) -> None:
         if not session.active and session.state != "awaiting_attach":
             return
         session.state = state
@@ -379,7 +387,9 @@ class SessionManager:
         level = logging.INFO if state == "completed" else logging.WARNING
         log.log(level, "session %s", state, extra={"session": session.id, "code": code})
 
-    async def fail(self, session: Session, code: str, message: str, *, state: str = "failed") -> None:
+    async def fail(
+        self, session: Session, code: str, message: str, *, state: str = "failed"
+    ) -> None:
         """End a session now: poison what is missing (SIGBUS, never zeros), unregister, close."""
         if not session.active:
             return
@@ -389,8 +399,9 @@ class SessionManager:
             if not poisoned and session.handoff is not None:
                 # the workload did not negotiate UFFD_FEATURE_POISON: it cannot be given
                 # SIGBUS per page, and zeros are never an answer, so it is stopped
-                log.warning("workload lacks UFFD_FEATURE_POISON; killing it",
-                            extra={"session": session.id})
+                log.warning(
+                    "workload lacks UFFD_FEATURE_POISON; killing it", extra={"session": session.id}
+                )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(session.handoff.pid, signal.SIGKILL)
                 await asyncio.to_thread(engine.fail, code, False)

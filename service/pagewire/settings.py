@@ -6,10 +6,10 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 def split_host_port(value: str) -> tuple[str, int]:

@@ -48,8 +48,15 @@ def main() -> int:
     mappings = []
     for base, length, offset in ((bases[0], half, 0), (bases[1], size - half, half)):
         _uffd.uffd_register(uffd, base, length)
-        mappings.append({"base_host_virt_addr": base, "size": length, "offset": offset,
-                         "page_size": PAGE, "page_size_kib": PAGE})
+        mappings.append(
+            {
+                "base_host_virt_addr": base,
+                "size": length,
+                "offset": offset,
+                "page_size": PAGE,
+                "page_size_kib": PAGE,
+            }
+        )
     body = json.dumps(mappings, separators=(",", ":")).encode()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(sock_path)
@@ -58,8 +65,10 @@ def main() -> int:
 
     pages = list(range(half // PAGE))
     random.Random(7).shuffle(pages)
-    vcpus = [threading.Thread(target=_uffd.touch_pages, args=(bases[0], PAGE, pages[i::2]))
-             for i in range(2)]
+    vcpus = [
+        threading.Thread(target=_uffd.touch_pages, args=(bases[0], PAGE, pages[i::2]))
+        for i in range(2)
+    ]
     for t in vcpus:
         t.start()
     for offset, length in removes:  # the balloon inflates while vCPUs fault

@@ -63,9 +63,14 @@ async def run_session(
     zmap = _uffd.zero_map(src, size, SYSTEM_PAGE_SIZE)
     pidfd = os.pidfd_open(handoff.pid)
     eng = engine.open_engine(
-        handoff, efd, engine.EngineOptions(background=background),
-        source_fd=-1 if remote else src, source_size=size, zero_map=zmap,
-        zero_map_page_size=SYSTEM_PAGE_SIZE, pidfd=pidfd,
+        handoff,
+        efd,
+        engine.EngineOptions(background=background),
+        source_fd=-1 if remote else src,
+        source_size=size,
+        zero_map=zmap,
+        zero_map_page_size=SYSTEM_PAGE_SIZE,
+        pidfd=pidfd,
     )
     os.close(handoff.uffd)
     loop = asyncio.get_running_loop()
@@ -105,8 +110,12 @@ async def run_session(
     import json
 
     result = Result(
-        eng.state, eng.error, eng.stats(), json.loads(lines[-1]) if lines else None,
-        proc.returncode, engine.all_faults_histogram(eng).count,
+        eng.state,
+        eng.error,
+        eng.stats(),
+        json.loads(lines[-1]) if lines else None,
+        proc.returncode,
+        engine.all_faults_histogram(eng).count,
     )
     eng.close()
     os.close(src)

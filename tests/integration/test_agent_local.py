@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from pagewire import _uffd
 from pagewire.localagents import LocalAgent
 
@@ -84,8 +83,9 @@ def test_local_restore_over_rest(agent: LocalAgent, image) -> None:
 def test_background_fill_alone_completes(agent: LocalAgent, image) -> None:
     img = image(16 * MiB)
     s = create(agent, {"source": {"path": str(img)}, "prefetch": "none"})
-    proc = workload(s["socket"], "--size", str(16 * MiB), "--order", "none", "--hold", "1",
-                    "--verify", str(img))
+    proc = workload(
+        s["socket"], "--size", str(16 * MiB), "--order", "none", "--hold", "1", "--verify", str(img)
+    )
     status = wait_state(agent, s["id"], ("completed",))
     out, _ = proc.communicate(timeout=60)
     assert b'"verified": true' in out
@@ -121,8 +121,9 @@ def test_sigterm_lets_a_running_restore_finish(tmp_path: Path, image) -> None:
     a = LocalAgent(tmp_path, "drain", [img.parent], extra=["--shutdown-grace-s", "20"]).start()
     try:
         s = create(a, {"source": {"path": str(img)}})
-        proc = workload(s["socket"], "--size", str(16 * MiB), "--threads", "2",
-                        "--verify", str(img))
+        proc = workload(
+            s["socket"], "--size", str(16 * MiB), "--threads", "2", "--verify", str(img)
+        )
         wait_state(a, s["id"], ("running", "completed"))
         a.signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -139,8 +140,17 @@ def test_sigterm_never_leaves_a_workload_blocked(tmp_path: Path, image) -> None:
     a = LocalAgent(tmp_path, "grace", [img.parent], extra=["--shutdown-grace-s", "0.5"]).start()
     try:
         s = create(a, {"source": {"path": str(img)}, "background": False})
-        proc = workload(s["socket"], "--size", str(16 * MiB), "--order", "none", "--hold", "2",
-                        "--verify", str(img))
+        proc = workload(
+            s["socket"],
+            "--size",
+            str(16 * MiB),
+            "--order",
+            "none",
+            "--hold",
+            "2",
+            "--verify",
+            str(img),
+        )
         wait_state(a, s["id"], ("running",))
         a.signal(signal.SIGTERM)
         assert a.proc is not None and a.proc.wait(30) == 0

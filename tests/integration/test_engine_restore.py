@@ -16,8 +16,16 @@ MiB = 1 << 20
 @pytest.mark.parametrize("order,threads", [("random", 1), ("random", 4), ("sequential", 2)])
 def test_local_restore_is_byte_exact(tmp_path: Path, image, order: str, threads: int) -> None:
     img = image(32 * MiB)
-    args = ["--size", str(32 * MiB), "--order", order, "--threads", str(threads),
-            "--verify", str(img)]
+    args = [
+        "--size",
+        str(32 * MiB),
+        "--order",
+        order,
+        "--threads",
+        str(threads),
+        "--verify",
+        str(img),
+    ]
     r = asyncio.run(run_session(tmp_path, img, args))
     assert r.engine_state == "completed", r.engine_error
     assert r.workload and r.workload["verified"], r.workload

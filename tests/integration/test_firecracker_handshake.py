@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from pagewire import _uffd, engine
 from pagewire.layout import SYSTEM_PAGE_SIZE
 
@@ -28,17 +27,25 @@ async def replay(tmp: Path, img: Path, removes: str, remote: bool) -> tuple[dict
     accept = asyncio.create_task(accept_handoff(sock_path, size))
     while not sock_path.exists():
         await asyncio.sleep(0.01)
-    proc = subprocess.Popen([sys.executable, str(REPLAY), str(sock_path), str(img), str(size),
-                             removes], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPLAY), str(sock_path), str(img), str(size), removes],
+        stdout=subprocess.PIPE,
+    )
     conn, handoff = await accept
     assert handoff.features & _uffd.FEATURE_EVENT_REMOVE
     assert len(handoff.regions) == 2 and handoff.regions[1].offset == size // 2
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     src = os.open(img, os.O_RDONLY)
     zmap = _uffd.zero_map(src, size, SYSTEM_PAGE_SIZE)
-    eng = engine.open_engine(handoff, efd, engine.EngineOptions(batch_bytes=256 << 10),
-                             source_fd=-1 if remote else src, source_size=size, zero_map=zmap,
-                             zero_map_page_size=SYSTEM_PAGE_SIZE)
+    eng = engine.open_engine(
+        handoff,
+        efd,
+        engine.EngineOptions(batch_bytes=256 << 10),
+        source_fd=-1 if remote else src,
+        source_size=size,
+        zero_map=zmap,
+        zero_map_page_size=SYSTEM_PAGE_SIZE,
+    )
     os.close(handoff.uffd)
     eng.start()
     loop = asyncio.get_running_loop()

@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from pagewire import _uffd
 from pagewire.handoff import HandoffError, SocketSpec, listen, receive_handoff
 from pagewire.layout import SYSTEM_PAGE_SIZE, Limits
@@ -22,8 +21,13 @@ SIZE = 64 * PAGE
 
 
 def region(base: int, size: int = SIZE, offset: int = 0, **extra: object) -> dict[str, object]:
-    item: dict[str, object] = {"base_host_virt_addr": base, "size": size, "offset": offset,
-                               "page_size": PAGE, "page_size_kib": PAGE}
+    item: dict[str, object] = {
+        "base_host_virt_addr": base,
+        "size": size,
+        "offset": offset,
+        "page_size": PAGE,
+        "page_size_kib": PAGE,
+    }
     item.update(extra)
     return item
 
@@ -39,8 +43,9 @@ def smaps_flags(base: int) -> str:
     return ""
 
 
-def exchange(tmp: Path, body: bytes, fds: list[int], limits: Limits | None = None,
-             chunks: int = 1) -> HandoffError | object:
+def exchange(
+    tmp: Path, body: bytes, fds: list[int], limits: Limits | None = None, chunks: int = 1
+) -> HandoffError | object:
     """Send body (optionally split into chunks, socket left open) with fds; return the
     agent side's result."""
     path = tmp / "h.sock"
@@ -50,7 +55,7 @@ def exchange(tmp: Path, body: bytes, fds: list[int], limits: Limits | None = Non
     def send() -> None:
         client.connect(str(path))
         step = max(1, len(body) // chunks)
-        parts = [body[i:i + step] for i in range(0, len(body), step)] or [b""]
+        parts = [body[i : i + step] for i in range(0, len(body), step)] or [b""]
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         client.sendmsg([parts[0]], anc)
         for part in parts[1:]:
@@ -121,7 +126,9 @@ def test_two_fds_are_refused_and_closed(tmp_path: Path, mapped) -> None:
     base, uffd = mapped
     r, w = os.pipe()
     before = len(os.listdir("/proc/self/fd"))
-    assert code_of(exchange(tmp_path, json.dumps([region(base)]).encode(), [uffd, r])) == "extra_fds"
+    assert (
+        code_of(exchange(tmp_path, json.dumps([region(base)]).encode(), [uffd, r])) == "extra_fds"
+    )
     assert len(os.listdir("/proc/self/fd")) <= before  # the received copies were closed
     os.close(r)
     os.close(w)
@@ -144,10 +151,14 @@ def test_fd_that_is_not_a_uffd(tmp_path: Path, mapped) -> None:
         (lambda b: json.dumps([region(b + 1)]).encode(), "unaligned"),
         (lambda b: json.dumps([region(b), region(b + PAGE * 8)]).encode(), "overlapping_regions"),
         (lambda b: json.dumps([region(0xFFFF800000000000)]).encode(), "kernel_address"),
-        (lambda b: json.dumps([region(b, page_size=PAGE, page_size_kib=4)]).encode(),
-         "page_size_mismatch"),
-        (lambda b: json.dumps([region(b, page_size=8192, page_size_kib=8192)]).encode(),
-         "bad_page_size"),
+        (
+            lambda b: json.dumps([region(b, page_size=PAGE, page_size_kib=4)]).encode(),
+            "page_size_mismatch",
+        ),
+        (
+            lambda b: json.dumps([region(b, page_size=8192, page_size_kib=8192)]).encode(),
+            "bad_page_size",
+        ),
         (lambda b: json.dumps([region(b, offset=SIZE * 4)]).encode(), "beyond_image"),
         (lambda b: json.dumps([region(b + SIZE)]).encode(), "not_registered"),
         (lambda b: json.dumps([region(b, size="big")]).encode(), "invalid_region"),

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pagewire import _uffd
 from pagewire.client import MADV_DONTNEED
 from pagewire.layout import SYSTEM_PAGE_SIZE as PAGE
@@ -47,7 +46,7 @@ def test_pages_already_present_are_skipped(setup) -> None:
     base, uffd, efd, data = setup
     present = [3, 10, 11, 63]
     for p in present:
-        assert _uffd.uffd_copy(uffd, base + p * PAGE, data[p * PAGE:(p + 1) * PAGE]) == PAGE
+        assert _uffd.uffd_copy(uffd, base + p * PAGE, data[p * PAGE : (p + 1) * PAGE]) == PAGE
     eng = make_engine(base, uffd, efd)
     eng.start()
     assert eng.install(0, data, _uffd.BACKGROUND) == PAGES
@@ -62,8 +61,7 @@ def test_remove_between_fault_and_install(setup) -> None:
     eng = make_engine(base, uffd, efd)
     eng.start()
     seen: list[bytes] = []
-    toucher = threading.Thread(
-        target=lambda: seen.append(_uffd.read_memory(base + 5 * PAGE, PAGE)))
+    toucher = threading.Thread(target=lambda: seen.append(_uffd.read_memory(base + 5 * PAGE, PAGE)))
     toucher.start()
     requests: list[int] = []
     wait_for(lambda: bool(requests.extend(eng.take_requests()) or requests))
@@ -80,6 +78,6 @@ def test_remove_between_fault_and_install(setup) -> None:
     wait_for(lambda: eng.state == "completed")
     assert seen == [bytes(PAGE)]
     assert _uffd.read_memory(base, 16 * PAGE) == bytes(16 * PAGE)
-    assert _uffd.read_memory(base + 16 * PAGE, (PAGES - 16) * PAGE) == data[16 * PAGE:]
+    assert _uffd.read_memory(base + 16 * PAGE, (PAGES - 16) * PAGE) == data[16 * PAGE :]
     assert eng.stats()["pages_removed"] == 16
     eng.close()

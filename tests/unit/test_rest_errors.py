@@ -10,7 +10,6 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from pagewire.app import create_app
 from pagewire.settings import Settings
 from pagewire.state import AgentState
@@ -74,10 +73,14 @@ def assert_error(r, status: int, code: str | None = None) -> None:  # type: igno
         ('{"source": {"peer": "127.0.0.1:1", "export": ""}}', 422, None),
     ],
 )
-def test_create_errors(client: TestClient, roots: Path, body: str, status: int,
-                       code: str | None) -> None:
-    r = client.post("/v1/sessions", content=body.replace("ROOT", str(roots)),
-                    headers={"content-type": "application/json"})
+def test_create_errors(
+    client: TestClient, roots: Path, body: str, status: int, code: str | None
+) -> None:
+    r = client.post(
+        "/v1/sessions",
+        content=body.replace("ROOT", str(roots)),
+        headers={"content-type": "application/json"},
+    )
     assert_error(r, status, code)
 
 
@@ -96,8 +99,11 @@ def test_unknown_route_and_method(client: TestClient) -> None:
 
 
 def test_body_too_large(client: TestClient) -> None:
-    r = client.post("/v1/sessions", content=b"{" + b" " * (2 << 20) + b"}",
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/sessions",
+        content=b"{" + b" " * (2 << 20) + b"}",
+        headers={"content-type": "application/json"},
+    )
     assert_error(r, 413, "body_too_large")
 
 
@@ -110,17 +116,39 @@ def test_session_created_then_cancelled_before_attach(client: TestClient, roots:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
-                                                                  max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.dictionaries(
-    st.sampled_from(["source", "prefetch", "background", "on_source_lost", "pause_timeout_s",
-                     "attach_timeout_s", "socket", "x"]), json_values, max_size=5))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=st.dictionaries(
+        st.sampled_from(
+            [
+                "source",
+                "prefetch",
+                "background",
+                "on_source_lost",
+                "pause_timeout_s",
+                "attach_timeout_s",
+                "socket",
+                "x",
+            ]
+        ),
+        json_values,
+        max_size=5,
+    )
+)
 def test_no_malformed_body_gives_500(client: TestClient, body: dict) -> None:
     r = client.post("/v1/sessions", json=body)
     assert r.status_code < 500, r.text
