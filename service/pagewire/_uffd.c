@@ -1238,6 +1238,37 @@ static PyObject *Engine_mark_present(Engine *e, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* Bitmap (LSB first) of the chunks that still hold a missing page the source has data
+ * for: what a bulk stream should still bring. */
+static PyObject *Engine_wanted_chunks(Engine *e, PyObject *args)
+{
+    unsigned long long chunk, size;
+    if (!PyArg_ParseTuple(args, "KK", &chunk, &size))
+        return NULL;
+    if (chunk == 0 || size == 0)
+        return PyErr_Format(PyExc_ValueError, "chunk size and image size must be positive");
+    uint64_t nchunks = (size + chunk - 1) / chunk;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((nchunks + 7) / 8));
+    if (!out)
+        return NULL;
+    uint8_t *bits = (uint8_t *)PyBytes_AS_STRING(out);
+    memset(bits, 0, (nchunks + 7) / 8);
+    pthread_mutex_lock(&e->lock);
+    for (int i = 0; i < e->nregions; i++) {
+        region_t *r = &e->regions[i];
+        for (uint64_t p = 0; p < r->npages; p++) {
+            int st = r->state[p] & ST_MASK;
+            if ((st == ST_MISSING || st == ST_REQUESTED) && !page_is_zero_src(r, p)) {
+                uint64_t c = (r->offset + p * r->page_size) / chunk;
+                if (c < nchunks)
+                    bits[c / 8] |= (uint8_t)(1u << (c % 8));
+            }
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    return out;
+}
+
 static PyObject *Engine_close(Engine *e, PyObject *unused)
 {
     join_thread(e);
@@ -1265,6 +1296,8 @@ static PyMethodDef Engine_methods[] = {
     {"close_uffd", (PyCFunction)Engine_close_uffd, METH_NOARGS, "Stop and close without unregistering."},
     {"wake_all", (PyCFunction)Engine_wake_all, METH_NOARGS, "UFFDIO_WAKE every region."},
     {"mark_present", (PyCFunction)Engine_mark_present, METH_O, "Mark pages present."},
+    {"wanted_chunks", (PyCFunction)Engine_wanted_chunks, METH_VARARGS,
+     "Bitmap of chunks still holding missing data pages."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Stop the fault thread."},
     {NULL, NULL, 0, NULL}};
 

@@ -79,6 +79,8 @@ class Engine:
     def mark_present(self, present: bytes) -> None:
         """One byte per page in region order; non-zero marks the page present."""
     def wake_all(self) -> None: ...
+    def wanted_chunks(self, chunk_size: int, image_size: int) -> bytes:
+        """Bitmap (LSB first) of chunks that still hold a missing data page."""
     def close(self) -> None: ...
     @property
     def state(self) -> str: ...  # "created", "running", "completed", "failed"

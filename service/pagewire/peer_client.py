@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 DIGEST_LEN = 32
 # Statuses that mean the connection or the peer failed, not that the request was refused.
-_TRANSPORT_CODES = {
+TRANSPORT_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
@@ -254,7 +254,7 @@ class PeerClient:
             self.integrity_failures += 1
             log.warning("peer %s: %s", self.address, exc)
             self._broken = True
-        elif not isinstance(exc, PeerError) or exc.code in _TRANSPORT_CODES or exc.code is None:
+        elif not isinstance(exc, PeerError) or exc.code in TRANSPORT_CODES or exc.code is None:
             self._broken = True
 
     # --- unary calls ---

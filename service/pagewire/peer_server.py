@@ -222,8 +222,8 @@ class PageServicer(pb_grpc.PageServiceServicer):
                 chunks = await pending
                 pending = start()
                 batch = pb.ChunkBatch(chunks=chunks)
-                yield batch
                 self._sent(batch)
+                yield batch
         except Exception as exc:
             await self._fail("Bulk", context, exc)
         finally:
@@ -274,10 +274,10 @@ class PageServicer(pb_grpc.PageServiceServicer):
                     break
                 if isinstance(item, Exception):
                     await self._fail("Urgent", context, item)
-                yield item
-                window.release()
                 self._sent(item)
                 self._count("Urgent", grpc.StatusCode.OK)
+                yield item
+                window.release()
         finally:
             pump.cancel()
 

@@ -2,26 +2,95 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
+import grpc
+
 from . import __version__
+from .errors import ApiError
+from .exports import ExportRegistry
+from .models import SessionRequest
+from .peer_client import PeerClient, PeerError
+from .peer_server import PeerServer, serve_peers
+from .remote import RemoteSource
 from .sessions import SessionManager
-from .settings import Settings
+from .settings import Settings, split_host_port
+
+PEER_ERRORS = {
+    grpc.StatusCode.NOT_FOUND: (404, "export_not_found"),
+    grpc.StatusCode.FAILED_PRECONDITION: (409, "export_stale"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_export"),
+    grpc.StatusCode.UNAUTHENTICATED: (502, "peer_refused"),
+    grpc.StatusCode.PERMISSION_DENIED: (502, "peer_refused"),
+}
 
 
 class AgentState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.sessions = SessionManager(settings)
+        self.sessions = SessionManager(settings, self.remote_source)
         self.token = settings.token()
         self.started_at = time.time()
-        self.exports: Any = None
-        self.peer_server: Any = None
+        self.exports: ExportRegistry | None = None
+        self.peer_server: PeerServer | None = None
         self.grpc_address: str = settings.advertise_grpc or settings.grpc
 
     async def start(self) -> None:
         self.sessions.prepare_dirs()
+        s = self.settings
+        self.exports = ExportRegistry(s.state_dir, s.export_roots, s.chunk_size)
+        self.exports.load()
+        self.peer_server = await serve_peers(
+            self.exports,
+            s.grpc,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
+            tls_ca=s.tls_ca,
+            insecure_peers=s.insecure_peers,
+        )
+        if s.advertise_grpc is None:
+            host, _ = split_host_port(s.grpc)
+            self.grpc_address = f"{host}:{self.peer_server.port}"
+
+    def peer_client(self, address: str) -> PeerClient:
+        s = self.settings
+        return PeerClient(
+            address,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
+            tls_ca=s.tls_ca,
+            insecure_peers=s.insecure_peers,
+        )
+
+    async def remote_source(self, request: SessionRequest) -> RemoteSource:
+        src = request.source
+        export = src.export
+        if hasattr(src, "peer"):
+            address = src.peer
+        else:
+            address = self.settings.peer_dns_pattern.format(node=src.node)
+        try:
+            client = self.peer_client(address)
+        except ValueError as exc:
+            raise ApiError(400, "insecure_peer", str(exc)) from None
+        try:
+            remote = await client.describe(export, timeout=10.0)
+        except PeerError as exc:
+            await client.close()
+            status, code = PEER_ERRORS.get(exc.code, (502, "peer_unreachable"))  # type: ignore[arg-type]
+            raise ApiError(status, code, f"peer {address}: {exc}") from None
+        return RemoteSource(
+            client,
+            remote,
+            address,
+            background=request.background,
+            prefetch=request.prefetch,
+            on_source_lost=request.on_source_lost,
+            pause_timeout_s=request.pause_timeout_s,
+            fail=self.sessions.fail,
+        )
 
     async def stop(self) -> None:
         await self.sessions.shutdown()
@@ -30,6 +99,9 @@ class AgentState:
         if self.peer_server is not None:
             await self.peer_server.stop(grace=1.0)
             self.peer_server = None
+        if self.exports is not None:
+            with contextlib.suppress(Exception):
+                self.exports.close()
 
     def readiness(self) -> dict[str, bool]:
         return {

@@ -1,0 +1,194 @@
+"""A session source on a peer agent: urgent stream for demand faults, bulk stream behind it.
+
+Demand faults arrive from the engine as image offsets; each becomes a request for the
+chunk that holds it (the prefetch window) on the session's urgent stream, which never
+queues behind bulk data. The bulk stream brings every other chunk that still holds a
+missing data page; zero pages never cross the network (the engine zero-fills them).
+Chunks are verified against the published digests before they are installed. When the
+peer is unreachable the session is paused and the agent reconnects with backoff, asking
+again for what was in flight; after pause_timeout_s the on_source_lost policy applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from . import _uffd
+from .peer_client import PeerClient, PeerError, PeerIntegrityError, RemoteExport, UrgentStream
+
+if TYPE_CHECKING:
+    from .sessions import Session
+
+log = logging.getLogger("pagewire.remote")
+
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 2.0
+BULK_BATCH_BYTES = 1 << 20
+
+FailCallback = Callable[["Session", str, str], Awaitable[None]]
+
+
+class RemoteSource:
+    def __init__(
+        self,
+        client: PeerClient,
+        remote: RemoteExport,
+        address: str,
+        *,
+        background: bool,
+        prefetch: str,
+        on_source_lost: str,
+        pause_timeout_s: float,
+        fail: FailCallback,
+    ) -> None:
+        self.client = client
+        self.remote = remote
+        self.address = address
+        self.size = remote.size
+        self.zero_map = remote.zero_map
+        self.zero_map_page_size = remote.page_size
+        self.local_fd = -1
+        self.background = background
+        self.prefetch = prefetch
+        self.on_source_lost = on_source_lost
+        self.pause_timeout_s = pause_timeout_s
+        self.fail = fail
+        self.session: Session | None = None
+        self.urgent_stream: UrgentStream | None = None
+        self.inflight: set[int] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopped = False
+        self.integrity_failures = 0
+
+    def describe(self) -> dict[str, str]:
+        return {"peer": self.address, "export": self.remote.name}
+
+    def bytes_received(self) -> int:
+        return self.client.bytes_received
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def start(self, session: Session) -> None:
+        self.session = session
+        if self.prefetch == "working_set" and self.remote.working_set:
+            self._spawn(self._fetch(list(self.remote.working_set), _uffd.PREFETCH))
+        if self.background:
+            self._spawn(self._bulk())
+
+    def on_requests(self, session: Session, offsets: list[int]) -> None:
+        chunks = sorted({off // self.remote.chunk_size for off in offsets} - self.inflight)
+        if chunks:
+            self.inflight.update(chunks)
+            self._spawn(self._fetch(chunks, _uffd.FAULT))
+
+    # ---- installing -----------------------------------------------------
+
+    def _engine(self) -> _uffd.Engine | None:
+        return self.session.engine if self.session is not None else None
+
+    def _install(self, index: int, chunk: bytes, kind: int) -> bool:
+        engine = self._engine()
+        if engine is None or engine.state != "running":
+            return False
+        engine.install(index * self.remote.chunk_size, chunk, kind)
+        return True
+
+    # ---- urgent lane ----------------------------------------------------
+
+    def _urgent(self) -> UrgentStream:
+        if self.urgent_stream is None or self.urgent_stream.closed:
+            self.urgent_stream = self.client.urgent(self.remote)
+        return self.urgent_stream
+
+    async def _fetch(self, chunks: list[int], kind: int) -> None:
+        try:
+            await self._with_retry(lambda: self._fetch_once(chunks, kind))
+        finally:
+            self.inflight.difference_update(chunks)
+
+    async def _fetch_once(self, chunks: list[int], kind: int) -> None:
+        got = await self._urgent().fetch(chunks)
+        for index in chunks:
+            if index in got:
+                self._install(index, got[index], kind)
+
+    # ---- bulk lane --------------------------------------------------------
+
+    async def _bulk(self) -> None:
+        await self._with_retry(self._bulk_once)
+
+    async def _bulk_once(self) -> None:
+        engine = self._engine()
+        while engine is not None and engine.state == "running":
+            want = engine.wanted_chunks(self.remote.chunk_size, self.remote.size)
+            if not any(want):
+                return
+            async for index, chunk in self.client.bulk(self.remote, want, BULK_BATCH_BYTES):
+                if not self._install(index, chunk, _uffd.BACKGROUND):
+                    return
+            engine = self._engine()
+
+    # ---- source loss ------------------------------------------------------
+
+    async def _with_retry(self, attempt: Callable[[], Awaitable[None]]) -> None:
+        backoff = BACKOFF_MIN_S
+        while not self.stopped and self._engine() is not None:
+            try:
+                await attempt()
+                self._resumed()
+                return
+            except PeerIntegrityError as exc:
+                self.integrity_failures += 1
+                log.warning(
+                    "peer sent a bad chunk; fetching again: %s", exc, extra=self._log_extra()
+                )
+            except PeerError as exc:
+                if await self._paused(exc):
+                    return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _log_extra(self) -> dict[str, str]:
+        return {"session": self.session.id if self.session else "", "peer": self.address}
+
+    async def _paused(self, exc: PeerError) -> bool:
+        """Mark the session paused; apply the policy once the pause lasts too long.
+        Returns True when the session was ended."""
+        session = self.session
+        if session is None or not session.active:
+            return True
+        if session.state == "running":
+            session.state = "paused"
+            session.paused_since = time.monotonic()
+            log.warning("source unreachable, session paused: %s", exc, extra=self._log_extra())
+        since = session.paused_since or time.monotonic()
+        if self.on_source_lost == "sigbus" and time.monotonic() - since >= self.pause_timeout_s:
+            await self.fail(session, "source_lost", f"the source {self.address} was lost: {exc}")
+            return True
+        return False
+
+    def _resumed(self) -> None:
+        session = self.session
+        if session is not None and session.state == "paused":
+            session.state = "running"
+            session.paused_since = None
+            log.info("source reachable again, session resumed", extra=self._log_extra())
+
+    async def stop(self) -> None:
+        self.stopped = True
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.urgent_stream is not None:
+            await self.urgent_stream.close()
+        await self.client.close()
