@@ -11,7 +11,7 @@ import grpc
 from . import __version__
 from .errors import ApiError
 from .exports import ExportRegistry
-from .models import SessionRequest
+from .models import NodeSource, PeerSource, SessionRequest
 from .peer_client import PeerClient, PeerError
 from .peer_server import PeerServer, serve_peers
 from .remote import RemoteSource
@@ -66,11 +66,13 @@ class AgentState:
 
     async def remote_source(self, request: SessionRequest) -> RemoteSource:
         src = request.source
-        export = src.export
-        if hasattr(src, "peer"):
+        if isinstance(src, PeerSource):
             address = src.peer
-        else:
+        elif isinstance(src, NodeSource):
             address = self.settings.peer_dns_pattern.format(node=src.node)
+        else:
+            raise ApiError(400, "invalid_source", "not a peer source")
+        export = src.export
         try:
             client = self.peer_client(address)
         except ValueError as exc:
