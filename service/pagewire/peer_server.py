@@ -100,6 +100,8 @@ def require_secure_or_loopback(address: str, insecure_peers: bool) -> None:
         )
 
 
+INLINE_READ_BYTES = 256 * 1024
+
 # --- the servicer ------------------------------------------------------------------
 
 
@@ -329,9 +331,12 @@ class PageServicer(pb_grpc.PageServiceServicer):
 
     async def _urgent_one(self, export: Export, request: Any, out: asyncio.Queue[Any]) -> None:
         try:
-            chunks = await asyncio.to_thread(
-                self._read, export, list(request.chunks), export.read_chunk
-            )
+            indexes = list(request.chunks)
+            if len(indexes) * export.chunk_size <= INLINE_READ_BYTES:
+                # a demand fault waits on this: a thread hop costs more than a cached pread
+                chunks = self._read(export, indexes, export.read_chunk)
+            else:
+                chunks = await asyncio.to_thread(self._read, export, indexes, export.read_chunk)
             out.put_nowait(pb.ChunkBatch(request_id=request.request_id, chunks=chunks))
         except asyncio.CancelledError:
             raise

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _uffd
 from .peer_client import PeerClient, PeerError, PeerIntegrityError, RemoteExport, UrgentStream
@@ -45,6 +45,7 @@ class RemoteSource:
         on_source_lost: str,
         pause_timeout_s: float,
         fail: FailCallback,
+        rpc_latency: Any = None,
     ) -> None:
         self.client = client
         self.remote = remote
@@ -58,6 +59,7 @@ class RemoteSource:
         self.on_source_lost = on_source_lost
         self.pause_timeout_s = pause_timeout_s
         self.fail = fail
+        self.rpc_latency = rpc_latency
         self.session: Session | None = None
         self.urgent_stream: UrgentStream | None = None
         self.inflight: set[int] = set()
@@ -115,7 +117,10 @@ class RemoteSource:
             self.inflight.difference_update(chunks)
 
     async def _fetch_once(self, chunks: list[int], kind: int) -> None:
+        started = time.monotonic()
         got = await self._urgent().fetch(chunks)
+        if self.rpc_latency is not None:
+            self.rpc_latency.observe(time.monotonic() - started)
         for index in chunks:
             if index in got:
                 self._install(index, got[index], kind)

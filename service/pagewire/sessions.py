@@ -20,6 +20,7 @@ from .engine import EngineOptions, Histogram, histogram, open_engine
 from .errors import ApiError
 from .handoff import Handoff, HandoffError, SocketSpec, listen, peer_credentials, receive_handoff
 from .layout import SYSTEM_PAGE_SIZE, Limits
+from .metrics import Retired
 from .models import ACTIVE_STATES, SessionRequest
 from .settings import Settings
 
@@ -205,6 +206,8 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.remote_factory = remote_factory
         self.handoff_rejections: dict[str, int] = {}
+        self.ended_counts: dict[tuple[str, str], int] = {}
+        self.retired = Retired()
         self.shutting_down = False
         self.records_dir = settings.state_dir / "sessions"
 
@@ -367,6 +370,8 @@ class SessionManager:
             return
         session.state = state
         session.completed_at = time.time()
+        key = (state, code or "")
+        self.ended_counts[key] = self.ended_counts.get(key, 0) + 1
         if code is not None:
             session.error = {"code": code, "message": message}
         if session.engine is not None:
@@ -419,7 +424,8 @@ class SessionManager:
         await self.fail(session, "cancelled", "cancelled by request", state="cancelled")
 
     def forget(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None:
+            self.retired.add(session)
         with contextlib.suppress(FileNotFoundError):
             (self.records_dir / f"{session.id}.json").unlink()
 

@@ -11,6 +11,7 @@ import grpc
 from . import __version__
 from .errors import ApiError
 from .exports import ExportRegistry
+from .metrics import create_registry
 from .models import NodeSource, PeerSource, SessionRequest
 from .peer_client import PeerClient, PeerError
 from .peer_server import PeerServer, serve_peers
@@ -36,6 +37,7 @@ class AgentState:
         self.exports: ExportRegistry | None = None
         self.peer_server: PeerServer | None = None
         self.grpc_address: str = settings.advertise_grpc or settings.grpc
+        self.metrics, self.rpc_latency = create_registry(self)
 
     async def start(self) -> None:
         self.sessions.prepare_dirs()
@@ -78,7 +80,8 @@ class AgentState:
         except ValueError as exc:
             raise ApiError(400, "insecure_peer", str(exc)) from None
         try:
-            remote = await client.describe(export, timeout=10.0)
+            with self.rpc_latency.labels("Describe").time():
+                remote = await client.describe(export, timeout=10.0)
         except PeerError as exc:
             await client.close()
             status, code = PEER_ERRORS.get(exc.code, (502, "peer_unreachable"))  # type: ignore[arg-type]
@@ -92,6 +95,7 @@ class AgentState:
             on_source_lost=request.on_source_lost,
             pause_timeout_s=request.pause_timeout_s,
             fail=self.sessions.fail,
+            rpc_latency=self.rpc_latency.labels("Urgent"),
         )
 
     async def stop(self) -> None:

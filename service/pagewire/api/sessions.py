@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
 
 from ..errors import ErrorResponse
 from ..models import SessionList, SessionRequest, SessionState, SessionStatus
@@ -46,3 +51,37 @@ async def delete_session(session_id: str, agent: Agent) -> dict[str, Any]:
     else:
         manager.forget(session)
     return session.status()
+
+
+PROGRESS_INTERVAL_S = 1.0
+
+
+def _event(kind: str, status: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps(status)}\n\n"
+
+
+@router.get(
+    "/{session_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "progress events, then one end event",
+        },
+    },
+)
+async def session_events(session_id: str, agent: Agent) -> StreamingResponse:
+    """Server-sent events: `progress` about once a second, then one `end` when it ends."""
+    session = agent.sessions.get(session_id)
+
+    async def stream() -> AsyncIterator[str]:
+        while session.active:
+            yield _event("progress", session.status())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.ended.wait(), PROGRESS_INTERVAL_S)
+        yield _event("end", session.status())
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

@@ -1,0 +1,224 @@
+"""Prometheus metrics. Counters that live in C are read by a custom collector at scrape
+time: the fault path never makes a Python call for a metric."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__, _uffd
+from .engine import RESOLUTIONS
+
+if TYPE_CHECKING:
+    from .sessions import Session
+    from .state import AgentState
+
+STATES = ("awaiting_attach", "running", "paused", "completed", "failed", "cancelled")
+# powers of two from 2.048 µs to 1.07 s: exact bucket edges of the engine's histogram
+BOUNDS_NS = [1 << k for k in range(11, 31)]
+INSTALL_PATHS = {
+    "fault": "pages_fault",
+    "prefetch": "pages_prefetched",
+    "background": "pages_background",
+}
+
+
+@dataclass
+class Retired:
+    """Totals of forgotten sessions, so counters never go backwards."""
+
+    faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESOLUTIONS, 0))
+    buckets: dict[str, list[int]] = field(
+        default_factory=lambda: {r: [0] * _uffd.HIST_BUCKETS for r in RESOLUTIONS}
+    )
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(RESOLUTIONS, 0.0))
+    installed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INSTALL_PATHS, 0))
+    bytes_received: int = 0
+    digest_failures: int = 0
+    reconnects: int = 0
+
+    def add(self, session: Session) -> None:
+        stats = session.stats()
+        for res in RESOLUTIONS:
+            self.faults[res] += stats.get(f"faults_{res}", 0)
+        for res, hist in session.histograms().items():
+            self.buckets[res] = [a + b for a, b in zip(self.buckets[res], hist.counts, strict=True)]
+            self.sums[res] += hist.sum_s
+        for path, key in INSTALL_PATHS.items():
+            self.installed[path] += stats.get(key, 0)
+        self.bytes_received += session.source.bytes_received()
+        self.digest_failures += source_counter(session, "integrity_failures")
+        self.reconnects += source_counter(session, "reconnects")
+
+
+def source_counter(session: Session, name: str) -> int:
+    client = getattr(session.source, "client", None)
+    if name == "integrity_failures":
+        return int(getattr(session.source, "integrity_failures", 0))
+    return int(getattr(client, name, 0)) if client is not None else 0
+
+
+def cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    """Engine buckets folded onto BOUNDS_NS, cumulative, with +Inf."""
+    out: list[tuple[str, float]] = []
+    running = 0
+    edges = _uffd.HIST_BOUNDS_NS
+    i = 0
+    for bound in BOUNDS_NS:
+        while i < len(counts) and edges[i] <= bound:
+            running += counts[i]
+            i += 1
+        out.append((repr(bound / 1e9), float(running)))
+    out.append(("+Inf", float(sum(counts))))
+    return out
+
+
+class AgentCollector(Collector):
+    def __init__(self, agent: AgentState) -> None:
+        self.agent = agent
+
+    def sessions(self) -> Iterable[Session]:
+        return list(self.agent.sessions.sessions.values())
+
+    def collect(self) -> Iterator[Metric]:
+        sessions = self.sessions()
+        retired = self.agent.sessions.retired
+        yield from self._faults(sessions, retired)
+        yield from self._installs(sessions, retired)
+        yield from self._sessions(sessions)
+        yield from self._peers(sessions, retired)
+        yield from self._misc()
+
+    def _faults(self, sessions: Iterable[Session], retired: Retired) -> Iterator[Metric]:
+        hist = HistogramMetricFamily(
+            "pagewire_fault_latency_seconds",
+            "Time from reading a fault to its install returning, by where the answer came from.",
+            labels=["resolution"],
+        )
+        faults = CounterMetricFamily(
+            "pagewire_faults", "Demand faults resolved, by resolution.", labels=["resolution"]
+        )
+        for res in RESOLUTIONS:
+            counts = list(retired.buckets[res])
+            total_sum = retired.sums[res]
+            n = retired.faults[res]
+            for s in sessions:
+                h = s.histograms().get(res)
+                if h is not None:
+                    counts = [a + b for a, b in zip(counts, h.counts, strict=True)]
+                    total_sum += h.sum_s
+                n += s.stats().get(f"faults_{res}", 0)
+            hist.add_metric([res], cumulative(counts), total_sum)
+            faults.add_metric([res], n)
+        yield hist
+        yield faults
+
+    def _installs(self, sessions: Iterable[Session], retired: Retired) -> Iterator[Metric]:
+        pages = CounterMetricFamily(
+            "pagewire_pages_installed", "Pages installed, by path.", labels=["path"]
+        )
+        for path, key in INSTALL_PATHS.items():
+            total = retired.installed[path] + sum(s.stats().get(key, 0) for s in sessions)
+            pages.add_metric([path], total)
+        yield pages
+
+    def _sessions(self, sessions: Iterable[Session]) -> Iterator[Metric]:
+        by_state = GaugeMetricFamily(
+            "pagewire_sessions", "Sessions known to this agent, by state.", labels=["state"]
+        )
+        counts = dict.fromkeys(STATES, 0)
+        remaining = GaugeMetricFamily(
+            "pagewire_session_pages_remaining", "Pages a session still misses.", labels=["session"]
+        )
+        paused = GaugeMetricFamily(
+            "pagewire_session_paused_seconds",
+            "How long a session has been paused (0 when not).",
+            labels=["session"],
+        )
+        now = time.monotonic()
+        for s in sessions:
+            counts[s.state] = counts.get(s.state, 0) + 1
+            if s.active:
+                remaining.add_metric([s.id], s.stats().get("pages_missing", 0))
+                since = s.paused_since
+                paused.add_metric([s.id], now - since if since is not None else 0.0)
+        for state, n in counts.items():
+            by_state.add_metric([state], n)
+        ended = CounterMetricFamily(
+            "pagewire_sessions_ended",
+            "Sessions that ended, by state and failure code.",
+            labels=["state", "code"],
+        )
+        for (state, code), n in sorted(self.agent.sessions.ended_counts.items()):
+            ended.add_metric([state, code], n)
+        yield from (by_state, remaining, paused, ended)
+
+    def _peers(self, sessions: Iterable[Session], retired: Retired) -> Iterator[Metric]:
+        server = self.agent.peer_server
+        sent = server.servicer.bytes_sent if server is not None else 0
+        yield CounterMetricFamily("pagewire_bytes_sent", "Page bytes sent to peers.", value=sent)
+        received = retired.bytes_received + sum(s.source.bytes_received() for s in sessions)
+        yield CounterMetricFamily(
+            "pagewire_bytes_received", "Page bytes received from peers.", value=received
+        )
+        digest = retired.digest_failures + sum(
+            source_counter(s, "integrity_failures") for s in sessions
+        )
+        yield CounterMetricFamily(
+            "pagewire_digest_failures",
+            "Chunks refused because their size, index or digest was wrong.",
+            value=digest,
+        )
+        reconnects = retired.reconnects + sum(source_counter(s, "reconnects") for s in sessions)
+        yield CounterMetricFamily(
+            "pagewire_peer_reconnects",
+            "Peer streams opened again after one broke.",
+            value=reconnects,
+        )
+
+    def _misc(self) -> Iterator[Metric]:
+        rejections = CounterMetricFamily(
+            "pagewire_handoff_rejections", "Refused handoffs, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(self.agent.sessions.handoff_rejections.items()):
+            rejections.add_metric([reason], n)
+        yield rejections
+        exports = GaugeMetricFamily(
+            "pagewire_exports", "Published exports, by state.", labels=["state"]
+        )
+        counts = {"ready": 0, "stale": 0}
+        if self.agent.exports is not None:
+            for e in self.agent.exports.list():
+                counts[e.state] = counts.get(e.state, 0) + 1
+        for state, n in counts.items():
+            exports.add_metric([state], n)
+        yield exports
+        info = GaugeMetricFamily(
+            "pagewire_build_info", "Agent version and node.", labels=["version", "node"]
+        )
+        info.add_metric([__version__, self.agent.settings.node_name], 1)
+        yield info
+
+
+def create_registry(agent: AgentState) -> tuple[CollectorRegistry, Histogram]:
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(agent))
+    rpc = Histogram(
+        "pagewire_peer_rpc_latency_seconds",
+        "Round trip of peer RPCs, by method.",
+        ["method"],
+        registry=registry,
+        buckets=[b / 1e9 for b in BOUNDS_NS],
+    )
+    return registry, rpc
