@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Iterator
 
@@ -28,11 +29,14 @@ class _Server(uvicorn.Server):
 async def serve(settings: Settings) -> None:
     agent = AgentState(settings)
     await agent.start()
-    host, port = split_host_port(settings.http)
+    if settings.http.startswith("unix:"):
+        where: dict[str, object] = {"uds": settings.http[5:]}
+    else:
+        host, port = split_host_port(settings.http)
+        where = {"host": host, "port": port}
     config = uvicorn.Config(
         create_app(agent),
-        host=host,
-        port=port,
+        **where,  # type: ignore[arg-type]
         log_config=None,
         access_log=False,
         lifespan="off",
@@ -59,12 +63,22 @@ async def serve(settings: Settings) -> None:
         "agent listening",
         extra={"http": settings.http, "grpc": settings.grpc, "node": settings.node_name},
     )
+    if "uds" in where:
+        loop.create_task(_restrict_socket(server, str(where["uds"])))
     try:
         await server.serve()
     finally:
         if not stopping.is_set():
             await agent.stop()
         await agent.close()
+
+
+async def _restrict_socket(server: uvicorn.Server, path: str) -> None:
+    """uvicorn makes its unix socket 0666; the API is for the agent's user only."""
+    while not server.started and not server.should_exit:
+        await asyncio.sleep(0.01)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o600)
 
 
 def run(settings: Settings) -> None:

@@ -7,6 +7,7 @@
         ...  # hand s["socket"] to the workload
         final = api.wait(s["id"], timeout=600)
 
+base_url is http://HOST:PORT, or unix:PATH for an agent whose --http is a unix socket.
 Every error response raises ApiError(status, code, message), the agent's own error code
 and text; an agent that cannot be reached raises ApiError with status 0 and code
 "unreachable". Bodies are plain dicts, exactly the JSON of the API.
@@ -82,13 +83,22 @@ def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
 class PagewireClient:
     """The REST API of one agent. Use as a context manager, or call close()."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0):
+    def __init__(
+        self, base_url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0
+    ):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         headers = {"accept": "application/json", "user-agent": "pagewire-client"}
         if token:
             headers["authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        transport = None
+        http_base = self.base_url
+        if self.base_url.startswith("unix:"):  # an agent listening on a unix socket
+            transport = httpx.HTTPTransport(uds=self.base_url[len("unix:") :])
+            http_base = "http://agent"
+        self._http = httpx.Client(
+            base_url=http_base, headers=headers, timeout=timeout, transport=transport
+        )
 
     def __enter__(self) -> PagewireClient:
         return self

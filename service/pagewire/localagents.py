@@ -45,10 +45,17 @@ class LocalAgent:
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "agent.log"
+        # inside a network namespace the REST API listens on a unix socket, which the
+        # test process reaches from any namespace
+        self.uds = str(self.workdir / "api.sock") if netns else None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return "http://agent" if self.uds else f"http://{self.host}:{self.http_port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"unix:{self.uds}" if self.uds else f"{self.host}:{self.http_port}"
 
     @property
     def grpc(self) -> str:
@@ -61,7 +68,7 @@ class LocalAgent:
             "pagewire.cli",
             "agent",
             "--http",
-            f"{self.host}:{self.http_port}",
+            self.http_address,
             "--grpc",
             f"{self.host}:{self.grpc_port}",
             "--socket-dir",
@@ -106,9 +113,14 @@ class LocalAgent:
         except OSError:
             return ""
 
+    def client(self, timeout: float = 30.0) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=self.uds) if self.uds else None
+        return httpx.Client(base_url=self.url, transport=transport, timeout=timeout)
+
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        kw.setdefault("timeout", 30.0)
-        return httpx.request(method, self.url + path, **kw)
+        timeout = kw.pop("timeout", 30.0)
+        with self.client(timeout) as c:
+            return c.request(method, path, **kw)
 
     def signal(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:

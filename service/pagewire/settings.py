@@ -69,7 +69,17 @@ class Settings(BaseSettings):
             return [int(u) for u in value.replace(",", " ").split()]
         return value
 
-    @field_validator("http", "grpc")
+    @field_validator("http")
+    @classmethod
+    def _http_address(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if not value[5:].startswith("/"):
+                raise ValueError("unix socket paths must be absolute (unix:/path)")
+            return value
+        split_host_port(value)
+        return value
+
+    @field_validator("grpc")
     @classmethod
     def _host_port(cls, value: str) -> str:
         split_host_port(value)

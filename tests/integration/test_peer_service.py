@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +22,8 @@ from pagewire.peer_client import (
 from pagewire.peer_server import PageServicer, PeerServer, serve_peers, start_peer_server
 from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
 from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
+
+from tests.pki import make_ca, make_cert
 
 PS = PAGE_SIZE
 CHUNK = 4 * PS
@@ -399,28 +400,6 @@ def test_plain_text_only_on_loopback(image: tuple[ExportRegistry, Export, bytes]
             await start_peer_server(registry, "127.0.0.1:0", tls_cert="x")
 
     run(main())
-
-
-def openssl(args: str, cwd: Path) -> None:
-    """Run openssl; args are split on spaces (every file name here is relative to cwd)."""
-    subprocess.run(["openssl", *args.split()], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-EC_KEY = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
-
-
-def make_ca(d: Path, name: str) -> None:
-    openssl(f"req -x509 {EC_KEY} -keyout {name}.key -out {name}.crt -days 1 -subj /CN={name}", d)
-
-
-def make_cert(d: Path, name: str, ca: str, ext: str) -> None:
-    (d / f"{name}.ext").write_text(ext + "\n")
-    openssl(f"req {EC_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}", d)
-    openssl(
-        f"x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -CAcreateserial "
-        f"-out {name}.crt -days 1 -extfile {name}.ext",
-        d,
-    )
 
 
 @pytest.fixture
