@@ -18,7 +18,7 @@ over ``--runs``:
 The network baselines (``net_baselines.py``) run in the same invocation, and every figure
 is set against issue 8's targets as a ratio. Nothing here asserts on time.
 
-usage: python bench/remote.py [--quick] [--runs 3] [--image-mib 64] [--bulk-mib 256]
+usage: python bench/remote.py [--quick] [--runs 3] [--image-mib 128] [--bulk-mib 256]
                               [--restore-mib 1024] [--concurrent 16] [--concurrent-mib 32]
 """
 
@@ -163,6 +163,7 @@ def latency_run(
         "touch_p50_us": seen["p50_us"],
         "touch_p99_us": seen["p99_us"],
         "first_touch_us": seen["first_touch_us"],
+        "faults_total": sum(status["faults"].values()),
         "faults_remote": status["faults"]["remote"],
         "faults_local": status["faults"]["local"],
         "faults_zero": status["faults"]["zero"],
@@ -236,6 +237,7 @@ def restore_run(
         "faults_remote": status["faults"]["remote"],
         "pages_background": status["pages_background"],
         "agent_rss_before_mib": round(rss_before, 1),
+        "agent_rss_growth_mib": round(rss_end - rss_before, 1),
         "agent_rss_end_mib": round(rss_end, 1),
         "agent_rss_peak_sampled_mib": round(max(peak, rss_end), 1),
         "agent_cpu_s": round(cpu1 - cpu0, 3),
@@ -397,7 +399,11 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
     r = summarize(restores)
     lat_nb, lat_b = summarize(no_bulk), summarize(with_bulk)
     bk, cc = summarize(bulk), summarize(concurrent)
-    growth = (r["agent_rss_end_mib"] - r["agent_rss_before_mib"]) / (rsize / GiB)
+    # cold: idle agent to the end of its first large restore (what the target is about);
+    # warm: later restores on the same agent, start to end
+    growth = (restores[0]["agent_rss_end_mib"] - rss_idle) / (rsize / GiB)
+    warm = [x["agent_rss_growth_mib"] for x in restores[1:]]
+    growth_warm = median(warm) / (rsize / GiB) if warm else None
     figures = {
         "demand_fault_no_bulk": lat_nb,
         "demand_fault_with_bulk": lat_b,
@@ -406,8 +412,9 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
         "concurrent": {**cc, "image_mib": a.concurrent_mib, "threads_each": 4},
         "agent_memory": {
             "rss_idle_mib": round(rss_idle, 1),
-            "rss_end_of_restore_mib": r["agent_rss_end_mib"],
+            "rss_end_of_first_restore_mib": restores[0]["agent_rss_end_mib"],
             "rss_growth_mib_per_gib": round(growth, 2),
+            "rss_growth_mib_per_gib_warm": None if growth_warm is None else round(growth_warm, 2),
             "rss_idle_after_restores_mib": round(rss_idle_after, 1),
             "rss_final_mib": round(rss_final, 1),
             "rss_high_water_mib": round(rss_hwm, 1),
@@ -458,11 +465,14 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
         "vs_targets": vs_targets,
         "notes": [
             "engine_fault_* is the session's fault_latency_seconds: every fault the engine "
-            "timed, whether a peer, the engine alone or a zero page answered it",
+            "timed, whether a peer, the engine alone or a zero page answered it; the engine's "
+            "histogram has power-of-two buckets and a quantile is its bucket's upper bound",
             "touch_* is per page touched by the workload, including pages already present",
             "restore_s_per_gib is create_to_complete_s scaled to 1 GiB; it includes the "
             "workload process's start-up",
             "bulk gbps_nonzero counts non-zero pages only; gbps_image counts the whole image",
+            "rss_growth_mib_per_gib: idle agent to the end of its first large restore, per "
+            "GiB restored; _warm: start to end of the later restores on the same agent",
         ],
         "bench_s": round(time.monotonic() - started, 1),
     }
@@ -471,7 +481,7 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--image-mib", type=int, default=64, help="demand-fault latency image")
+    p.add_argument("--image-mib", type=int, default=128, help="demand-fault latency image")
     p.add_argument("--bulk-mib", type=int, default=256, help="bulk throughput image")
     p.add_argument("--restore-mib", type=int, default=1024, help="large restore image")
     p.add_argument("--concurrent", type=int, default=16, help="sessions at once")

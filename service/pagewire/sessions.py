@@ -120,6 +120,7 @@ class Session:
     final_stats: dict[str, int] | None = None
     final_hist: dict[str, Histogram] | None = None
     paused_since: float | None = None
+    closing: bool = False  # a policy or request is ending it; engine notices are not news
 
     @property
     def active(self) -> bool:
@@ -352,7 +353,7 @@ class SessionManager:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(session.notify_fd)
         engine = session.engine
-        if engine is None:
+        if engine is None or session.closing:
             return
         offsets = engine.take_requests()
         if offsets:
@@ -396,8 +397,9 @@ class SessionManager:
         self, session: Session, code: str, message: str, *, state: str = "failed"
     ) -> None:
         """End a session now: poison what is missing (SIGBUS, never zeros), unregister, close."""
-        if not session.active:
+        if not session.active or session.closing:
             return
+        session.closing = True
         engine = session.engine
         if engine is not None:
             poisoned = await asyncio.to_thread(engine.fail, code, True)

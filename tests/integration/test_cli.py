@@ -288,7 +288,7 @@ def test_session_cancel_running(agent: LocalAgent, image) -> None:  # type: igno
         )
         time.sleep(1.0)
         cancelled = cli_json(agent, "session", "cancel", s["id"])
-        assert cancelled["state"] == "cancelled"
+        assert cancelled["state"] == "cancelled", (cancelled, agent.log_tail())
         assert cancelled["pages_present"] < cancelled["pages_total"]
         wout, werr = watcher.communicate(timeout=30)
         assert watcher.returncode == 1, werr
