@@ -162,7 +162,7 @@ def _role_grpc_server() -> None:
 # --- measurements (run in this process) ----------------------------------------------
 
 
-def tcp_throughput(total_bytes: int = 1024 * MiB, runs: int = 3) -> dict[str, Any]:
+def tcp_throughput(total_bytes: int = 1024 * MiB, runs: int = 5) -> dict[str, Any]:
     """Loopback TCP, one sender process, one receiver (this process); GB/s."""
     rates = []
     for _ in range(runs):

@@ -18,7 +18,7 @@ over ``--runs``:
 The network baselines (``net_baselines.py``) run in the same invocation, and every figure
 is set against issue 8's targets as a ratio. Nothing here asserts on time.
 
-usage: python bench/remote.py [--quick] [--runs 3] [--image-mib 128] [--bulk-mib 256]
+usage: python bench/remote.py [--quick] [--runs 3] [--image-mib 256] [--bulk-mib 256]
                               [--restore-mib 1024] [--concurrent 16] [--concurrent-mib 32]
 """
 
@@ -481,7 +481,7 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--image-mib", type=int, default=128, help="demand-fault latency image")
+    p.add_argument("--image-mib", type=int, default=256, help="demand-fault latency image")
     p.add_argument("--bulk-mib", type=int, default=256, help="bulk throughput image")
     p.add_argument("--restore-mib", type=int, default=1024, help="large restore image")
     p.add_argument("--concurrent", type=int, default=16, help="sessions at once")

@@ -1269,6 +1269,54 @@ static PyObject *Engine_wanted_chunks(Engine *e, PyObject *args)
     return out;
 }
 
+/* Restart reconciliation: pages the workload already has (pagemap present or swapped)
+ * are marked present. Returns the number of pages marked. */
+static PyObject *Engine_reconcile_pagemap(Engine *e, PyObject *arg)
+{
+    long pid = PyLong_AsLong(arg);
+    if (pid <= 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "pid must be positive");
+        return NULL;
+    }
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%ld/pagemap", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    uint64_t marked = 0;
+    int err = 0;
+    uint64_t *entries = malloc(4096 * sizeof(uint64_t));
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&e->lock);
+    for (int i = 0; i < e->nregions && !err; i++) {
+        region_t *r = &e->regions[i];
+        uint64_t per = r->page_size / e->sys_page; /* pagemap has one entry per small page */
+        uint64_t batch = per == 1 ? 4096 : 1;
+        for (uint64_t p = 0; p < r->npages && !err; p += batch) {
+            uint64_t n = r->npages - p < batch ? r->npages - p : batch;
+            uint64_t first = (r->base + p * r->page_size) / e->sys_page;
+            ssize_t got = pread(fd, entries, n * 8, (off_t)(first * 8));
+            if (got < (ssize_t)(n * 8)) {
+                err = got < 0 ? errno : EIO;
+                break;
+            }
+            for (uint64_t k = 0; k < n; k++)
+                if ((entries[k] >> 63) & 1 || (entries[k] >> 62) & 1) {
+                    set_state(e, r, p + k, ST_PRESENT);
+                    marked++;
+                }
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    Py_END_ALLOW_THREADS free(entries);
+    close(fd);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    return PyLong_FromUnsignedLongLong(marked);
+}
+
 static PyObject *Engine_close(Engine *e, PyObject *unused)
 {
     join_thread(e);
@@ -1298,6 +1346,8 @@ static PyMethodDef Engine_methods[] = {
     {"mark_present", (PyCFunction)Engine_mark_present, METH_O, "Mark pages present."},
     {"wanted_chunks", (PyCFunction)Engine_wanted_chunks, METH_VARARGS,
      "Bitmap of chunks still holding missing data pages."},
+    {"reconcile_pagemap", (PyCFunction)Engine_reconcile_pagemap, METH_O,
+     "Mark pages the workload already has (from /proc/PID/pagemap) present."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Stop the fault thread."},
     {NULL, NULL, 0, NULL}};
 
@@ -1403,6 +1453,17 @@ static PyObject *mod_uffd_copy(PyObject *m, PyObject *args)
     if (rc < 0 && c.copy <= 0)
         return PyErr_Format(UffdError, "UFFDIO_COPY: %s", strerror(errno));
     return PyLong_FromLongLong(c.copy);
+}
+
+static PyObject *mod_pidfd_getfd(PyObject *m, PyObject *args)
+{
+    int pidfd, fd;
+    if (!PyArg_ParseTuple(args, "ii", &pidfd, &fd))
+        return NULL;
+    int got = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+    if (got < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(got);
 }
 
 static PyObject *mod_mmap_anon(PyObject *m, PyObject *args, PyObject *kw)
@@ -1614,6 +1675,7 @@ static PyMethodDef module_methods[] = {
     {"uffd_register", (PyCFunction)(void (*)(void))mod_uffd_register,
      METH_VARARGS | METH_KEYWORDS, "Register a range in MISSING (and WP) mode."},
     {"uffd_unregister", mod_uffd_unregister, METH_VARARGS, "Unregister a range."},
+    {"pidfd_getfd", mod_pidfd_getfd, METH_VARARGS, "Copy another process's fd (pidfd_getfd)."},
     {"uffd_copy", mod_uffd_copy, METH_VARARGS, "UFFDIO_COPY bytes to an address; bytes copied."},
     {"mmap_anon", (PyCFunction)(void (*)(void))mod_mmap_anon, METH_VARARGS | METH_KEYWORDS,
      "Map an anonymous private region; returns its address."},

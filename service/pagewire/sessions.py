@@ -121,6 +121,7 @@ class Session:
     final_hist: dict[str, Histogram] | None = None
     paused_since: float | None = None
     closing: bool = False  # a policy or request is ending it; engine notices are not news
+    frozen_status: dict[str, Any] | None = None  # an ended session read back from its record
 
     @property
     def active(self) -> bool:
@@ -137,6 +138,8 @@ class Session:
         return self.final_hist or {}
 
     def status(self) -> dict[str, Any]:
+        if self.frozen_status is not None:
+            return self.frozen_status
         s = self.stats()
         hists = self.histograms()
         total = Histogram.empty()
@@ -180,11 +183,13 @@ class Session:
             "id": self.id,
             "request": self.request.model_dump(),
             "state": self.state,
+            "source": self.source.describe(),
             "socket": str(self.socket_path),
             "created_at": self.created_at,
             "attached_at": self.attached_at,
             "completed_at": self.completed_at,
             "error": self.error,
+            "status": None if self.active else self.status(),
             "workload": None
             if h is None
             else {
@@ -312,7 +317,7 @@ class SessionManager:
             log.exception("session failed", extra={"session": session.id})
             await self.fail(session, "internal_error", f"{type(exc).__name__}: {exc}")
 
-    def _start_engine(self, session: Session, handoff: Handoff) -> None:
+    def _start_engine(self, session: Session, handoff: Handoff, *, recovered: bool = False) -> None:
         session.handoff = handoff
         session.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         options = EngineOptions(
@@ -330,7 +335,7 @@ class SessionManager:
                 options,
                 source_fd=src.local_fd,
                 source_size=src.size,
-                zero_map=src.zero_map,
+                zero_map=src.zero_map or None,
                 zero_map_page_size=src.zero_map_page_size,
                 pidfd=pidfd,
             )
@@ -339,10 +344,16 @@ class SessionManager:
                 os.close(pidfd)
         os.close(handoff.uffd)  # the engine holds its own copy
         handoff.uffd = -1
-        session.attached_at = time.time()
+        if recovered:
+            # pages the workload already holds; REMOVE events the old agent read are gone
+            session.engine.reconcile_pagemap(handoff.pid)
+        else:
+            session.attached_at = time.time()
         session.state = "running"
         asyncio.get_running_loop().add_reader(session.notify_fd, self._on_notify, session)
         session.engine.start()
+        if recovered:
+            session.engine.wake_all()  # threads the old agent left blocked fault again
         self.persist(session)
         log.info(
             "workload attached",

@@ -15,6 +15,7 @@ from .metrics import create_registry
 from .models import NodeSource, PeerSource, SessionRequest
 from .peer_client import PeerClient, PeerError
 from .peer_server import PeerServer, serve_peers
+from .recovery import recover
 from .remote import RemoteSource
 from .sessions import SessionManager
 from .settings import Settings, split_host_port
@@ -55,6 +56,7 @@ class AgentState:
         if s.advertise_grpc is None:
             host, _ = split_host_port(s.grpc)
             self.grpc_address = f"{host}:{self.peer_server.port}"
+        await recover(self.sessions)
 
     def peer_client(self, address: str) -> PeerClient:
         s = self.settings

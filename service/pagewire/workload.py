@@ -71,6 +71,14 @@ def verify(att_regions: list, image: str, removed: list[tuple[int, int]]) -> tup
     return True, "byte-exact"
 
 
+def wait_for_go(ready_file: str | None, go_file: str | None) -> None:
+    if ready_file:
+        with open(ready_file, "w") as f:
+            f.write(str(os.getpid()))
+    while go_file and not os.path.exists(go_file):
+        time.sleep(0.01)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pagewire-workload")
     p.add_argument("--socket", required=True)
@@ -85,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-after", type=int, default=-1, help="exit after touching N pages")
     p.add_argument("--hold", type=float, default=0.0, help="seconds to wait before verifying")
     p.add_argument("--madvise-after", action="store_true", help="madvise once more at the end")
+    p.add_argument("--ready-file", help="create this file after touching the first half")
+    p.add_argument("--go-file", help="wait for this file before touching the second half")
     a = p.parse_args(argv)
     layout = parse_pairs(a.layout) if a.layout else None
     att = attach(a.socket, a.size, layout=layout)
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     lat = first + touch(base, page_size, order[1:half], a.threads, a.write)
     for offset, length in removed:
         _uffd.madvise(base + offset, length, MADV_DONTNEED)
+    wait_for_go(a.ready_file, a.go_file)
     lat += touch(base, page_size, order[half:], a.threads, a.write)
     lat.sort()
     touch_s = time.monotonic() - t0

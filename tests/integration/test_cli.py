@@ -154,7 +154,6 @@ def test_unreachable_agent_exits_1() -> None:
 def test_url_from_environment(agent: LocalAgent) -> None:
     r = cli(None, "session", "list", "--json", env=clean_env(PAGEWIRE_URL=agent.url))
     assert r.returncode == 0 and json.loads(r.stdout) == {"sessions": []}
-    assert cli(None, "session", "list").stdout.strip() == "" or True  # default URL: no agent
 
 
 def test_token(tmp_path: Path, roots: Path) -> None:
@@ -246,18 +245,20 @@ def test_session_watch_until_completed(agent: LocalAgent, image) -> None:  # typ
         text=True,
         env=clean_env(),
     )
-    time.sleep(1.5)  # the watch sees the session awaiting attach first
+    assert watcher.stderr is not None
+    first = watcher.stderr.readline()  # the watch sees the session awaiting attach first
+    assert first.startswith("[") and first.rstrip().endswith("awaiting_attach"), first
     proc = workload(s["socket"], "--verify", str(img))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert json.loads(out.decode().splitlines()[-1])["verified"]
     wout, werr = watcher.communicate(timeout=60)
+    werr = first + werr
     assert watcher.returncode == 0, werr
     final = json.loads(wout)
     assert final["id"] == s["id"] and final["state"] == "completed"
     assert final["pages_present"] == final["pages_total"] == SIZE // final["page_size"]
     bars = [line for line in werr.splitlines() if line.startswith("[")]
-    assert any("awaiting_attach" in b for b in bars), werr
     assert bars[-1].startswith("[" + "#" * 30 + "] 100.0%") and bars[-1].endswith("completed")
     assert "pages" in bars[-1] and "p99" in bars[-1]
     assert cli_json(agent, "session", "show", s["id"]) == final
@@ -286,7 +287,9 @@ def test_session_cancel_running(agent: LocalAgent, image) -> None:  # type: igno
             text=True,
             env=clean_env(),
         )
-        time.sleep(1.0)
+        assert watcher.stderr is not None
+        first = watcher.stderr.readline()
+        assert first.rstrip().endswith("running"), first
         cancelled = cli_json(agent, "session", "cancel", s["id"])
         assert cancelled["state"] == "cancelled", (cancelled, agent.log_tail())
         assert cancelled["pages_present"] < cancelled["pages_total"]
