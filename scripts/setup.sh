@@ -15,6 +15,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
         || need+=(python3-dev)
     command -v prometheus >/dev/null || need+=(prometheus)
+    command -v nft >/dev/null || need+=(nftables)
     command -v promtool >/dev/null || need+=(prometheus)
     if [ ${#need[@]} -gt 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
@@ -27,4 +28,4 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q '.[test]'
+.venv/bin/python -m pip install -q '.[test]' -r tests/deploy/requirements.txt

@@ -33,9 +33,10 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("agent connection")
     g.add_argument("--url", help=f"the agent's REST API (PAGEWIRE_URL, default {DEFAULT_URL})")
-    tok = g.add_mutually_exclusive_group()
-    tok.add_argument("--token", help="bearer token (PAGEWIRE_TOKEN)")
-    tok.add_argument("--token-file", help="file holding the bearer token (PAGEWIRE_TOKEN_FILE)")
+    g.add_argument("--token", help="bearer token (PAGEWIRE_TOKEN)")
+    g.add_argument(
+        "--token-file", metavar="PATH", help="file holding the bearer token (PAGEWIRE_TOKEN_FILE)"
+    )
     g.add_argument("--json", action="store_true", help="print the API's JSON (for scripts)")
     return common
 
@@ -46,6 +47,8 @@ def resolve_url(args: argparse.Namespace) -> str:
 
 def resolve_token(args: argparse.Namespace) -> str | None:
     """--token, then --token-file, then PAGEWIRE_TOKEN, then PAGEWIRE_TOKEN_FILE."""
+    if args.token and args.token_file:
+        raise UsageError("give --token or --token-file, not both")
     if args.token:
         return str(args.token)
     path = args.token_file
@@ -316,6 +319,7 @@ def session_watch(api: PagewireClient, args: argparse.Namespace) -> int:
         rate = meter.update(status)
         if name == "end":
             final = status
+            rate = mean_rate(status) or rate  # the whole restore, not the last interval
         if not args.quiet:
             line = render(status, rate)
             sys.stderr.write(f"\r{line}\x1b[K" if tty else line + "\n")
@@ -380,7 +384,11 @@ def add_api_commands(sub: Any) -> None:
     one.add_argument("--peer", metavar="HOST:PORT", help="a peer agent's gRPC address")
     one.add_argument("--node", help="a peer agent's node name")
     src.add_argument("--export", metavar="NAME", help="the export, with --peer or --node")
-    p.add_argument("--prefetch", choices=["around", "none", "working_set"])
+    p.add_argument(
+        "--prefetch",
+        choices=["around", "none", "working_set"],
+        help="what a fault brings in besides its page (agent default: around)",
+    )
     p.add_argument(
         "--no-background",
         dest="background",
@@ -389,12 +397,16 @@ def add_api_commands(sub: Any) -> None:
         default=None,
         help="no background fill: only faulted (and prefetched) pages",
     )
-    p.add_argument("--on-source-lost", choices=["wait", "sigbus"])
-    p.add_argument("--pause-timeout-s", type=float, metavar="S")
-    p.add_argument("--attach-timeout-s", type=float, metavar="S")
-    p.add_argument("--socket-uid", type=int, metavar="UID")
-    p.add_argument("--socket-gid", type=int, metavar="GID")
-    p.add_argument("--socket-mode", metavar="MODE", help="octal, e.g. 0660")
+    p.add_argument(
+        "--on-source-lost",
+        choices=["wait", "sigbus"],
+        help="when the source goes away: pause and wait, or SIGBUS (agent default: wait)",
+    )
+    p.add_argument("--pause-timeout-s", type=float, metavar="S", help="agent default: 30")
+    p.add_argument("--attach-timeout-s", type=float, metavar="S", help="agent default: 60")
+    p.add_argument("--socket-uid", type=int, metavar="UID", help="owner of the session socket")
+    p.add_argument("--socket-gid", type=int, metavar="GID", help="group of the session socket")
+    p.add_argument("--socket-mode", metavar="MODE", help="octal, e.g. 0660 (agent default 0600)")
     p = leaf(ss, "list", session_list, "list sessions")
     p.add_argument(
         "--state",

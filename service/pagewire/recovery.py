@@ -87,8 +87,13 @@ class _Placeholder:
 
 
 def _session_from(record: dict[str, Any], request: SessionRequest) -> Session:
-    session = Session(record["id"], request, _Placeholder(record.get("source") or {}),
-                      Path(record["socket"]), created_at=record["created_at"])
+    session = Session(
+        record["id"],
+        request,
+        _Placeholder(record.get("source") or {}),
+        Path(record["socket"]),
+        created_at=record["created_at"],
+    )
     session.state = record["state"]
     session.attached_at = record.get("attached_at")
     session.completed_at = record.get("completed_at")
@@ -127,9 +132,15 @@ async def _take_back(manager: SessionManager, session: Session, record: dict[str
         manager._end(session, "failed", exc.code, exc.message)
         return
     regions = [Region(*r) for r in workload["regions"]]
-    handoff = Handoff(uffd=uffd, regions=regions, pid=workload["pid"], uid=-1,
-                      start_time=workload["start_time"], uffd_inode=workload["uffd_inode"],
-                      features=_uffd.uffd_features(uffd))
+    handoff = Handoff(
+        uffd=uffd,
+        regions=regions,
+        pid=workload["pid"],
+        uid=-1,
+        start_time=workload["start_time"],
+        uffd_inode=workload["uffd_inode"],
+        features=_uffd.uffd_features(uffd),
+    )
     session.handoff = handoff
     source = await _reopen_source(manager, session)
     if source is None:
@@ -141,8 +152,9 @@ async def _take_back(manager: SessionManager, session: Session, record: dict[str
     manager._start_engine(session, handoff, recovered=True)
     session.task = asyncio.create_task(_watch(session))
     await session.source.start(session)
-    log.info("session taken back after restart", extra={"session": session.id,
-                                                         "pid": workload["pid"]})
+    log.info(
+        "session taken back after restart", extra={"session": session.id, "pid": workload["pid"]}
+    )
 
 
 async def _reopen_source(manager: SessionManager, session: Session) -> Any:
@@ -160,8 +172,9 @@ async def _reopen_source(manager: SessionManager, session: Session) -> Any:
             message = exc.message if isinstance(exc, ApiError) else str(exc)
             permanent = isinstance(exc, ApiError) and exc.status < 500
             if permanent or (request.on_source_lost == "sigbus" and loop.time() >= deadline):
-                log.warning("source of a recovered session lost: %s", message,
-                            extra={"session": session.id})
+                log.warning(
+                    "source of a recovered session lost: %s", message, extra={"session": session.id}
+                )
                 return None
             session.state = "paused"
             await asyncio.sleep(backoff)

@@ -29,6 +29,9 @@ log = logging.getLogger("pagewire.remote")
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
 BULK_BATCH_BYTES = 1 << 20
+URGENT_DEADLINE_S = 3.0  # a fault's chunk that takes longer means the peer is in trouble
+BULK_IDLE_S = 5.0  # a bulk stream silent this long is dead (keepalive backs this up)
+WINDOW_BYTES = 4 << 20  # what one session may have in flight (reserved at admission)
 
 FailCallback = Callable[["Session", str, str], Awaitable[None]]
 
@@ -66,6 +69,8 @@ class RemoteSource:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopped = False
         self.integrity_failures = 0
+        # urgent chunks in flight, so one session stays within WINDOW_BYTES
+        self.urgent_slots = asyncio.Semaphore(max(1, WINDOW_BYTES // 2 // remote.chunk_size))
 
     def describe(self) -> dict[str, str]:
         return {"peer": self.address, "export": self.remote.name}
@@ -112,13 +117,19 @@ class RemoteSource:
 
     async def _fetch(self, chunks: list[int], kind: int) -> None:
         try:
-            await self._with_retry(lambda: self._fetch_once(chunks, kind))
+            async with self.urgent_slots:
+                await self._with_retry(lambda: self._fetch_once(chunks, kind))
         finally:
             self.inflight.difference_update(chunks)
 
     async def _fetch_once(self, chunks: list[int], kind: int) -> None:
         started = time.monotonic()
-        got = await self._urgent().fetch(chunks)
+        stream = self._urgent()
+        try:
+            got = await asyncio.wait_for(stream.fetch(chunks), URGENT_DEADLINE_S)
+        except TimeoutError:
+            await stream.close()  # the answers in flight are asked for again on a new stream
+            raise PeerError(f"no answer from {self.address} in {URGENT_DEADLINE_S} s") from None
         if self.rpc_latency is not None:
             self.rpc_latency.observe(time.monotonic() - started)
         for index in chunks:
@@ -136,9 +147,19 @@ class RemoteSource:
             want = engine.wanted_chunks(self.remote.chunk_size, self.remote.size)
             if not any(want):
                 return
-            async for index, chunk in self.client.bulk(self.remote, want, BULK_BATCH_BYTES):
-                if not self._install(index, chunk, _uffd.BACKGROUND):
-                    return
+            chunks = self.client.bulk(self.remote, want, BULK_BATCH_BYTES)
+            try:
+                while True:
+                    try:
+                        index, chunk = await asyncio.wait_for(anext(chunks), BULK_IDLE_S)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise PeerError(f"bulk stream from {self.address} went silent") from None
+                    if not self._install(index, chunk, _uffd.BACKGROUND):
+                        return
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
             engine = self._engine()
 
     # ---- source loss ------------------------------------------------------

@@ -245,6 +245,8 @@ class SessionManager:
                 "too_many_sessions",
                 f"{active} sessions active, at most {self.settings.max_sessions}",
             )
+        if not hasattr(request.source, "path"):
+            self._admit_remote()
         source = await self.open_source(request)
         session_id = "s-" + secrets.token_hex(8)
         socket_path = self.settings.socket_dir / f"{session_id}.sock"
@@ -268,6 +270,33 @@ class SessionManager:
         session.task = asyncio.create_task(self._run(session, listener))
         log.info("session created", extra={"session": session_id, "source": source.describe()})
         return session
+
+    def _admit_remote(self) -> None:
+        from .remote import WINDOW_BYTES
+
+        remote = sum(
+            1 for s in self.sessions.values() if s.active and not hasattr(s.request.source, "path")
+        )
+        if (remote + 1) * WINDOW_BYTES > self.settings.max_bytes_in_flight:
+            raise ApiError(
+                429,
+                "bytes_in_flight_limit",
+                f"{remote} remote sessions already use the "
+                f"{self.settings.max_bytes_in_flight} bytes in flight allowed",
+            )
+
+    def expire(self, now: float) -> int:
+        """Forget sessions that ended more than retention_s ago."""
+        old = [
+            s
+            for s in self.sessions.values()
+            if not s.active
+            and s.completed_at is not None
+            and now - s.completed_at > self.settings.retention_s
+        ]
+        for s in old:
+            self.forget(s)
+        return len(old)
 
     # ---- lifecycle ------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Any
@@ -39,6 +40,7 @@ class AgentState:
         self.peer_server: PeerServer | None = None
         self.grpc_address: str = settings.advertise_grpc or settings.grpc
         self.metrics, self.rpc_latency = create_registry(self)
+        self.janitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.sessions.prepare_dirs()
@@ -57,6 +59,13 @@ class AgentState:
             host, _ = split_host_port(s.grpc)
             self.grpc_address = f"{host}:{self.peer_server.port}"
         await recover(self.sessions)
+        self.janitor = asyncio.get_running_loop().create_task(self._expire_sessions())
+
+    async def _expire_sessions(self) -> None:
+        interval = max(0.5, min(60.0, self.settings.retention_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.sessions.expire(time.time())
 
     def peer_client(self, address: str) -> PeerClient:
         s = self.settings
@@ -104,6 +113,8 @@ class AgentState:
         await self.sessions.shutdown()
 
     async def close(self) -> None:
+        if self.janitor is not None:
+            self.janitor.cancel()
         if self.peer_server is not None:
             await self.peer_server.stop(grace=1.0)
             self.peer_server = None

@@ -91,7 +91,7 @@ def test_runtime_has_no_compiler_and_installs_the_wheel_offline() -> None:
 def test_runtime_defaults() -> None:
     runtime = stages()[-1]
     (user,) = [arg for kw, arg in runtime.instructions if kw == "USER"]
-    assert not user.split(":")[0] in ("0", "root")
+    assert user.split(":")[0] not in ("0", "root")
     (entrypoint,) = [arg for kw, arg in runtime.instructions if kw == "ENTRYPOINT"]
     assert entrypoint == '["pagewire"]'
     exposed = " ".join(arg for kw, arg in runtime.instructions if kw == "EXPOSE").split()

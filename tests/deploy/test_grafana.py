@@ -108,7 +108,9 @@ def test_expressions_parse(tmp_path: Path) -> None:
     ]
     path = tmp_path / "dashboard-rules.yaml"
     path.write_text(
-        yaml_module().safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sort_keys=False)
+        yaml_module().safe_dump(
+            {"groups": [{"name": "dashboard", "rules": rules}]}, sort_keys=False
+        )
     )
     out = run_promtool("check", "rules", path)
     assert f"SUCCESS: {len(rules)} rules found" in out.stdout

@@ -3,14 +3,9 @@ namespaces joined by a veth pair, so pages really cross an interface; otherwise 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,80 +16,11 @@ from pagewire.localagents import LocalAgent
 from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
 from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
 
-from tests.netns import NetnsPair
-from tests.pki import agent_pki
+from tests.peers import Peers, publish, restore, start_pair, stop_pair
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20
 CORRUPT_PEER = Path(__file__).with_name("corrupt_peer.py")
-
-
-def can_netns() -> bool:
-    return os.geteuid() == 0 and shutil.which("ip") is not None
-
-
-@dataclass
-class Peers:
-    source: LocalAgent
-    dest: LocalAgent
-    roots: Path
-    net: NetnsPair | None
-
-
-def start_pair(
-    tmp: Path,
-    extra_src: list[str] | None = None,
-    extra_dst: list[str] | None = None,
-    tls: bool = False,
-    isolated: bool = True,
-) -> Peers:
-    """isolated: in network namespaces when root. The test process itself then reaches
-    the agents only through their unix-socket REST API, never their namespace addresses."""
-    roots = tmp / "roots"
-    roots.mkdir(exist_ok=True)
-    net = NetnsPair.create() if isolated and can_netns() else None
-    host_a = net.addr_a if net else "127.0.0.1"
-    host_b = net.addr_b if net else "127.0.0.1"
-    src_extra, dst_extra = list(extra_src or []), list(extra_dst or [])
-    if tls:
-        pki = agent_pki(
-            tmp / "pki", {"source": [host_a, "127.0.0.1"], "destination": [host_b, "127.0.0.1"]}
-        )
-        for name, extra in (("source", src_extra), ("destination", dst_extra)):
-            extra += [
-                "--tls-cert",
-                str(pki / f"{name}.crt"),
-                "--tls-key",
-                str(pki / f"{name}.key"),
-                "--tls-ca",
-                str(pki / "ca.crt"),
-            ]
-    elif net:
-        src_extra.append("--insecure-peers")
-        dst_extra.append("--insecure-peers")
-    source = LocalAgent(
-        tmp, "source", [roots], host=host_a, extra=src_extra, netns=net.a if net else None
-    )
-    dest = LocalAgent(
-        tmp, "destination", [], host=host_b, extra=dst_extra, netns=net.b if net else None
-    )
-    try:
-        source.start()
-        dest.start()
-    except BaseException:
-        source.kill()
-        dest.kill()
-        if net:
-            net.destroy()
-        raise
-    return Peers(source, dest, roots, net)
-
-
-def stop_pair(p: Peers) -> None:
-    p.dest.stop()
-    p.source.stop()
-    if p.net:
-        p.net.destroy()
 
 
 @pytest.fixture
@@ -110,41 +36,6 @@ def loopback_peers(tmp_path: Path) -> Iterator[Peers]:
     p = start_pair(tmp_path, isolated=False)
     yield p
     stop_pair(p)
-
-
-def publish(p: Peers, image: Path, name: str = "img") -> dict[str, Any]:
-    r = p.source.request("POST", "/v1/exports", json={"name": name, "path": str(image)})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def restore(p: Peers, image: Path, *args: str, **options: Any) -> tuple[dict, dict]:
-    body = {"source": {"peer": p.source.grpc, "export": "img"}, **options}
-    r = p.dest.request("POST", "/v1/sessions", json=body)
-    assert r.status_code == 201, r.text
-    session = r.json()
-    size = image.stat().st_size
-    cmd = [
-        sys.executable,
-        "-m",
-        "pagewire.workload",
-        "--socket",
-        session["socket"],
-        "--size",
-        str(size),
-        "--verify",
-        str(image),
-        *args,
-    ]
-    out = subprocess.run(cmd, capture_output=True, timeout=120).stdout
-    seen = json.loads(out.decode().splitlines()[-1])
-    deadline = time.monotonic() + 60
-    while True:
-        status = p.dest.request("GET", f"/v1/sessions/{session['id']}").json()
-        if status["state"] not in ("awaiting_attach", "running", "paused"):
-            return seen, status
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("order,threads", [("random", 4), ("sequential", 1)])

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pagewire.localagents import LocalAgent
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
@@ -34,12 +33,29 @@ def test_kill_9_agent_then_restart_takes_the_session_back(tmp_path: Path, image)
     agent = LocalAgent(tmp_path, "agent", [img.parent]).start()
     ready, go = tmp_path / "ready", tmp_path / "go"
     try:
-        s = agent.request("POST", "/v1/sessions", json={"source": {"path": str(img)},
-                                                        "background": False}).json()
+        s = agent.request(
+            "POST", "/v1/sessions", json={"source": {"path": str(img)}, "background": False}
+        ).json()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pagewire.workload", "--socket", s["socket"], "--size",
-             str(16 * MiB), "--threads", "2", "--ready-file", str(ready), "--go-file", str(go),
-             "--verify", str(img)], stdout=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "pagewire.workload",
+                "--socket",
+                s["socket"],
+                "--size",
+                str(16 * MiB),
+                "--threads",
+                "2",
+                "--ready-file",
+                str(ready),
+                "--go-file",
+                str(go),
+                "--verify",
+                str(img),
+            ],
+            stdout=subprocess.PIPE,
+        )
         wait_for(ready.exists)
         before = status(agent, s["id"])
         assert before["state"] == "running" and 0 < before["pages_present"] < before["pages_total"]
@@ -64,12 +80,26 @@ def test_restart_with_the_workload_gone_fails_the_session(tmp_path: Path, image)
     agent = LocalAgent(tmp_path, "agent", [img.parent]).start()
     ready = tmp_path / "ready"
     try:
-        s = agent.request("POST", "/v1/sessions", json={"source": {"path": str(img)},
-                                                        "background": False,
-                                                        "prefetch": "none"}).json()
+        s = agent.request(
+            "POST",
+            "/v1/sessions",
+            json={"source": {"path": str(img)}, "background": False, "prefetch": "none"},
+        ).json()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pagewire.workload", "--socket", s["socket"], "--size",
-             str(16 * MiB), "--ready-file", str(ready), "--go-file", str(tmp_path / "never")])
+            [
+                sys.executable,
+                "-m",
+                "pagewire.workload",
+                "--socket",
+                s["socket"],
+                "--size",
+                str(16 * MiB),
+                "--ready-file",
+                str(ready),
+                "--go-file",
+                str(tmp_path / "never"),
+            ]
+        )
         wait_for(ready.exists)
         agent.kill()
         proc.kill()
