@@ -57,6 +57,31 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
         },
     ),
     (
+        "--shutdown-policy",
+        {
+            "choices": ["fail", "handover"],
+            "help": "after the grace period: fail what is left (SIGBUS) or leave it registered "
+            "for the next agent to take back (PAGEWIRE_SHUTDOWN_POLICY)",
+        },
+    ),
+    (
+        "--socket-group",
+        {
+            "type": int,
+            "help": "gid allowed to enter the socket dir, then 0710 (PAGEWIRE_SOCKET_GROUP)",
+        },
+    ),
+    (
+        "--allowed-uid",
+        {
+            "action": "append",
+            "type": int,
+            "dest": "allowed_uids",
+            "help": "uid allowed to hand over a uffd (SO_PEERCRED); repeatable "
+            "(PAGEWIRE_ALLOWED_UIDS)",
+        },
+    ),
+    (
         "--retention-s",
         {"type": float, "help": "seconds ended sessions are kept (PAGEWIRE_RETENTION_S)"},
     ),

@@ -215,13 +215,19 @@ class SessionManager:
         self.ended_counts: dict[tuple[str, str], int] = {}
         self.retired = Retired()
         self.shutting_down = False
+        self.draining = False
         self.records_dir = settings.state_dir / "sessions"
 
     # ---- creation -------------------------------------------------------
 
     def prepare_dirs(self) -> None:
-        self.settings.socket_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.settings.socket_dir, 0o711)  # enter, never list
+        socket_dir = self.settings.socket_dir
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.socket_group is not None:
+            os.chown(socket_dir, -1, self.settings.socket_group)
+            os.chmod(socket_dir, 0o710)  # only the agent and that group may enter
+        else:
+            os.chmod(socket_dir, 0o711)  # anyone may enter, nobody may list
         self.records_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.settings.state_dir, 0o700)
 
@@ -238,6 +244,8 @@ class SessionManager:
     async def create(self, request: SessionRequest) -> Session:
         if self.shutting_down:
             raise ApiError(503, "shutting_down", "the agent is shutting down")
+        if self.draining:
+            raise ApiError(503, "draining", "the node is being drained")
         active = sum(1 for s in self.sessions.values() if s.active)
         if active >= self.settings.max_sessions:
             raise ApiError(
@@ -505,8 +513,23 @@ class SessionManager:
                 timeout=self.settings.shutdown_grace_s,
             )
         for s in running:
-            if s.active:
+            if not s.active:
+                continue
+            if self.settings.shutdown_policy == "handover" and s.engine is not None:
+                self.hand_over(s)
+            else:
                 await self.fail(s, "agent_shutdown", "the agent shut down before the restore ended")
+
+    def hand_over(self, session: Session) -> None:
+        """Leave a running session to the next agent: stop serving without unregistering;
+        the record stays 'running' and the next agent takes the uffd back."""
+        session.closing = True
+        if session.engine is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(session.notify_fd)
+            session.engine.close_uffd()
+        self.persist(session)
+        log.warning("session handed over to the next agent", extra={"session": session.id})
 
 
 _FAILURE_TEXT = {

@@ -6,7 +6,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     max_session_bytes: int = Field(default=1 << 40, ge=1 << 20)
     chunk_size: int = Field(default=64 << 10, ge=4096, le=4 << 20)
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
+    shutdown_policy: Literal["fail", "handover"] = "fail"
+    socket_group: int | None = Field(default=None, ge=0)
     retention_s: float = Field(default=3600.0, ge=0)
     allowed_uids: Annotated[list[int], NoDecode] = Field(default_factory=list)
     log_json: bool = False

@@ -145,5 +145,6 @@ class AgentState:
             "tls": self.settings.tls_enabled,
             "export_roots": [str(p) for p in self.settings.export_roots],
             "sessions_active": sum(1 for s in self.sessions.sessions.values() if s.active),
+            "draining": self.sessions.draining,
             "uptime_s": round(time.time() - self.started_at, 3),
         }

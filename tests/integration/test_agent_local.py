@@ -158,3 +158,21 @@ def test_sigterm_never_leaves_a_workload_blocked(tmp_path: Path, image) -> None:
         assert proc.returncode == -signal.SIGBUS
     finally:
         a.kill()
+
+
+def test_handoff_from_a_uid_not_allowed_is_refused(tmp_path: Path, image) -> None:
+    img = image(1 * MiB)
+    a = LocalAgent(tmp_path, "uids", [img.parent], extra=["--allowed-uid", "12345"]).start()
+    try:
+        s = create(a, {"source": {"path": str(img)}, "attach_timeout_s": 30})
+        proc = workload(s["socket"], "--size", str(1 * MiB), "--order", "none")
+        deadline = time.monotonic() + 20
+        metric = ""
+        while time.monotonic() < deadline and "peer_not_allowed" not in metric:
+            metric = a.request("GET", "/metrics").text
+            time.sleep(0.1)
+        assert 'pagewire_handoff_rejections_total{reason="peer_not_allowed"} 1.0' in metric
+        assert a.request("GET", f"/v1/sessions/{s['id']}").json()["state"] == "awaiting_attach"
+        proc.kill()
+    finally:
+        a.stop()

@@ -111,3 +111,55 @@ def test_restart_with_the_workload_gone_fails_the_session(tmp_path: Path, image)
         assert after["error"]["code"] == "workload_exited"
     finally:
         agent.kill()
+
+
+def test_sigterm_handover_lets_the_next_agent_finish(tmp_path: Path, image) -> None:
+    img = image(16 * MiB)
+    extra = ["--shutdown-policy", "handover", "--shutdown-grace-s", "0.2"]
+    agent = LocalAgent(tmp_path, "agent", [img.parent], extra=extra).start()
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    try:
+        s = agent.request(
+            "POST", "/v1/sessions", json={"source": {"path": str(img)}, "background": False}
+        ).json()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pagewire.workload",
+                "--socket",
+                s["socket"],
+                "--size",
+                str(16 * MiB),
+                "--ready-file",
+                str(ready),
+                "--go-file",
+                str(go),
+                "--verify",
+                str(img),
+            ],
+            stdout=subprocess.PIPE,
+        )
+        wait_for(ready.exists)
+        assert agent.stop() == 0
+        go.touch()
+        agent = LocalAgent(tmp_path, "agent", [img.parent], extra=extra).start()
+        out, _ = proc.communicate(timeout=60)
+        assert json.loads(out.decode().splitlines()[-1])["verified"]
+        wait_for(lambda: status(agent, s["id"])["state"] == "completed")
+    finally:
+        agent.kill()
+
+
+def test_drain_refuses_new_sessions(tmp_path: Path, image) -> None:
+    img = image(1 * MiB)
+    agent = LocalAgent(tmp_path, "agent", [img.parent]).start()
+    try:
+        assert agent.request("POST", "/v1/admin/drain").json()["draining"] is True
+        r = agent.request("POST", "/v1/sessions", json={"source": {"path": str(img)}})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+        agent.request("DELETE", "/v1/admin/drain")
+        r = agent.request("POST", "/v1/sessions", json={"source": {"path": str(img)}})
+        assert r.status_code == 201
+    finally:
+        agent.kill()
