@@ -8,7 +8,7 @@ setup(
             "pagewire._uffd",
             sources=["service/pagewire/_uffd.c"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-            extra_link_args=["-lpthread"],
+            extra_link_args=["-lpthread", "-ldl"],
         )
     ]
 )

@@ -111,6 +111,146 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
+/* ---- native data channel: digests and wire ---------------------------------
+ *
+ * Between agents on plain-text links (loopback, or --insecure-peers), page data may
+ * flow over a native TCP channel negotiated and authorised over gRPC: a 16-byte token
+ * per session. Under mTLS gRPC carries the data. Two connections per session (urgent,
+ * bulk), so a demand fault never waits behind bulk data.
+ *
+ *   hello    client: "PWDATA01" token[16] u32 kind u32 0    server: "PWOK" u32 status
+ *   request  u32 count (1..MAX_REQ) u32 0, count x u64 chunk index
+ *   answer   per index: u64 index u32 data_len u32 status, then data_len bytes: the
+ *            chunk's non-zero pages in order (zero pages never cross the network)
+ */
+
+#include <dlfcn.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+
+#define CHAN_MAGIC "PWDATA01"
+#define CHAN_MAX_REQ 4096
+#define CHAN_OK 0
+#define CHAN_STALE 1
+#define CHAN_RANGE 2
+#define CHAN_DENIED 3
+
+typedef unsigned char *(*sha256_fn_t)(const unsigned char *, size_t, unsigned char *);
+static sha256_fn_t libcrypto_sha256;
+
+/* portable SHA-256, used only when libcrypto cannot be loaded */
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2};
+
+#define ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(uint32_t h[8], const uint8_t *p)
+{
+    uint32_t w[64], a, b, c, d, e, f, g, k;
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
+               (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROR(w[i - 15], 7) ^ ROR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROR(w[i - 2], 17) ^ ROR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = k + (ROR(e, 6) ^ ROR(e, 11) ^ ROR(e, 25)) + ((e & f) ^ (~e & g)) +
+                      K256[i] + w[i];
+        uint32_t t2 = (ROR(a, 2) ^ ROR(a, 13) ^ ROR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        k = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
+    }
+    h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e, h[5] += f, h[6] += g, h[7] += k;
+}
+
+static void sha256_portable(const uint8_t *data, size_t len, uint8_t out[32])
+{
+    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                     0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    size_t i = 0;
+    for (; i + 64 <= len; i += 64)
+        sha256_block(h, data + i);
+    uint8_t tail[128] = {0};
+    size_t rest = len - i, tl = rest < 56 ? 64 : 128;
+    memcpy(tail, data + i, rest);
+    tail[rest] = 0x80;
+    uint64_t bits = (uint64_t)len * 8;
+    for (int b = 0; b < 8; b++)
+        tail[tl - 1 - b] = (uint8_t)(bits >> (8 * b));
+    for (size_t off = 0; off < tl; off += 64)
+        sha256_block(h, tail + off);
+    for (int j = 0; j < 8; j++)
+        for (int b = 0; b < 4; b++)
+            out[4 * j + b] = (uint8_t)(h[j] >> (24 - 8 * b));
+}
+
+static void sha256(const uint8_t *data, size_t len, uint8_t out[32])
+{
+    if (libcrypto_sha256)
+        libcrypto_sha256(data, len, out);
+    else
+        sha256_portable(data, len, out);
+}
+
+static void load_libcrypto(void)
+{
+    const char *names[] = {"libcrypto.so.3", "libcrypto.so", NULL};
+    for (int i = 0; names[i] && !libcrypto_sha256; i++) {
+        void *h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+        if (h)
+            libcrypto_sha256 = (sha256_fn_t)dlsym(h, "SHA256");
+    }
+}
+
+static int read_full(int fd, void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    while (len) {
+        ssize_t n = read(fd, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int write_full(int fd, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+typedef struct {
+    uint64_t index;
+    uint32_t data_len, status;
+} chan_answer_t;
+
 /* ---- engine ---------------------------------------------------------- */
 
 typedef struct {
@@ -131,6 +271,8 @@ typedef struct {
 
 enum { E_CREATED, E_RUNNING, E_COMPLETED, E_FAILED };
 static const char *state_names[] = {"created", "running", "completed", "failed"};
+
+struct chan;
 
 typedef struct {
     PyObject_HEAD
@@ -161,6 +303,7 @@ typedef struct {
     uint64_t pages_by_kind[3], bytes_installed;
     uint64_t ev_remove, ev_unmap, ev_remap, ev_fork, copy_eagain, faults_unknown, pages_eexist;
     hist_t hist[NRES];
+    struct chan *chan; /* native data channel to the source, if negotiated */
 } Engine;
 
 static PyObject *UffdError;
@@ -407,6 +550,10 @@ static void queue_request(Engine *e, region_t *r, uint64_t p)
     vec_push(&e->requests, &off);
 }
 
+static int chan_request_locked(Engine *e, region_t *r, uint64_t p);
+static void chan_stop(Engine *e);
+static void chan_free(Engine *e);
+
 /* Decide one fault from current state. Returns 1 if resolved, 0 if it must
  * be retried after events are drained, -1 if it now waits for Python. */
 static int decide_fault(Engine *e, int ri, uint64_t p, uint64_t t0)
@@ -456,7 +603,8 @@ static int decide_fault(Engine *e, int ri, uint64_t p, uint64_t t0)
         return 1;
     }
     set_state(e, r, p, ST_REQUESTED);
-    queue_request(e, r, p);
+    if (!chan_request_locked(e, r, p))
+        queue_request(e, r, p);
     pending_t pe = {ri, p, t0};
     vec_push(&e->pending, &pe);
     return -1;
@@ -545,7 +693,7 @@ static void handle_event(Engine *e, struct uffd_msg *m)
     }
 }
 
-#define MSG_BATCH 64
+#define UFFD_MSG_BATCH 64
 
 typedef struct {
     uint64_t addr, t0;
@@ -569,7 +717,7 @@ static void handle_messages(Engine *e)
     fault_t *deferred = NULL;
     size_t ndef = 0, capdef = 0;
     for (int rounds = 0; rounds < 1000 && e->state == E_RUNNING; rounds++) {
-        struct uffd_msg msgs[MSG_BATCH];
+        struct uffd_msg msgs[UFFD_MSG_BATCH];
         ssize_t n = read(e->uffd, msgs, sizeof msgs);
         uint64_t t0 = now_ns();
         int nmsg = n > 0 ? (int)(n / (ssize_t)sizeof(struct uffd_msg)) : 0;
@@ -604,7 +752,7 @@ static void handle_messages(Engine *e)
         }
         ndef = keep;
         settle_pending(e);
-        if (nmsg < MSG_BATCH && ndef == 0)
+        if (nmsg < UFFD_MSG_BATCH && ndef == 0)
             break;
     }
     free(deferred);
@@ -667,7 +815,7 @@ static void unregister_all(Engine *e)
 /* Read (and drop) any events still queued, so no madvise stays blocked. */
 static void drain_events(Engine *e)
 {
-    struct uffd_msg msgs[MSG_BATCH];
+    struct uffd_msg msgs[UFFD_MSG_BATCH];
     for (int i = 0; i < 1000; i++) {
         ssize_t n = read(e->uffd, msgs, sizeof msgs);
         if (n <= 0)
@@ -971,7 +1119,9 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
 
 static void Engine_dealloc(Engine *e)
 {
+    chan_stop(e);
     join_thread(e);
+    chan_free(e);
     if (e->regions || e->uffd >= 0)
         pthread_mutex_destroy(&e->lock);
     Engine_release(e);
@@ -1040,6 +1190,398 @@ static uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data
         }
     }
     return installed;
+}
+
+/* ---- native data channel: the destination's side, inside the engine -------- */
+
+struct chan {
+    int urgent_fd, bulk_fd, up, background;
+    uint64_t chunk_size, export_size, export_ps, nchunks;
+    uint8_t *zmap, *digests, *asked;
+    uint32_t outstanding;
+    uint64_t last_answer_ns;
+    pthread_t urx, bulk;
+    int urx_started, bulk_started;
+    uint64_t bytes_received, digest_failures, chunks_urgent, chunks_bulk;
+    char down_reason[96];
+};
+
+#define CHAN_STALL_NS (3ULL * 1000000000ULL)
+
+static int chan_connect(const char *host, int port, const uint8_t token[16], uint32_t kind)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICSERV};
+    struct addrinfo *res = NULL;
+    char portstr[16];
+    snprintf(portstr, sizeof portstr, "%d", port);
+    if (getaddrinfo(host, portstr, &hints, &res) != 0 || !res)
+        return -1;
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct timeval tv = {5, 0};
+    int one = 1, big = 4 << 20;
+    if (fd >= 0) {
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (kind == 2)
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+    }
+    if (fd < 0 || connect(fd, res->ai_addr, res->ai_addrlen) < 0) {
+        if (fd >= 0)
+            close(fd);
+        freeaddrinfo(res);
+        return -1;
+    }
+    freeaddrinfo(res);
+    struct {
+        char magic[8];
+        uint8_t token[16];
+        uint32_t kind, zero;
+    } hello = {{0}, {0}, kind, 0};
+    memcpy(hello.magic, CHAN_MAGIC, 8);
+    memcpy(hello.token, token, 16);
+    struct {
+        char ok[4];
+        uint32_t status;
+    } reply;
+    if (write_full(fd, &hello, sizeof hello) < 0 || read_full(fd, &reply, sizeof reply) < 0 ||
+        memcmp(reply.ok, "PWOK", 4) != 0 || reply.status != CHAN_OK) {
+        close(fd);
+        errno = EACCES;
+        return -1;
+    }
+    return fd;
+}
+
+/* The channel failed: every page it owed goes back to Python's queue (gRPC takes over). */
+static void chan_down_locked(Engine *e, const char *reason)
+{
+    struct chan *c = e->chan;
+    if (!c || !c->up)
+        return;
+    c->up = 0;
+    snprintf(c->down_reason, sizeof c->down_reason, "%s", reason);
+    shutdown(c->urgent_fd, SHUT_RDWR);
+    if (c->bulk_fd >= 0)
+        shutdown(c->bulk_fd, SHUT_RDWR);
+    pending_t *items = e->pending.items;
+    for (size_t i = 0; i < e->pending.len; i++) {
+        region_t *r = &e->regions[items[i].region];
+        if ((r->state[items[i].page] & ST_MASK) == ST_REQUESTED)
+            queue_request(e, r, items[i].page);
+    }
+    signal_fd(e->notify_fd);
+}
+
+static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
+{
+    struct chan *c = e->chan;
+    if (!c || !c->up)
+        return 0;
+    uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
+    if (chunk >= c->nchunks)
+        return 0;
+    if (c->asked[chunk])
+        return 1;
+    struct {
+        uint32_t count, zero;
+        uint64_t index;
+    } req = {1, 0, chunk};
+    if (write_full(c->urgent_fd, &req, sizeof req) < 0) {
+        chan_down_locked(e, "urgent request failed");
+        return 0;
+    }
+    if (c->outstanding++ == 0)
+        c->last_answer_ns = now_ns();
+    c->asked[chunk] = 1;
+    return 1;
+}
+
+/* Read one answer into buf (the whole chunk, zero pages filled in) and verify it. */
+static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage,
+                            uint64_t *len_out, const char **why)
+{
+    chan_answer_t a;
+    if (read_full(fd, &a, sizeof a) < 0) {
+        *why = "connection lost";
+        return -1;
+    }
+    if (a.status != CHAN_OK || a.index >= c->nchunks) {
+        *why = a.status == CHAN_STALE ? "export stale" : "refused or out of range";
+        return -1;
+    }
+    uint64_t per = c->chunk_size / c->export_ps, first = a.index * per;
+    uint64_t npages = c->export_size / c->export_ps;
+    uint64_t last = first + per < npages ? first + per : npages, expect = 0;
+    for (uint64_t p = first; p < last; p++)
+        expect += c->zmap[p] ? 0 : c->export_ps;
+    if (a.data_len != expect || read_full(fd, stage, a.data_len) < 0) {
+        *why = a.data_len != expect ? "wrong chunk size" : "connection lost";
+        return -1;
+    }
+    uint64_t used = 0;
+    for (uint64_t p = first; p < last; p++) {
+        uint8_t *dst = buf + (p - first) * c->export_ps;
+        if (c->zmap[p]) {
+            memset(dst, 0, c->export_ps);
+        } else {
+            memcpy(dst, stage + used, c->export_ps);
+            used += c->export_ps;
+        }
+    }
+    *len_out = (last - first) * c->export_ps;
+    uint8_t d[32];
+    sha256(buf, *len_out, d);
+    __atomic_add_fetch(&c->bytes_received, a.data_len, __ATOMIC_RELAXED);
+    if (memcmp(d, c->digests + a.index * 32, 32) != 0) {
+        __atomic_add_fetch(&c->digest_failures, 1, __ATOMIC_RELAXED);
+        *why = "digest mismatch";
+        return -1;
+    }
+    return (int64_t)a.index;
+}
+
+static void chan_install(Engine *e, uint64_t index, const uint8_t *buf, uint64_t len, int kind)
+{
+    struct chan *c = e->chan;
+    pthread_mutex_lock(&e->lock);
+    int notify = 0;
+    if (e->state == E_RUNNING) {
+        install_image_range(e, index * c->chunk_size, buf, len, kind);
+        settle_pending(e);
+        notify = all_done(e);
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (notify)
+        signal_fd(e->ctl_fd);
+}
+
+static void chan_fail(Engine *e, const char *why)
+{
+    pthread_mutex_lock(&e->lock);
+    if (e->state == E_RUNNING)
+        chan_down_locked(e, why);
+    pthread_mutex_unlock(&e->lock);
+}
+
+static void *chan_urgent_thread(void *arg)
+{
+    Engine *e = arg;
+    struct chan *c = e->chan;
+    uint8_t *buf = malloc(c->chunk_size), *stage = malloc(c->chunk_size);
+    while (buf && stage && __atomic_load_n(&c->up, __ATOMIC_ACQUIRE) &&
+           e->state == E_RUNNING) {
+        struct pollfd pfd = {c->urgent_fd, POLLIN, 0};
+        if (poll(&pfd, 1, 200) == 0) {
+            pthread_mutex_lock(&e->lock);
+            int stalled = c->outstanding && now_ns() - c->last_answer_ns > CHAN_STALL_NS;
+            if (stalled)
+                chan_down_locked(e, "urgent answers stalled");
+            pthread_mutex_unlock(&e->lock);
+            continue;
+        }
+        const char *why = "";
+        uint64_t len = 0;
+        int64_t index = chan_receive(c, c->urgent_fd, buf, stage, &len, &why);
+        if (index < 0) {
+            chan_fail(e, why);
+            break;
+        }
+        pthread_mutex_lock(&e->lock);
+        c->asked[index] = 0;
+        c->outstanding--;
+        c->last_answer_ns = now_ns();
+        c->chunks_urgent++;
+        pthread_mutex_unlock(&e->lock);
+        chan_install(e, (uint64_t)index, buf, len, KIND_FAULT);
+    }
+    free(buf);
+    free(stage);
+    return NULL;
+}
+
+/* Chunks that still hold a missing data page and are not already asked for urgently. */
+static size_t chan_wanted(Engine *e, uint64_t *out, size_t max)
+{
+    struct chan *c = e->chan;
+    size_t n = 0;
+    uint64_t last = UINT64_MAX;
+    pthread_mutex_lock(&e->lock);
+    for (int i = 0; i < e->nregions && n < max; i++) {
+        region_t *r = &e->regions[i];
+        for (uint64_t p = 0; p < r->npages && n < max; p++) {
+            int st = r->state[p] & ST_MASK;
+            if ((st != ST_MISSING && st != ST_REQUESTED) || page_is_zero_src(r, p))
+                continue;
+            uint64_t ch = (r->offset + p * r->page_size) / c->chunk_size;
+            if (ch != last && ch < c->nchunks && !c->asked[ch] && (n == 0 || out[n - 1] != ch))
+                out[n++] = ch;
+            last = ch;
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+#define BULK_BATCH 32
+
+static int chan_send_batch(int fd, const uint64_t *idx, size_t n)
+{
+    uint32_t head[2] = {(uint32_t)n, 0};
+    return write_full(fd, head, sizeof head) < 0 || write_full(fd, idx, n * 8) < 0 ? -1 : 0;
+}
+
+static void *chan_bulk_thread(void *arg)
+{
+    Engine *e = arg;
+    struct chan *c = e->chan;
+    size_t cap = c->nchunks ? c->nchunks : 1;
+    uint64_t *want = malloc(cap * sizeof(uint64_t));
+    uint8_t *buf = malloc(c->chunk_size), *stage = malloc(c->chunk_size);
+    const char *why = NULL;
+    while (want && buf && stage && c->up && e->state == E_RUNNING && !why) {
+        size_t n = chan_wanted(e, want, cap);
+        if (n == 0)
+            break;
+        size_t sent = 0, got = 0;
+        /* two batches ahead, so the source never waits for the next request */
+        while (sent < n && sent < 2 * BULK_BATCH) {
+            size_t k = n - sent < BULK_BATCH ? n - sent : BULK_BATCH;
+            if (chan_send_batch(c->bulk_fd, want + sent, k) < 0)
+                why = "bulk request failed";
+            sent += k;
+        }
+        while (got < sent && !why && c->up) {
+            uint64_t len = 0;
+            int64_t index = chan_receive(c, c->bulk_fd, buf, stage, &len, &why);
+            if (index < 0)
+                break;
+            if ((uint64_t)index != want[got]) {
+                why = "bulk answer out of order";
+                break;
+            }
+            got++;
+            __atomic_add_fetch(&c->chunks_bulk, 1, __ATOMIC_RELAXED);
+            chan_install(e, (uint64_t)index, buf, len, KIND_BACKGROUND);
+            if (got % BULK_BATCH == 0 && sent < n) {
+                size_t k = n - sent < BULK_BATCH ? n - sent : BULK_BATCH;
+                if (chan_send_batch(c->bulk_fd, want + sent, k) < 0)
+                    why = "bulk request failed";
+                sent += k;
+            }
+        }
+    }
+    if (why)
+        chan_fail(e, why);
+    free(want);
+    free(buf);
+    free(stage);
+    return NULL;
+}
+
+static void chan_stop(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c)
+        return;
+    pthread_mutex_lock(&e->lock);
+    c->up = 0;
+    pthread_mutex_unlock(&e->lock);
+    shutdown(c->urgent_fd, SHUT_RDWR);
+    if (c->bulk_fd >= 0)
+        shutdown(c->bulk_fd, SHUT_RDWR);
+    Py_BEGIN_ALLOW_THREADS if (c->urx_started) pthread_join(c->urx, NULL);
+    if (c->bulk_started)
+        pthread_join(c->bulk, NULL);
+    Py_END_ALLOW_THREADS c->urx_started = c->bulk_started = 0;
+}
+
+static void chan_free(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c)
+        return;
+    if (c->urgent_fd >= 0)
+        close(c->urgent_fd);
+    if (c->bulk_fd >= 0)
+        close(c->bulk_fd);
+    free(c->zmap);
+    free(c->digests);
+    free(c->asked);
+    free(c);
+    e->chan = NULL;
+}
+
+static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"host", "port", "token", "chunk_size", "export_size",
+                             "export_page_size", "zero_map", "digests", "background", NULL};
+    const char *host;
+    int port, background = 1;
+    Py_buffer tok, zm, dg;
+    unsigned long long cs, size, eps;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|p", kwlist, &host, &port, &tok, &cs,
+                                     &size, &eps, &zm, &dg, &background))
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
+    if (e->chan || e->state != E_RUNNING || tok.len != 16 || eps == 0 || cs % eps ||
+        size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32) {
+        PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
+        goto out;
+    }
+    int ufd, bfd = -1;
+    uint8_t token[16];
+    memcpy(token, tok.buf, 16);
+    Py_BEGIN_ALLOW_THREADS ufd = chan_connect(host, port, token, 1);
+    if (ufd >= 0 && background)
+        bfd = chan_connect(host, port, token, 2);
+    Py_END_ALLOW_THREADS if (ufd < 0 || (background && bfd < 0))
+    {
+        if (ufd >= 0)
+            close(ufd);
+        PyErr_Format(PyExc_ConnectionError, "native channel to %s:%d: %s", host, port,
+                     strerror(errno));
+        goto out;
+    }
+    struct chan *c = calloc(1, sizeof *c);
+    c->urgent_fd = ufd, c->bulk_fd = bfd, c->background = background;
+    c->chunk_size = cs, c->export_size = size, c->export_ps = eps, c->nchunks = nchunks;
+    c->zmap = malloc((size_t)zm.len + 1);
+    memcpy(c->zmap, zm.buf, (size_t)zm.len);
+    c->digests = malloc((size_t)dg.len + 1);
+    memcpy(c->digests, dg.buf, (size_t)dg.len);
+    c->asked = calloc(nchunks + 1, 1);
+    pthread_mutex_lock(&e->lock);
+    e->chan = c;
+    c->up = 1;
+    pthread_mutex_unlock(&e->lock);
+    c->urx_started = pthread_create(&c->urx, NULL, chan_urgent_thread, e) == 0;
+    if (background)
+        c->bulk_started = pthread_create(&c->bulk, NULL, chan_bulk_thread, e) == 0;
+    result = Py_None;
+    Py_INCREF(result);
+out:
+    PyBuffer_Release(&tok);
+    PyBuffer_Release(&zm);
+    PyBuffer_Release(&dg);
+    return result;
+}
+
+static PyObject *Engine_get_channel(Engine *e, void *unused)
+{
+    struct chan *c = e->chan;
+    if (!c)
+        Py_RETURN_NONE;
+    pthread_mutex_lock(&e->lock);
+    PyObject *d = Py_BuildValue(
+        "{sOsssKsKsKsK}", "up", c->up ? Py_True : Py_False, "down_reason", c->down_reason,
+        "bytes_received", (unsigned long long)c->bytes_received, "digest_failures",
+        (unsigned long long)c->digest_failures, "chunks_urgent",
+        (unsigned long long)c->chunks_urgent, "chunks_bulk", (unsigned long long)c->chunks_bulk);
+    pthread_mutex_unlock(&e->lock);
+    return d;
 }
 
 static PyObject *Engine_install(Engine *e, PyObject *args)
@@ -1125,6 +1667,9 @@ static PyObject *Engine_stats(Engine *e, PyObject *unused)
     STAT("copy_eagain", e->copy_eagain);
     STAT("faults_unknown", e->faults_unknown);
     STAT("pages_eexist", e->pages_eexist);
+    STAT("channel_up", e->chan ? (uint64_t)e->chan->up : 0);
+    STAT("channel_bytes_received", e->chan ? e->chan->bytes_received : 0);
+    STAT("channel_digest_failures", e->chan ? e->chan->digest_failures : 0);
     pthread_mutex_unlock(&e->lock);
     return d;
 }
@@ -1174,6 +1719,7 @@ static PyObject *Engine_fail(Engine *e, PyObject *args)
     int poison;
     if (!PyArg_ParseTuple(args, "sp", &code, &poison))
         return NULL;
+    chan_stop(e);
     join_thread(e);
     int poisoned = 1;
     Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&e->lock);
@@ -1192,6 +1738,7 @@ static PyObject *Engine_fail(Engine *e, PyObject *args)
 
 static PyObject *Engine_close_uffd(Engine *e, PyObject *unused)
 {
+    chan_stop(e);
     join_thread(e);
     Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&e->lock);
     if (e->uffd >= 0) {
@@ -1319,6 +1866,7 @@ static PyObject *Engine_reconcile_pagemap(Engine *e, PyObject *arg)
 
 static PyObject *Engine_close(Engine *e, PyObject *unused)
 {
+    chan_stop(e);
     join_thread(e);
     Py_RETURN_NONE;
 }
@@ -1348,6 +1896,8 @@ static PyMethodDef Engine_methods[] = {
      "Bitmap of chunks still holding missing data pages."},
     {"reconcile_pagemap", (PyCFunction)Engine_reconcile_pagemap, METH_O,
      "Mark pages the workload already has (from /proc/PID/pagemap) present."},
+    {"attach_channel", (PyCFunction)(void (*)(void))Engine_attach_channel,
+     METH_VARARGS | METH_KEYWORDS, "Fetch remote pages over the native data channel."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Stop the fault thread."},
     {NULL, NULL, 0, NULL}};
 
@@ -1356,6 +1906,7 @@ static PyGetSetDef Engine_getset[] = {
     {"error", (getter)Engine_get_error, NULL, "Failure code or None.", NULL},
     {"features", (getter)Engine_get_features, NULL, "Negotiated uffd features.", NULL},
     {"uffd", (getter)Engine_get_uffd, NULL, "The engine's uffd copy (-1 when closed).", NULL},
+    {"channel", (getter)Engine_get_channel, NULL, "Native channel counters, or None.", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyTypeObject EngineType = {
@@ -1368,6 +1919,399 @@ static PyTypeObject EngineType = {
     .tp_dealloc = (destructor)Engine_dealloc,
     .tp_methods = Engine_methods,
     .tp_getset = Engine_getset,
+};
+
+/* ---- native data channel: the source's server ---------------------------- */
+
+typedef struct {
+    int fd, stale, removed;
+    uint64_t size, page_size, chunk_size, npages, nchunks;
+    uint8_t *zero_map; /* one byte per page */
+    dev_t dev;
+    ino_t ino;
+    struct timespec mtime;
+} dexport_t;
+
+typedef struct {
+    uint8_t token[16];
+    int export_id;
+} grant_t;
+
+#define MAX_CONNS 256
+
+typedef struct {
+    int fd, active;
+    pthread_t thread;
+    struct DataServer *server;
+} conn_t;
+
+typedef struct DataServer {
+    PyObject_HEAD
+    int listen_fd, stop_fd, port, running;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    dexport_t **exports;
+    int nexports;
+    grant_t *grants;
+    int ngrants;
+    conn_t conns[MAX_CONNS];
+    uint64_t bytes_sent, chunks_sent, refused;
+} DataServer;
+
+static dexport_t *server_export_for(DataServer *s, const uint8_t token[16])
+{
+    dexport_t *ex = NULL;
+    pthread_mutex_lock(&s->lock);
+    for (int i = 0; i < s->ngrants; i++)
+        if (memcmp(s->grants[i].token, token, 16) == 0) {
+            int id = s->grants[i].export_id;
+            if (id >= 0 && id < s->nexports && s->exports[id] && !s->exports[id]->removed)
+                ex = s->exports[id];
+            break;
+        }
+    pthread_mutex_unlock(&s->lock);
+    return ex;
+}
+
+static int export_unchanged(dexport_t *ex)
+{
+    struct stat st;
+    if (fstat(ex->fd, &st) < 0 || st.st_dev != ex->dev || st.st_ino != ex->ino ||
+        (uint64_t)st.st_size != ex->size || st.st_mtim.tv_sec != ex->mtime.tv_sec ||
+        st.st_mtim.tv_nsec != ex->mtime.tv_nsec)
+        ex->stale = 1;
+    return !ex->stale;
+}
+
+/* Send one chunk's non-zero pages straight from the page cache (sendfile). */
+static int send_chunk(DataServer *s, int fd, dexport_t *ex, uint64_t index)
+{
+    chan_answer_t a = {index, 0, CHAN_OK};
+    if (index >= ex->nchunks)
+        a.status = CHAN_RANGE;
+    else if (!export_unchanged(ex))
+        a.status = CHAN_STALE;
+    if (a.status != CHAN_OK)
+        return write_full(fd, &a, sizeof a) < 0 ? -1 : 1;
+    uint64_t per = ex->chunk_size / ex->page_size, first = index * per;
+    uint64_t last = first + per < ex->npages ? first + per : ex->npages;
+    for (uint64_t p = first; p < last; p++)
+        a.data_len += ex->zero_map[p] ? 0 : (uint32_t)ex->page_size;
+    if (write_full(fd, &a, sizeof a) < 0)
+        return -1;
+    for (uint64_t p = first; p < last;) {
+        if (ex->zero_map[p]) {
+            p++;
+            continue;
+        }
+        uint64_t q = p;
+        while (q < last && !ex->zero_map[q])
+            q++;
+        off_t off = (off_t)(p * ex->page_size);
+        size_t left = (size_t)((q - p) * ex->page_size);
+        while (left) {
+            ssize_t n = sendfile(fd, ex->fd, &off, left);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                return -1;
+            left -= (size_t)n;
+        }
+        p = q;
+    }
+    __atomic_add_fetch(&s->bytes_sent, a.data_len, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&s->chunks_sent, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static void *conn_thread(void *arg)
+{
+    conn_t *c = arg;
+    DataServer *s = c->server;
+    struct {
+        char magic[8];
+        uint8_t token[16];
+        uint32_t kind, zero;
+    } hello;
+    struct {
+        char ok[4];
+        uint32_t status;
+    } reply = {{'P', 'W', 'O', 'K'}, CHAN_OK};
+    uint64_t *idx = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
+    dexport_t *ex = NULL;
+    if (idx && read_full(c->fd, &hello, sizeof hello) == 0 &&
+        memcmp(hello.magic, CHAN_MAGIC, 8) == 0)
+        ex = server_export_for(s, hello.token);
+    if (!ex) {
+        reply.status = CHAN_DENIED;
+        __atomic_add_fetch(&s->refused, 1, __ATOMIC_RELAXED);
+    }
+    if (write_full(c->fd, &reply, sizeof reply) == 0 && ex) {
+        int one = 1;
+        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        for (;;) {
+            uint32_t head[2];
+            if (read_full(c->fd, head, sizeof head) < 0 || head[0] == 0 ||
+                head[0] > CHAN_MAX_REQ || read_full(c->fd, idx, head[0] * 8) < 0)
+                break;
+            int rc = 0;
+            for (uint32_t i = 0; i < head[0] && rc == 0; i++)
+                rc = send_chunk(s, c->fd, ex, idx[i]);
+            if (rc != 0)
+                break; /* a refusal answer was sent, or the peer went away */
+        }
+    }
+    free(idx);
+    shutdown(c->fd, SHUT_RDWR);
+    __atomic_store_n(&c->active, 2, __ATOMIC_RELEASE); /* finished, waiting to be joined */
+    return NULL;
+}
+
+static void server_reap(DataServer *s, int all)
+{
+    for (int i = 0; i < MAX_CONNS; i++) {
+        conn_t *c = &s->conns[i];
+        int st = __atomic_load_n(&c->active, __ATOMIC_ACQUIRE);
+        if (st == 0 || (st == 1 && !all))
+            continue;
+        if (st == 1)
+            shutdown(c->fd, SHUT_RDWR);
+        pthread_join(c->thread, NULL);
+        close(c->fd);
+        c->active = 0;
+    }
+}
+
+static void *accept_thread(void *arg)
+{
+    DataServer *s = arg;
+    struct pollfd fds[2] = {{s->listen_fd, POLLIN, 0}, {s->stop_fd, POLLIN, 0}};
+    for (;;) {
+        if (poll(fds, 2, -1) < 0 && errno != EINTR)
+            break;
+        if (fds[1].revents)
+            break;
+        if (!(fds[0].revents & POLLIN))
+            continue;
+        int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0)
+            continue;
+        server_reap(s, 0);
+        conn_t *slot = NULL;
+        for (int i = 0; i < MAX_CONNS && !slot; i++)
+            if (s->conns[i].active == 0)
+                slot = &s->conns[i];
+        if (!slot) {
+            close(fd);
+            continue;
+        }
+        slot->fd = fd;
+        slot->server = s;
+        slot->active = 1;
+        if (pthread_create(&slot->thread, NULL, conn_thread, slot) != 0) {
+            slot->active = 0;
+            close(fd);
+        }
+    }
+    return NULL;
+}
+
+static int DataServer_init(DataServer *s, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"host", "port", NULL};
+    const char *host;
+    int port;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "si", kwlist, &host, &port))
+        return -1;
+    if (s->running) {
+        PyErr_SetString(PyExc_RuntimeError, "DataServer already started");
+        return -1;
+    }
+    pthread_mutex_init(&s->lock, NULL);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res = NULL;
+    char portstr[16];
+    snprintf(portstr, sizeof portstr, "%d", port);
+    if (getaddrinfo(host, portstr, &hints, &res) != 0 || !res) {
+        PyErr_Format(PyExc_OSError, "cannot resolve %s", host);
+        return -1;
+    }
+    s->listen_fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(s->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (s->listen_fd < 0 || bind(s->listen_fd, res->ai_addr, res->ai_addrlen) < 0 ||
+        listen(s->listen_fd, 64) < 0) {
+        freeaddrinfo(res);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    freeaddrinfo(res);
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    getsockname(s->listen_fd, (struct sockaddr *)&ss, &sl);
+    s->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                             : ((struct sockaddr_in *)&ss)->sin_port);
+    s->stop_fd = eventfd(0, EFD_CLOEXEC);
+    if (pthread_create(&s->thread, NULL, accept_thread, s) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    s->running = 1;
+    return 0;
+}
+
+static void server_stop(DataServer *s)
+{
+    if (!s->running)
+        return;
+    s->running = 0;
+    signal_fd(s->stop_fd);
+    Py_BEGIN_ALLOW_THREADS pthread_join(s->thread, NULL);
+    server_reap(s, 1);
+    Py_END_ALLOW_THREADS close(s->listen_fd);
+    close(s->stop_fd);
+}
+
+static void DataServer_dealloc(DataServer *s)
+{
+    server_stop(s);
+    for (int i = 0; i < s->nexports; i++)
+        if (s->exports[i]) {
+            close(s->exports[i]->fd);
+            free(s->exports[i]->zero_map);
+            free(s->exports[i]);
+        }
+    free(s->exports);
+    free(s->grants);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *DataServer_add_export(DataServer *s, PyObject *args)
+{
+    int id, fd;
+    unsigned long long size, ps, cs;
+    Py_buffer zm;
+    if (!PyArg_ParseTuple(args, "iiKKKy*", &id, &fd, &size, &ps, &cs, &zm))
+        return NULL;
+    struct stat st;
+    if (id < 0 || id > 1 << 20 || ps == 0 || cs % ps || size % ps ||
+        (uint64_t)zm.len != size / ps || fstat(fd, &st) < 0) {
+        PyBuffer_Release(&zm);
+        return PyErr_Format(PyExc_ValueError, "bad export description");
+    }
+    dexport_t *ex = calloc(1, sizeof *ex);
+    ex->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    ex->size = size, ex->page_size = ps, ex->chunk_size = cs;
+    ex->npages = size / ps, ex->nchunks = (size + cs - 1) / cs;
+    ex->zero_map = malloc(ex->npages ? ex->npages : 1);
+    memcpy(ex->zero_map, zm.buf, ex->npages);
+    ex->dev = st.st_dev, ex->ino = st.st_ino, ex->mtime = st.st_mtim;
+    PyBuffer_Release(&zm);
+    pthread_mutex_lock(&s->lock);
+    if (id >= s->nexports) {
+        s->exports = realloc(s->exports, (size_t)(id + 1) * sizeof *s->exports);
+        for (int i = s->nexports; i <= id; i++)
+            s->exports[i] = NULL;
+        s->nexports = id + 1;
+    }
+    if (s->exports[id]) /* replaced: old connections finish on the old description */
+        s->exports[id]->removed = 1;
+    s->exports[id] = ex;
+    pthread_mutex_unlock(&s->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *DataServer_remove_export(DataServer *s, PyObject *arg)
+{
+    long id = PyLong_AsLong(arg);
+    if (id < 0 && PyErr_Occurred())
+        return NULL;
+    pthread_mutex_lock(&s->lock);
+    if (id >= 0 && id < s->nexports && s->exports[id])
+        s->exports[id]->removed = 1;
+    pthread_mutex_unlock(&s->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *DataServer_grant(DataServer *s, PyObject *args)
+{
+    Py_buffer tok;
+    int id;
+    if (!PyArg_ParseTuple(args, "y*i", &tok, &id))
+        return NULL;
+    if (tok.len != 16) {
+        PyBuffer_Release(&tok);
+        return PyErr_Format(PyExc_ValueError, "tokens are 16 bytes");
+    }
+    pthread_mutex_lock(&s->lock);
+    s->grants = realloc(s->grants, (size_t)(s->ngrants + 1) * sizeof *s->grants);
+    memcpy(s->grants[s->ngrants].token, tok.buf, 16);
+    s->grants[s->ngrants].export_id = id;
+    s->ngrants++;
+    pthread_mutex_unlock(&s->lock);
+    PyBuffer_Release(&tok);
+    Py_RETURN_NONE;
+}
+
+static PyObject *DataServer_revoke(DataServer *s, PyObject *arg)
+{
+    Py_buffer tok;
+    if (PyObject_GetBuffer(arg, &tok, PyBUF_SIMPLE) < 0)
+        return NULL;
+    pthread_mutex_lock(&s->lock);
+    for (int i = 0; i < s->ngrants; i++)
+        if (tok.len == 16 && memcmp(s->grants[i].token, tok.buf, 16) == 0) {
+            s->grants[i] = s->grants[--s->ngrants];
+            break;
+        }
+    pthread_mutex_unlock(&s->lock);
+    PyBuffer_Release(&tok);
+    Py_RETURN_NONE;
+}
+
+static PyObject *DataServer_stats(DataServer *s, PyObject *unused)
+{
+    return Py_BuildValue("{sKsKsK}", "bytes_sent",
+                         (unsigned long long)__atomic_load_n(&s->bytes_sent, __ATOMIC_RELAXED),
+                         "chunks_sent",
+                         (unsigned long long)__atomic_load_n(&s->chunks_sent, __ATOMIC_RELAXED),
+                         "refused",
+                         (unsigned long long)__atomic_load_n(&s->refused, __ATOMIC_RELAXED));
+}
+
+static PyObject *DataServer_close(DataServer *s, PyObject *unused)
+{
+    server_stop(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *DataServer_get_port(DataServer *s, void *c) { return PyLong_FromLong(s->port); }
+
+static PyMethodDef DataServer_methods[] = {
+    {"add_export", (PyCFunction)DataServer_add_export, METH_VARARGS,
+     "add_export(id, fd, size, page_size, chunk_size, zero_map)"},
+    {"remove_export", (PyCFunction)DataServer_remove_export, METH_O, "Stop serving an export."},
+    {"grant", (PyCFunction)DataServer_grant, METH_VARARGS, "grant(token16, export_id)"},
+    {"revoke", (PyCFunction)DataServer_revoke, METH_O, "Revoke a token."},
+    {"stats", (PyCFunction)DataServer_stats, METH_NOARGS, "Counters."},
+    {"close", (PyCFunction)DataServer_close, METH_NOARGS, "Stop serving."},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef DataServer_getset[] = {
+    {"port", (getter)DataServer_get_port, NULL, "The port it listens on.", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyTypeObject DataServerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pagewire._uffd.DataServer",
+    .tp_basicsize = sizeof(DataServer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The source side of the native data channel.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)DataServer_init,
+    .tp_dealloc = (destructor)DataServer_dealloc,
+    .tp_methods = DataServer_methods,
+    .tp_getset = DataServer_getset,
 };
 
 /* ---- module functions -------------------------------------------------- */
@@ -1668,7 +2612,31 @@ static PyObject *mod_memory_equals_file(PyObject *m, PyObject *args)
     return PyLong_FromLongLong(diff);
 }
 
+static PyObject *mod_sha256(PyObject *m, PyObject *arg)
+{
+    Py_buffer b;
+    uint8_t d[32];
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS sha256(b.buf, (size_t)b.len, d);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&b);
+    return PyBytes_FromStringAndSize((const char *)d, 32);
+}
+
+static PyObject *mod_sha256_portable(PyObject *m, PyObject *arg)
+{
+    Py_buffer b;
+    uint8_t d[32];
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    sha256_portable(b.buf, (size_t)b.len, d);
+    PyBuffer_Release(&b);
+    return PyBytes_FromStringAndSize((const char *)d, 32);
+}
+
 static PyMethodDef module_methods[] = {
+    {"sha256", mod_sha256, METH_O, "SHA-256 as the native channel computes it."},
+    {"sha256_portable", mod_sha256_portable, METH_O, "The built-in SHA-256 fallback."},
     {"uffd_create", (PyCFunction)(void (*)(void))mod_uffd_create, METH_VARARGS | METH_KEYWORDS,
      "Create a userfaultfd with the given features."},
     {"uffd_features", mod_uffd_features, METH_O, "Negotiated features of a uffd (fdinfo)."},
@@ -1707,14 +2675,18 @@ static uint64_t probe_features(void)
 
 PyMODINIT_FUNC PyInit__uffd(void)
 {
-    if (PyType_Ready(&EngineType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&DataServerType) < 0)
         return NULL;
+    load_libcrypto();
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
         return NULL;
     UffdError = PyErr_NewExceptionWithDoc("pagewire._uffd.UffdError",
                                           "A userfaultfd operation failed.", PyExc_OSError, NULL);
     Py_INCREF(&EngineType);
+    Py_INCREF(&DataServerType);
+    if (PyModule_AddObject(m, "DataServer", (PyObject *)&DataServerType) < 0)
+        return NULL;
     if (!UffdError || PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
         PyModule_AddObject(m, "UffdError", UffdError) < 0)
         return NULL;

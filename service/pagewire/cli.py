@@ -57,6 +57,20 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
         },
     ),
     (
+        "--no-native-channel",
+        {
+            "action": "store_const",
+            "const": False,
+            "dest": "native_channel",
+            "help": "carry page data over gRPC only (PAGEWIRE_NATIVE_CHANNEL=false)",
+        },
+    ),
+    (
+        "--data-port",
+        {"type": int, "help": "TCP port of the native data channel, 0 for any "
+         "(PAGEWIRE_DATA_PORT); offered on plain-text links only"},
+    ),
+    (
         "--shutdown-policy",
         {
             "choices": ["fail", "handover"],

@@ -60,6 +60,15 @@ def process_start_time(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def process_alive(pid: int) -> bool:
+    """False for a process that is gone or already a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def is_uffd(fd: int) -> bool:
     try:
         return "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}")
@@ -203,6 +212,8 @@ def _validate(conn: socket.socket, body: bytes, fds: list[int], limits: Limits) 
         raise HandoffError(exc.code, str(exc)) from None
     pid, uid, _gid = peer_credentials(conn)
     missing = unregistered_ranges(pid, regions)
+    if missing and not process_alive(pid):
+        raise HandoffError("workload_exited", "the workload exited during the handoff")
     if missing:
         raise HandoffError(
             "not_registered",

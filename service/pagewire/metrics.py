@@ -58,7 +58,9 @@ class Retired:
         for path, key in INSTALL_PATHS.items():
             self.installed[path] += stats.get(key, 0)
         self.bytes_received += session.source.bytes_received()
+        self.bytes_received += stats.get("channel_bytes_received", 0)
         self.digest_failures += source_counter(session, "integrity_failures")
+        self.digest_failures += stats.get("channel_digest_failures", 0)
         self.reconnects += source_counter(session, "reconnects")
 
 
@@ -167,13 +169,18 @@ class AgentCollector(Collector):
     def _peers(self, sessions: Iterable[Session], retired: Retired) -> Iterator[Metric]:
         server = self.agent.peer_server
         sent = server.servicer.bytes_sent if server is not None else 0
+        if self.agent.channel is not None:
+            sent += self.agent.channel.bytes_sent()
         yield CounterMetricFamily("pagewire_bytes_sent", "Page bytes sent to peers.", value=sent)
-        received = retired.bytes_received + sum(s.source.bytes_received() for s in sessions)
+        received = retired.bytes_received + sum(
+            s.source.bytes_received() + s.stats().get("channel_bytes_received", 0)
+            for s in sessions)
         yield CounterMetricFamily(
             "pagewire_bytes_received", "Page bytes received from peers.", value=received
         )
         digest = retired.digest_failures + sum(
-            source_counter(s, "integrity_failures") for s in sessions
+            source_counter(s, "integrity_failures") + s.stats().get("channel_digest_failures", 0)
+            for s in sessions
         )
         yield CounterMetricFamily(
             "pagewire_digest_failures",

@@ -270,6 +270,15 @@ class PeerClient:
             self._stream_broke(exc)
             raise
 
+    async def open_channel(self, export: str, timeout: float | None = 10.0) -> tuple[int, bytes]:
+        """(port, token) of the peer's native data channel for one session."""
+        try:
+            grant = await self.stub.OpenChannel(pb.OpenChannelRequest(export=export),
+                                                timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise PeerError.from_rpc(exc) from None
+        return int(grant.port), bytes(grant.token)
+
     async def upload_working_set(
         self, export: str, chunks: Iterable[int], timeout: float | None = 30.0
     ) -> int:

@@ -133,8 +133,9 @@ def _invalid(message: str) -> _Abort:
 class PageServicer(pb_grpc.PageServiceServicer):
     """Serves an ExportRegistry. Counters are plain attributes the agent reads."""
 
-    def __init__(self, registry: ExportRegistry) -> None:
+    def __init__(self, registry: ExportRegistry, channel: Any = None) -> None:
         self.registry = registry
+        self.channel = channel  # a ChannelServer when the native data channel is offered
         self.bytes_sent = 0
         self.chunks_sent = 0
         # final status name -> count; an urgent stream counts once per request answered
@@ -187,6 +188,19 @@ class PageServicer(pb_grpc.PageServiceServicer):
             generation=export.generation,
             working_set=export.working_set,
         )
+
+    # --- OpenChannel ---
+
+    async def OpenChannel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if self.channel is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             "the native data channel is off here (mTLS, or disabled)")
+            port, token = self.channel.grant(self._export(request.export))
+        except Exception as exc:
+            await self._fail("OpenChannel", context, exc)
+        self._count("OpenChannel", grpc.StatusCode.OK)
+        return pb.ChannelGrant(port=port, token=token)
 
     # --- UploadWorkingSet ---
 

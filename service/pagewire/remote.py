@@ -49,6 +49,7 @@ class RemoteSource:
         pause_timeout_s: float,
         fail: FailCallback,
         rpc_latency: Any = None,
+        native: bool = False,
     ) -> None:
         self.client = client
         self.remote = remote
@@ -63,6 +64,8 @@ class RemoteSource:
         self.pause_timeout_s = pause_timeout_s
         self.fail = fail
         self.rpc_latency = rpc_latency
+        self.native = native  # try the native data channel first
+        self.on_channel = False
         self.session: Session | None = None
         self.urgent_stream: UrgentStream | None = None
         self.inflight: set[int] = set()
@@ -85,12 +88,45 @@ class RemoteSource:
 
     async def start(self, session: Session) -> None:
         self.session = session
+        if self.native:
+            self.on_channel = await self._open_channel()
         if self.prefetch == "working_set" and self.remote.working_set:
             self._spawn(self._fetch(list(self.remote.working_set), _uffd.PREFETCH))
+        if self.background and not self.on_channel:
+            self._spawn(self._bulk())
+
+    async def _open_channel(self) -> bool:
+        """Demand faults and bulk go over the engine's own TCP channel when the peer
+        offers one; gRPC stays the fallback."""
+        engine = self._engine()
+        if engine is None:
+            return False
+        try:
+            port, token = await self.client.open_channel(self.remote.name)
+            host = self.address.rsplit(":", 1)[0].strip("[]")
+            r = self.remote
+            await asyncio.to_thread(
+                engine.attach_channel, host, port, token, r.chunk_size, r.size, r.page_size,
+                r.zero_map, b"".join(r.digests), background=self.background)
+        except (PeerError, OSError, ValueError) as exc:
+            log.info("native channel not used: %s", exc, extra=self._log_extra())
+            return False
+        log.info("native data channel open", extra={**self._log_extra(), "port": port})
+        return True
+
+    def _channel_lost(self) -> None:
+        """The engine dropped its channel and handed its pages back: gRPC takes over."""
+        self.on_channel = False
+        engine = self._engine()
+        reason = (engine.channel or {}).get("down_reason") if engine else ""
+        log.warning("native channel lost (%s); continuing over gRPC", reason,
+                    extra=self._log_extra())
         if self.background:
             self._spawn(self._bulk())
 
     def on_requests(self, session: Session, offsets: list[int]) -> None:
+        if self.on_channel:
+            self._channel_lost()
         chunks = sorted({off // self.remote.chunk_size for off in offsets} - self.inflight)
         if chunks:
             self.inflight.update(chunks)

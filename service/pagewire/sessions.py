@@ -162,7 +162,7 @@ class Session:
             },
             "pages_prefetched": s.get("pages_prefetched", 0),
             "pages_background": s.get("pages_background", 0),
-            "bytes_received": self.source.bytes_received(),
+            "bytes_received": self.source.bytes_received() + s.get("channel_bytes_received", 0),
             "fault_latency_seconds": {
                 "p50": total.quantile(0.5),
                 "p99": total.quantile(0.99),

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_bytes_in_flight: int = Field(default=256 << 20, ge=1 << 20)
     max_regions: int = Field(default=256, ge=1, le=4096)
     max_session_bytes: int = Field(default=1 << 40, ge=1 << 20)
+    native_channel: bool = True
+    data_port: int = Field(default=0, ge=0, le=65535)
     chunk_size: int = Field(default=64 << 10, ge=4096, le=4 << 20)
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
     shutdown_policy: Literal["fail", "handover"] = "fail"

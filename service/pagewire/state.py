@@ -10,12 +10,13 @@ from typing import Any
 import grpc
 
 from . import __version__
+from .channel import ChannelServer
 from .errors import ApiError
 from .exports import ExportRegistry
 from .metrics import create_registry
 from .models import NodeSource, PeerSource, SessionRequest
 from .peer_client import PeerClient, PeerError
-from .peer_server import PeerServer, serve_peers
+from .peer_server import PageServicer, PeerServer, serve_peers
 from .recovery import recover
 from .remote import RemoteSource
 from .sessions import SessionManager
@@ -41,12 +42,16 @@ class AgentState:
         self.grpc_address: str = settings.advertise_grpc or settings.grpc
         self.metrics, self.rpc_latency = create_registry(self)
         self.janitor: asyncio.Task[None] | None = None
+        self.channel: ChannelServer | None = None
 
     async def start(self) -> None:
         self.sessions.prepare_dirs()
         s = self.settings
         self.exports = ExportRegistry(s.state_dir, s.export_roots, s.chunk_size)
         self.exports.load()
+        host, _ = split_host_port(s.grpc)
+        if s.native_channel and not s.tls_enabled:
+            self.channel = ChannelServer(host, s.data_port)
         self.peer_server = await serve_peers(
             self.exports,
             s.grpc,
@@ -54,6 +59,7 @@ class AgentState:
             tls_key=s.tls_key,
             tls_ca=s.tls_ca,
             insecure_peers=s.insecure_peers,
+            servicer=PageServicer(self.exports, self.channel),
         )
         if s.advertise_grpc is None:
             host, _ = split_host_port(s.grpc)
@@ -107,6 +113,7 @@ class AgentState:
             pause_timeout_s=request.pause_timeout_s,
             fail=self.sessions.fail,
             rpc_latency=self.rpc_latency.labels("Urgent"),
+            native=self.settings.native_channel and not self.settings.tls_enabled,
         )
 
     async def stop(self) -> None:
@@ -121,6 +128,8 @@ class AgentState:
         if self.exports is not None:
             with contextlib.suppress(Exception):
                 self.exports.close()
+        if self.channel is not None:
+            self.channel.close()
 
     def readiness(self) -> dict[str, bool]:
         return {

@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     if a.exit_after >= 0:
         _uffd.touch_pages(base, page_size, order[: a.exit_after])
+        time.sleep(0.3)  # let the agent finish taking the handoff, then vanish
         os._exit(3)
     first = _uffd.touch_pages(base, page_size, order[:1])
     half = len(order) // 2

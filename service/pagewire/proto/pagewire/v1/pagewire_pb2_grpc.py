@@ -54,6 +54,11 @@ class PageServiceStub:
                 request_serializer=pagewire_dot_v1_dot_pagewire__pb2.WorkingSet.SerializeToString,
                 response_deserializer=pagewire_dot_v1_dot_pagewire__pb2.WorkingSetReply.FromString,
                 _registered_method=True)
+        self.OpenChannel = channel.unary_unary(
+                '/pagewire.v1.PageService/OpenChannel',
+                request_serializer=pagewire_dot_v1_dot_pagewire__pb2.OpenChannelRequest.SerializeToString,
+                response_deserializer=pagewire_dot_v1_dot_pagewire__pb2.ChannelGrant.FromString,
+                _registered_method=True)
 
 
 class PageServiceServicer:
@@ -91,6 +96,15 @@ class PageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenChannel(self, request, context):
+        """Authorises the native data channel for one session: a TCP port on this peer and a
+        one-session token. Offered only on plain-text links (loopback or --insecure-peers);
+        under mTLS the answer is FAILED_PRECONDITION and gRPC carries the data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_PageServiceServicer_to_server(servicer, server):
                     servicer.UploadWorkingSet,
                     request_deserializer=pagewire_dot_v1_dot_pagewire__pb2.WorkingSet.FromString,
                     response_serializer=pagewire_dot_v1_dot_pagewire__pb2.WorkingSetReply.SerializeToString,
+            ),
+            'OpenChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenChannel,
+                    request_deserializer=pagewire_dot_v1_dot_pagewire__pb2.OpenChannelRequest.FromString,
+                    response_serializer=pagewire_dot_v1_dot_pagewire__pb2.ChannelGrant.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +242,33 @@ class PageService:
             '/pagewire.v1.PageService/UploadWorkingSet',
             pagewire_dot_v1_dot_pagewire__pb2.WorkingSet.SerializeToString,
             pagewire_dot_v1_dot_pagewire__pb2.WorkingSetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagewire.v1.PageService/OpenChannel',
+            pagewire_dot_v1_dot_pagewire__pb2.OpenChannelRequest.SerializeToString,
+            pagewire_dot_v1_dot_pagewire__pb2.ChannelGrant.FromString,
             options,
             channel_credentials,
             insecure,
