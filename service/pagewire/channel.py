@@ -31,12 +31,17 @@ class ChannelServer:
             st = os.fstat(fd)
             ident = export.identity
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
-                    ident.dev, ident.ino, ident.size, ident.mtime_ns):
+                ident.dev,
+                ident.ino,
+                ident.size,
+                ident.mtime_ns,
+            ):
                 export.mark_stale()
                 raise ExportStale(f"export {export.name!r} is stale: its file changed")
             export_id = len(self.ids)
-            self.server.add_export(export_id, fd, export.size, export.page_size,
-                                   export.chunk_size, export.zero_map)
+            self.server.add_export(
+                export_id, fd, export.size, export.page_size, export.chunk_size, export.zero_map
+            )
         finally:
             os.close(fd)
         self.ids[key] = export_id

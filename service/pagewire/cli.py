@@ -67,8 +67,11 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
     ),
     (
         "--data-port",
-        {"type": int, "help": "TCP port of the native data channel, 0 for any "
-         "(PAGEWIRE_DATA_PORT); offered on plain-text links only"},
+        {
+            "type": int,
+            "help": "TCP port of the native data channel, 0 for any "
+            "(PAGEWIRE_DATA_PORT); offered on plain-text links only",
+        },
     ),
     (
         "--shutdown-policy",

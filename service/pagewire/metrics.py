@@ -173,8 +173,8 @@ class AgentCollector(Collector):
             sent += self.agent.channel.bytes_sent()
         yield CounterMetricFamily("pagewire_bytes_sent", "Page bytes sent to peers.", value=sent)
         received = retired.bytes_received + sum(
-            s.source.bytes_received() + s.stats().get("channel_bytes_received", 0)
-            for s in sessions)
+            s.source.bytes_received() + s.stats().get("channel_bytes_received", 0) for s in sessions
+        )
         yield CounterMetricFamily(
             "pagewire_bytes_received", "Page bytes received from peers.", value=received
         )

@@ -105,6 +105,7 @@ class SessionStatus(BaseModel):
     error: ErrorInfo | None
     workload_pid: int | None = None
     page_size: int | None = None
+    transport: Literal["local", "grpc", "native"] = "local"
 
 
 class SessionList(BaseModel):

@@ -273,8 +273,9 @@ class PeerClient:
     async def open_channel(self, export: str, timeout: float | None = 10.0) -> tuple[int, bytes]:
         """(port, token) of the peer's native data channel for one session."""
         try:
-            grant = await self.stub.OpenChannel(pb.OpenChannelRequest(export=export),
-                                                timeout=timeout)
+            grant = await self.stub.OpenChannel(
+                pb.OpenChannelRequest(export=export), timeout=timeout
+            )
         except grpc.aio.AioRpcError as exc:
             raise PeerError.from_rpc(exc) from None
         return int(grant.port), bytes(grant.token)

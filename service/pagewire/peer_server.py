@@ -194,8 +194,10 @@ class PageServicer(pb_grpc.PageServiceServicer):
     async def OpenChannel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             if self.channel is None:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                             "the native data channel is off here (mTLS, or disabled)")
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "the native data channel is off here (mTLS, or disabled)",
+                )
             port, token = self.channel.grant(self._export(request.export))
         except Exception as exc:
             await self._fail("OpenChannel", context, exc)

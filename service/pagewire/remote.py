@@ -78,6 +78,11 @@ class RemoteSource:
     def describe(self) -> dict[str, str]:
         return {"peer": self.address, "export": self.remote.name}
 
+    @property
+    def transport(self) -> str:
+        """Where page data flows now: the engine's native channel, or gRPC."""
+        return "native" if self.on_channel else "grpc"
+
     def bytes_received(self) -> int:
         return self.client.bytes_received
 
@@ -106,8 +111,17 @@ class RemoteSource:
             host = self.address.rsplit(":", 1)[0].strip("[]")
             r = self.remote
             await asyncio.to_thread(
-                engine.attach_channel, host, port, token, r.chunk_size, r.size, r.page_size,
-                r.zero_map, b"".join(r.digests), background=self.background)
+                engine.attach_channel,
+                host,
+                port,
+                token,
+                r.chunk_size,
+                r.size,
+                r.page_size,
+                r.zero_map,
+                b"".join(r.digests),
+                background=self.background,
+            )
         except (PeerError, OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())
             return False
@@ -119,8 +133,9 @@ class RemoteSource:
         self.on_channel = False
         engine = self._engine()
         reason = (engine.channel or {}).get("down_reason") if engine else ""
-        log.warning("native channel lost (%s); continuing over gRPC", reason,
-                    extra=self._log_extra())
+        log.warning(
+            "native channel lost (%s); continuing over gRPC", reason, extra=self._log_extra()
+        )
         if self.background:
             self._spawn(self._bulk())
 

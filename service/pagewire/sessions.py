@@ -174,6 +174,7 @@ class Session:
             "error": self.error,
             "workload_pid": self.handoff.pid if self.handoff else None,
             "page_size": page_size,
+            "transport": getattr(self.source, "transport", "local"),
         }
 
     def record(self) -> dict[str, Any]:

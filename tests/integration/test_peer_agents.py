@@ -161,6 +161,7 @@ def test_mtls_between_agents(tmp_path: Path, image) -> None:
         publish(p, img)
         seen, status = restore(p, img, "--threads", "2")
         assert seen["verified"] and status["state"] == "completed"
+        assert status["transport"] == "grpc"  # under mTLS gRPC carries the data
     finally:
         stop_pair(p)
 

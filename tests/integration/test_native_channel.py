@@ -1,0 +1,134 @@
+"""The native data channel: used between agents on plain-text links, refused answers and
+corrupted chunks drop it (pages go back to Python, gRPC takes over), never installed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pagewire import _uffd
+from pagewire.layout import SYSTEM_PAGE_SIZE as PAGE
+
+from tests.peers import publish, restore, start_pair, stop_pair
+
+pytestmark = pytest.mark.usefixtures("require_uffd")
+MiB = 1 << 20
+CHUNK = 64 << 10
+
+
+def fake_channel_server(data: bytes, zero: bytes, corrupt: int) -> tuple[int, threading.Thread]:
+    """A peer speaking the channel protocol whose first `corrupt` answers are damaged."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    per = CHUNK // PAGE
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(32, socket.MSG_WAITALL)
+        conn.sendall(b"PWOK" + struct.pack("<I", 0))
+        bad = corrupt
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                break
+            count = struct.unpack("<II", head)[0]
+            indexes = struct.unpack(f"<{count}Q", conn.recv(8 * count, socket.MSG_WAITALL))
+            for i in indexes:
+                pages = range(i * per, min((i + 1) * per, len(zero)))
+                body = b"".join(data[p * PAGE : (p + 1) * PAGE] for p in pages if not zero[p])
+                if bad > 0 and body:
+                    bad -= 1
+                    body = bytes([body[0] ^ 0xFF]) + body[1:]
+                conn.sendall(struct.pack("<QII", i, len(body), 0) + body)
+        conn.close()
+        listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return port, thread
+
+
+def test_corrupted_chunk_drops_the_channel_and_is_never_installed(image) -> None:
+    img: Path = image(2 * MiB, seed=9)
+    data = img.read_bytes()
+    size = len(data)
+    fd = os.open(img, os.O_RDONLY)
+    zero = _uffd.zero_map(fd, size, PAGE)
+    os.close(fd)
+    digests = b"".join(_uffd.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
+    base = _uffd.mmap_anon(size)
+    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
+    _uffd.uffd_register(uffd, base, size)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    eng = _uffd.Engine(
+        uffd, [(base, size, 0, PAGE)], efd, background=False, zero_map=zero, zero_map_page_size=PAGE
+    )
+    eng.start()
+    port, _ = fake_channel_server(data, zero, corrupt=1)
+    eng.attach_channel(
+        "127.0.0.1", port, b"t" * 16, CHUNK, size, PAGE, zero, digests, background=False
+    )
+    first_data_page = zero.index(0)
+    seen: list[bytes] = []
+    toucher = threading.Thread(
+        target=lambda: seen.append(_uffd.read_memory(base + first_data_page * PAGE, PAGE))
+    )
+    toucher.start()
+    deadline = time.monotonic() + 10
+    requests: list[int] = []
+    while not requests:  # the channel failed: the page comes back to Python
+        requests = eng.take_requests()
+        assert time.monotonic() < deadline, eng.channel
+        time.sleep(0.005)
+    channel = eng.channel
+    assert channel is not None and channel["up"] is False
+    assert channel["digest_failures"] == 1 and channel["down_reason"] == "digest mismatch"
+    for off in requests:  # Python serves it now (in the agent: over gRPC)
+        start = off - off % CHUNK
+        eng.install(start, data[start : start + CHUNK], _uffd.FAULT)
+    toucher.join(10)
+    assert seen == [data[first_data_page * PAGE : (first_data_page + 1) * PAGE]]
+    eng.install(0, data, _uffd.BACKGROUND)
+    assert _uffd.read_memory(base, size) == data
+    eng.close()
+    os.close(efd)
+    os.close(uffd)
+    _uffd.munmap(base, size)
+
+
+def test_agents_use_the_native_channel_on_plain_links(tmp_path: Path, image) -> None:
+    p = start_pair(tmp_path)
+    try:
+        img = image(16 * MiB)
+        publish(p, img)
+        seen, status = restore(p, img, "--threads", "2")
+        assert seen["verified"] and status["state"] == "completed"
+        assert status["transport"] == "native"
+        metrics = p.source.request("GET", "/metrics").text
+        sent = next(
+            float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("pagewire_bytes_sent_total")
+        )
+        assert sent >= status["bytes_received"] > 0
+    finally:
+        stop_pair(p)
+
+
+def test_agents_without_the_native_channel_use_grpc(tmp_path: Path, image) -> None:
+    p = start_pair(tmp_path, extra_src=["--no-native-channel"])
+    try:
+        img = image(8 * MiB)
+        publish(p, img)
+        seen, status = restore(p, img, "--threads", "2")
+        assert seen["verified"] and status["state"] == "completed"
+        assert status["transport"] == "grpc"
+    finally:
+        stop_pair(p)
