@@ -117,7 +117,7 @@ def test_dashboard_and_alert_queries_against_real_agents(tmp_path: Path, image) 
                 up = query(base, 'count_over_time(up{job="pagewire"}[1m]) >= 2')
                 if up.get("status") == "success" and len(up["data"]["result"]) == 2:
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):  # 503 text while Prometheus starts
                 pass
             assert time.monotonic() < deadline, "Prometheus never scraped both agents"
             time.sleep(0.5)

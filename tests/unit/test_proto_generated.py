@@ -28,7 +28,7 @@ def test_generated_modules_import_and_match_the_contract() -> None:
     service = pagewire_pb2.DESCRIPTOR.services_by_name["PageService"]
     assert service.full_name == "pagewire.v1.PageService"
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Describe", "Urgent", "Bulk", "UploadWorkingSet"}
+    assert set(methods) == {"Describe", "Urgent", "Bulk", "UploadWorkingSet", "OpenChannel"}
     assert methods["Urgent"].client_streaming and methods["Urgent"].server_streaming
     assert not methods["Bulk"].client_streaming and methods["Bulk"].server_streaming
     assert hasattr(pagewire_pb2_grpc, "PageServiceStub")
