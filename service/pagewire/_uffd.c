@@ -554,6 +554,7 @@ static void queue_request(Engine *e, region_t *r, uint64_t p)
 static int chan_request_locked(Engine *e, region_t *r, uint64_t p);
 static void chan_stop(Engine *e);
 static void chan_free(Engine *e);
+static void chan_start_threads(Engine *e);
 
 /* Decide one fault from current state. Returns 1 if resolved, 0 if it must
  * be retried after events are drained, -1 if it now waits for Python. */
@@ -1141,6 +1142,7 @@ static PyObject *Engine_start(Engine *e, PyObject *unused)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     e->thread_started = 1;
+    chan_start_threads(e);
     Py_RETURN_NONE;
 }
 
@@ -1519,6 +1521,17 @@ static void chan_free(Engine *e)
     e->chan = NULL;
 }
 
+/* The channel's threads run only while the engine does. */
+static void chan_start_threads(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c || c->urx_started)
+        return;
+    c->urx_started = pthread_create(&c->urx, NULL, chan_urgent_thread, e) == 0;
+    if (c->background)
+        c->bulk_started = pthread_create(&c->bulk, NULL, chan_bulk_thread, e) == 0;
+}
+
 static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"host", "port", "token", "chunk_size", "export_size",
@@ -1532,7 +1545,7 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         return NULL;
     PyObject *result = NULL;
     uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
-    if (e->chan || e->state != E_RUNNING || tok.len != 16 || eps == 0 || cs % eps ||
+    if (e->chan || e->state > E_RUNNING || tok.len != 16 || eps == 0 || cs % eps ||
         size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32) {
         PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
         goto out;
@@ -1563,9 +1576,8 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     e->chan = c;
     c->up = 1;
     pthread_mutex_unlock(&e->lock);
-    c->urx_started = pthread_create(&c->urx, NULL, chan_urgent_thread, e) == 0;
-    if (background)
-        c->bulk_started = pthread_create(&c->bulk, NULL, chan_bulk_thread, e) == 0;
+    if (e->state == E_RUNNING)
+        chan_start_threads(e);
     result = Py_None;
     Py_INCREF(result);
 out:
@@ -1940,7 +1952,7 @@ typedef struct {
 
 typedef struct {
     uint8_t token[16];
-    int export_id;
+    int export_id, uses_left; /* one urgent and one bulk connection per session */
 } grant_t;
 
 #define MAX_CONNS 256
@@ -1973,6 +1985,8 @@ static dexport_t *server_export_for(DataServer *s, const uint8_t token[16])
             int id = s->grants[i].export_id;
             if (id >= 0 && id < s->nexports && s->exports[id] && !s->exports[id]->removed)
                 ex = s->exports[id];
+            if (--s->grants[i].uses_left <= 0)
+                s->grants[i] = s->grants[--s->ngrants];
             break;
         }
     pthread_mutex_unlock(&s->lock);
@@ -2256,6 +2270,7 @@ static PyObject *DataServer_grant(DataServer *s, PyObject *args)
     s->grants = realloc(s->grants, (size_t)(s->ngrants + 1) * sizeof *s->grants);
     memcpy(s->grants[s->ngrants].token, tok.buf, 16);
     s->grants[s->ngrants].export_id = id;
+    s->grants[s->ngrants].uses_left = 2;
     s->ngrants++;
     pthread_mutex_unlock(&s->lock);
     PyBuffer_Release(&tok);

@@ -10,7 +10,9 @@ import secrets
 from . import _uffd
 from .exports import Export, ExportStale
 
-TOKEN_TTL_S = 60.0  # a token only has to outlive the connection handshake
+# a token serves one session's two connections, made when its workload attaches; this
+# bounds how long an unused one lives
+TOKEN_TTL_S = 900.0
 
 
 class ChannelServer:

@@ -196,7 +196,21 @@ def _complete_or_broken(body: bytes) -> bool:
     return True
 
 
-def _validate(conn: socket.socket, body: bytes, fds: list[int], limits: Limits) -> Handoff:
+def check_registered(pid: int, regions: list[Region]) -> None:
+    """HandoffError unless every region lies in VMAs registered for missing faults."""
+    missing = unregistered_ranges(pid, regions)
+    if missing and not process_alive(pid):
+        raise HandoffError("workload_exited", "the workload exited during the handoff")
+    if missing:
+        raise HandoffError(
+            "not_registered",
+            f"region at 0x{missing[0].base:x} is not registered with the uffd in missing mode",
+        )
+
+
+def _validate(
+    conn: socket.socket, body: bytes, fds: list[int], limits: Limits, check_registration: bool
+) -> Handoff:
     if len(body) > MAX_BODY:
         raise HandoffError("too_large", f"the layout exceeds {MAX_BODY} bytes")
     if not fds:
@@ -211,14 +225,8 @@ def _validate(conn: socket.socket, body: bytes, fds: list[int], limits: Limits) 
     except LayoutError as exc:
         raise HandoffError(exc.code, str(exc)) from None
     pid, uid, _gid = peer_credentials(conn)
-    missing = unregistered_ranges(pid, regions)
-    if missing and not process_alive(pid):
-        raise HandoffError("workload_exited", "the workload exited during the handoff")
-    if missing:
-        raise HandoffError(
-            "not_registered",
-            f"region at 0x{missing[0].base:x} is not registered with the uffd in missing mode",
-        )
+    if check_registration:
+        check_registered(pid, regions)
     return Handoff(
         uffd=uffd,
         regions=regions,
@@ -231,17 +239,21 @@ def _validate(conn: socket.socket, body: bytes, fds: list[int], limits: Limits) 
     )
 
 
-async def receive_handoff(conn: socket.socket, limits: Limits) -> Handoff:
+async def receive_handoff(
+    conn: socket.socket, limits: Limits, *, check_registration: bool = True
+) -> Handoff:
     """Read one handoff from an accepted connection; HandoffError names any defect.
 
     On success the connection stays open (Firecracker expects it to), owned by the
-    Handoff. On failure it is closed, and a real uffd is unregistered and closed."""
+    Handoff. On failure it is closed, and a real uffd is unregistered and closed.
+    check_registration=False leaves the (slow, smaps) coverage check to the caller, who
+    may run it once the engine is serving, so the first fault does not wait for it."""
     loop = asyncio.get_running_loop()
     conn.setblocking(False)
     body, fds = b"", list[int]()
     try:
         body, fds = await _read_message(loop, conn)
-        return _validate(conn, body, fds, limits)
+        return _validate(conn, body, fds, limits, check_registration)
     except HandoffError:
         if len(fds) == 1 and is_uffd(fds[0]):
             release_bad_uffd(fds[0], body)

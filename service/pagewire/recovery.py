@@ -73,6 +73,12 @@ class _Placeholder:
     def describe(self) -> dict[str, str]:
         return self.source
 
+    async def connect(self) -> None:
+        return None
+
+    def attach(self, engine: _uffd.Engine) -> None:
+        return None
+
     async def start(self, session: Session) -> None:
         return None
 

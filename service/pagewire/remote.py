@@ -66,6 +66,7 @@ class RemoteSource:
         self.rpc_latency = rpc_latency
         self.native = native  # try the native data channel first
         self.on_channel = False
+        self.grant: tuple[int, bytes] | None = None
         self.session: Session | None = None
         self.urgent_stream: UrgentStream | None = None
         self.inflight: set[int] = set()
@@ -91,27 +92,26 @@ class RemoteSource:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def start(self, session: Session) -> None:
-        self.session = session
-        if self.native:
-            self.on_channel = await self._open_channel()
-        if self.prefetch == "working_set" and self.remote.working_set:
-            self._spawn(self._fetch(list(self.remote.working_set), _uffd.PREFETCH))
-        if self.background and not self.on_channel:
-            self._spawn(self._bulk())
-
-    async def _open_channel(self) -> bool:
-        """Demand faults and bulk go over the engine's own TCP channel when the peer
-        offers one; gRPC stays the fallback."""
-        engine = self._engine()
-        if engine is None:
-            return False
+    async def connect(self) -> None:
+        """Before the workload's engine starts: ask the peer for a native data channel."""
+        if not self.native:
+            return
         try:
-            port, token = await self.client.open_channel(self.remote.name)
-            host = self.address.rsplit(":", 1)[0].strip("[]")
-            r = self.remote
-            await asyncio.to_thread(
-                engine.attach_channel,
+            self.grant = await self.client.open_channel(self.remote.name)
+        except PeerError as exc:
+            log.info("native channel not offered: %s", exc, extra=self._log_extra())
+
+    def attach(self, engine: _uffd.Engine) -> None:
+        """Demand faults and bulk go over the engine's own TCP channel when the peer
+        offers one (connected before the engine starts, so no fault goes the slow way);
+        gRPC stays the fallback."""
+        if self.grant is None:
+            return
+        port, token = self.grant
+        host = self.address.rsplit(":", 1)[0].strip("[]")
+        r = self.remote
+        try:
+            engine.attach_channel(
                 host,
                 port,
                 token,
@@ -122,11 +122,18 @@ class RemoteSource:
                 b"".join(r.digests),
                 background=self.background,
             )
-        except (PeerError, OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())
-            return False
+            return
+        self.on_channel = True
         log.info("native data channel open", extra={**self._log_extra(), "port": port})
-        return True
+
+    async def start(self, session: Session) -> None:
+        self.session = session
+        if self.prefetch == "working_set" and self.remote.working_set:
+            self._spawn(self._fetch(list(self.remote.working_set), _uffd.PREFETCH))
+        if self.background and not self.on_channel:
+            self._spawn(self._bulk())
 
     def _channel_lost(self) -> None:
         """The engine dropped its channel and handed its pages back: gRPC takes over."""

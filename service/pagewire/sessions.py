@@ -18,7 +18,15 @@ from typing import Any, Protocol
 from . import _uffd
 from .engine import EngineOptions, Histogram, histogram, open_engine
 from .errors import ApiError
-from .handoff import Handoff, HandoffError, SocketSpec, listen, peer_credentials, receive_handoff
+from .handoff import (
+    Handoff,
+    HandoffError,
+    SocketSpec,
+    check_registered,
+    listen,
+    peer_credentials,
+    receive_handoff,
+)
 from .layout import SYSTEM_PAGE_SIZE, Limits
 from .metrics import Retired
 from .models import ACTIVE_STATES, SessionRequest
@@ -38,6 +46,8 @@ class Source(Protocol):
     local_fd: int  # >= 0 when the engine reads the image itself
 
     def describe(self) -> dict[str, str]: ...
+    async def connect(self) -> None: ...
+    def attach(self, engine: _uffd.Engine) -> None: ...
     async def start(self, session: Session) -> None: ...
     def on_requests(self, session: Session, offsets: list[int]) -> None: ...
     async def stop(self) -> None: ...
@@ -72,6 +82,12 @@ class LocalSource:
 
     def describe(self) -> dict[str, str]:
         return {"path": str(self.path)}
+
+    async def connect(self) -> None:
+        return None
+
+    def attach(self, engine: _uffd.Engine) -> None:
+        return None
 
     async def start(self, session: Session) -> None:
         return None
@@ -240,6 +256,7 @@ class SessionManager:
         if self.remote_factory is None:
             raise ApiError(400, "unsupported_source", "this agent cannot reach peers")
         source: Source = await self.remote_factory(request)
+        await source.connect()  # before attach, so the first fault does not wait for it
         return source
 
     async def create(self, request: SessionRequest) -> Session:
@@ -332,7 +349,7 @@ class SessionManager:
                     log.warning("handoff from uid %d refused", uid, extra={"session": session.id})
                     conn.close()
                     continue
-            return await receive_handoff(conn, limits)
+            return await receive_handoff(conn, limits, check_registration=False)
 
     async def _run(self, session: Session, listener: socket.socket) -> None:
         try:
@@ -343,6 +360,7 @@ class SessionManager:
                 with contextlib.suppress(FileNotFoundError):
                     session.socket_path.unlink()
             self._start_engine(session, handoff)
+            await self._check_registered(session, handoff)
             await session.source.start(session)
             await session.ended.wait()
         except HandoffError as exc:
@@ -354,6 +372,18 @@ class SessionManager:
         except Exception as exc:  # a bug must not leave the workload hanging
             log.exception("session failed", extra={"session": session.id})
             await self.fail(session, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    async def _check_registered(self, session: Session, handoff: Handoff) -> None:
+        """The regions' coverage, checked while the engine already serves the first faults
+        (reading smaps takes milliseconds). A hostile layout ends the session: the listed
+        ranges are unregistered so the workload is never left hanging."""
+        try:
+            await asyncio.to_thread(check_registered, handoff.pid, handoff.regions)
+        except HandoffError:
+            session.closing = True
+            if session.engine is not None:  # unregisters every listed range, then closes
+                await asyncio.to_thread(session.engine.fail, "not_registered", False)
+            raise
 
     def _start_engine(self, session: Session, handoff: Handoff, *, recovered: bool = False) -> None:
         session.handoff = handoff
@@ -382,6 +412,7 @@ class SessionManager:
                 os.close(pidfd)
         os.close(handoff.uffd)  # the engine holds its own copy
         handoff.uffd = -1
+        session.source.attach(session.engine)
         if recovered:
             # pages the workload already holds; REMOVE events the old agent read are gone
             session.engine.reconcile_pagemap(handoff.pid)

@@ -176,3 +176,31 @@ def test_handoff_from_a_uid_not_allowed_is_refused(tmp_path: Path, image) -> Non
         proc.kill()
     finally:
         a.stop()
+
+
+def test_layout_the_uffd_does_not_cover_is_refused(agent: LocalAgent, image) -> None:
+    """A hostile handoff naming a range the uffd does not cover fails its session, and the
+    ranges that were registered are unregistered, so nothing is left hanging."""
+    from pagewire.client import map_regions, send_handoff
+
+    img = image(1 * MiB)
+    s = create(agent, {"source": {"path": str(img)}, "background": False})
+    regions = map_regions([(512 << 10, 0), (512 << 10, 512 << 10)])
+    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
+    _uffd.uffd_register(uffd, regions[0].base, regions[0].size)  # the second is not
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(s["socket"])
+        send_handoff(c, regions, uffd)
+        deadline = time.monotonic() + 10
+        while (status := agent.request("GET", f"/v1/sessions/{s['id']}").json())["state"] in (
+            "awaiting_attach",
+            "running",
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert status["state"] == "failed" and status["error"]["code"] == "not_registered"
+    from pagewire.handoff import unregistered_ranges
+
+    assert unregistered_ranges(os.getpid(), regions[:1]) == regions[:1]  # unregistered
+    assert _uffd.read_memory(regions[0].base, 16) == bytes(16)  # no handler needed any more
+    os.close(uffd)
