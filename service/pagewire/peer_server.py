@@ -7,7 +7,6 @@ Each RPC fails alone: a bad request ends its own call with a status, never the s
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +30,7 @@ from pagewire.exports import (
 )
 from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
 from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
+from pagewire.settings import is_loopback as host_is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,7 @@ def is_loopback(address: str) -> bool:
         host = address[1 : address.find("]")]
     else:
         host = address.rpartition(":")[0] if ":" in address else address
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host_is_loopback(host)
 
 
 def tls_material(

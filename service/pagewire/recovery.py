@@ -16,7 +16,7 @@ from .errors import ApiError
 from .handoff import Handoff, is_uffd, process_start_time
 from .layout import Region
 from .models import ACTIVE_STATES, SessionRequest
-from .sessions import LocalSource, Session, SessionManager
+from .sessions import LocalSource, PassiveSource, Session, SessionManager
 
 log = logging.getLogger("pagewire.recovery")
 
@@ -59,37 +59,14 @@ def load_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
-class _Placeholder:
+class _Placeholder(PassiveSource):
     """The source of a session that cannot be reopened: describes, holds nothing."""
-
-    size = 0
-    zero_map = b""
-    zero_map_page_size = 0
-    local_fd = -1
 
     def __init__(self, source: dict[str, str]) -> None:
         self.source = source
 
     def describe(self) -> dict[str, str]:
         return self.source
-
-    async def connect(self) -> None:
-        return None
-
-    def attach(self, engine: _uffd.Engine) -> None:
-        return None
-
-    async def start(self, session: Session) -> None:
-        return None
-
-    def on_requests(self, session: Session, offsets: list[int]) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    def bytes_received(self) -> int:
-        return 0
 
 
 def _session_from(record: dict[str, Any], request: SessionRequest) -> Session:

@@ -54,7 +54,34 @@ class Source(Protocol):
     def bytes_received(self) -> int: ...
 
 
-class LocalSource:
+class PassiveSource:
+    """A source Python has nothing to do for: every hook is a no-op."""
+
+    size = 0
+    zero_map = b""
+    zero_map_page_size = 0
+    local_fd = -1
+
+    async def connect(self) -> None:
+        return None
+
+    def attach(self, engine: _uffd.Engine) -> None:
+        return None
+
+    async def start(self, session: Session) -> None:
+        return None
+
+    def on_requests(self, session: Session, offsets: list[int]) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def bytes_received(self) -> int:
+        return 0
+
+
+class LocalSource(PassiveSource):
     """A file under an export root: the engine reads it with pread, Python does nothing."""
 
     def __init__(self, path: Path, fd: int, size: int, zero_map: bytes) -> None:
@@ -83,25 +110,10 @@ class LocalSource:
     def describe(self) -> dict[str, str]:
         return {"path": str(self.path)}
 
-    async def connect(self) -> None:
-        return None
-
-    def attach(self, engine: _uffd.Engine) -> None:
-        return None
-
-    async def start(self, session: Session) -> None:
-        return None
-
-    def on_requests(self, session: Session, offsets: list[int]) -> None:
-        return None  # the engine serves every local fault itself
-
     async def stop(self) -> None:
         if self.local_fd >= 0:
             os.close(self.local_fd)
             self.local_fd = -1
-
-    def bytes_received(self) -> int:
-        return 0
 
 
 def resolve_under_roots(path: str, roots: list[Path]) -> Path:
