@@ -282,6 +282,9 @@ typedef struct {
     int nregions;
     region_t *regions;
     int background, window_pages;
+    uint64_t window, window_max; /* fault-around, adapted to the access pattern */
+    int last_region;
+    uint64_t last_page;
     uint64_t batch_bytes;
     uint8_t *buf, *zero_buf;
     size_t buf_size;
@@ -499,15 +502,32 @@ static void wake_page(Engine *e, region_t *r, uint64_t p)
 
 /* Fault-around: install the missing pages of the aligned window holding p,
  * the faulting page's own run first. Returns an INS_* code for page p. */
+/* Fault-around window: doubles while faults run forward (each lands in or just past the
+ * previous window), halves back to the configured size when they jump around. */
+static void adapt_window(Engine *e, int ri, uint64_t p)
+{
+    uint64_t min = (uint64_t)e->window_pages;
+    if (min <= 1)
+        return; /* prefetch "none" */
+    int forward = ri == e->last_region && p >= e->last_page && p - e->last_page <= 2 * e->window;
+    if (forward)
+        e->window = e->window * 2 > e->window_max ? e->window_max : e->window * 2;
+    else
+        e->window = e->window / 2 < min ? min : e->window / 2;
+    e->last_region = ri;
+    e->last_page = p;
+}
+
 static int resolve_local(Engine *e, region_t *r, uint64_t p)
 {
-    uint64_t w = (uint64_t)e->window_pages;
+    uint64_t w = e->window;
     uint64_t max_pages = e->buf_size / r->page_size;
     if (w > max_pages)
         w = max_pages;
     if (w < 1)
         w = 1;
-    uint64_t lo = p - p % w, hi = lo + w;
+    uint64_t align = (uint64_t)e->window_pages;
+    uint64_t lo = p - p % align, hi = lo + w; /* forward from the fault's aligned block */
     if (hi > r->npages)
         hi = r->npages;
     /* the faulting page's run, extended forward over pages of the same kind */
@@ -597,6 +617,7 @@ static int decide_fault(Engine *e, int ri, uint64_t p, uint64_t t0)
         record_fault(e, RES_ZERO, t0);
         return 1;
     }
+    adapt_window(e, ri, p);
     if (e->source_fd >= 0) {
         rc = resolve_local(e, r, p);
         if (rc == INS_AGAIN)
@@ -1064,6 +1085,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     e->sys_page = (uint64_t)sysconf(_SC_PAGESIZE);
     e->background = background;
     e->window_pages = window < 1 ? 1 : (window > 4096 ? 4096 : window);
+    e->window = (uint64_t)e->window_pages;
+    e->last_region = -1;
     e->batch_bytes = batch < e->sys_page ? e->sys_page : batch;
     e->pending.item_size = sizeof(pending_t);
     e->requests.item_size = sizeof(uint64_t);
@@ -1080,6 +1103,9 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
                         : (uint64_t)e->window_pages * e->sys_page;
     if (want > e->buf_size)
         e->buf_size = want;
+    e->window_max = e->buf_size / e->sys_page > 256 ? 256 : e->buf_size / e->sys_page;
+    if (e->window_max < e->window)
+        e->window_max = e->window;
     e->buf = mmap(NULL, e->buf_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     e->zero_buf =
         mmap(NULL, e->buf_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -1277,6 +1303,25 @@ static void chan_down_locked(Engine *e, const char *reason)
     signal_fd(e->notify_fd);
 }
 
+/* Does chunk k still hold a missing data page (in the region of its first page)? */
+static int chunk_missing(Engine *e, struct chan *c, uint64_t k)
+{
+    for (int i = 0; i < e->nregions; i++) {
+        region_t *r = &e->regions[i];
+        uint64_t lo = k * c->chunk_size, hi = lo + c->chunk_size;
+        if (hi <= r->offset || lo >= r->offset + r->size)
+            continue;
+        uint64_t p0 = lo > r->offset ? (lo - r->offset) / r->page_size : 0;
+        uint64_t p1 = (hi - r->offset) / r->page_size;
+        if (p1 > r->npages)
+            p1 = r->npages;
+        for (uint64_t p = p0; p < p1; p++)
+            if ((r->state[p] & ST_MASK) == ST_MISSING && !page_is_zero_src(r, p))
+                return 1;
+    }
+    return 0;
+}
+
 static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
 {
     struct chan *c = e->chan;
@@ -1285,19 +1330,26 @@ static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
     if (chunk >= c->nchunks)
         return 0;
-    if (c->asked[chunk])
+    /* the fault's chunk, and while faults run forward, the chunks the window reaches */
+    uint64_t ahead = e->window * r->page_size / c->chunk_size;
+    uint64_t idx[9];
+    uint32_t n = 0;
+    for (uint64_t k = chunk; k < c->nchunks && k <= chunk + (ahead > 8 ? 8 : ahead); k++)
+        if (!c->asked[k] && (k == chunk || chunk_missing(e, c, k)))
+            idx[n++] = k;
+    if (n == 0)
         return 1;
-    struct {
-        uint32_t count, zero;
-        uint64_t index;
-    } req = {1, 0, chunk};
-    if (write_full(c->urgent_fd, &req, sizeof req) < 0) {
+    uint32_t head[2] = {n, 0};
+    if (write_full(c->urgent_fd, head, sizeof head) < 0 ||
+        write_full(c->urgent_fd, idx, n * 8) < 0) {
         chan_down_locked(e, "urgent request failed");
         return 0;
     }
-    if (c->outstanding++ == 0)
+    if (c->outstanding == 0)
         c->last_answer_ns = now_ns();
-    c->asked[chunk] = 1;
+    c->outstanding += n;
+    for (uint32_t i = 0; i < n; i++)
+        c->asked[idx[i]] = 1;
     return 1;
 }
 
@@ -1684,6 +1736,7 @@ static PyObject *Engine_stats(Engine *e, PyObject *unused)
     STAT("events_fork", e->ev_fork);
     STAT("copy_eagain", e->copy_eagain);
     STAT("faults_unknown", e->faults_unknown);
+    STAT("window_pages", e->window);
     STAT("pages_eexist", e->pages_eexist);
     STAT("channel_up", e->chan ? (uint64_t)e->chan->up : 0);
     STAT("channel_bytes_received", e->chan ? e->chan->bytes_received : 0);
