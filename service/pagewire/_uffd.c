@@ -1877,9 +1877,10 @@ static PyObject *Engine_wanted_chunks(Engine *e, PyObject *args)
         for (uint64_t p = 0; p < r->npages; p++) {
             int st = r->state[p] & ST_MASK;
             if ((st == ST_MISSING || st == ST_REQUESTED) && !page_is_zero_src(r, p)) {
-                uint64_t c = (r->offset + p * r->page_size) / chunk;
-                if (c < nchunks)
-                    bits[c / 8] |= (uint8_t)(1u << (c % 8));
+                uint64_t off = r->offset + p * r->page_size; /* a huge page spans chunks */
+                for (uint64_t c = off / chunk; c <= (off + r->page_size - 1) / chunk; c++)
+                    if (c < nchunks)
+                        bits[c / 8] |= (uint8_t)(1u << (c % 8));
             }
         }
     }

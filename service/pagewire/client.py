@@ -96,6 +96,8 @@ def attach(
             raise ValueError("give size or layout")
         layout = [(size, 0)]
     regions = map_regions(layout, page_size)
+    if page_size != SYSTEM_PAGE_SIZE:
+        features |= _uffd.FEATURE_MISSING_HUGETLBFS
     uffd = _uffd.uffd_create(features)
     try:
         for r in regions:

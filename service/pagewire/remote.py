@@ -67,6 +67,9 @@ class RemoteSource:
         self.native = native  # try the native data channel first
         self.on_channel = False
         self.grant: tuple[int, bytes] | None = None
+        # what one install covers: a chunk, or a whole huge page gathered from its chunks
+        self.unit_chunks = 1
+        self.assembling: dict[int, dict[int, bytes]] = {}
         self.session: Session | None = None
         self.urgent_stream: UrgentStream | None = None
         self.inflight: set[int] = set()
@@ -101,11 +104,15 @@ class RemoteSource:
         except PeerError as exc:
             log.info("native channel not offered: %s", exc, extra=self._log_extra())
 
-    def attach(self, engine: _uffd.Engine) -> None:
+    def attach(self, session: Session) -> None:
         """Demand faults and bulk go over the engine's own TCP channel when the peer
         offers one (connected before the engine starts, so no fault goes the slow way);
-        gRPC stays the fallback."""
-        if self.grant is None:
+        gRPC stays the fallback. Huge pages larger than a chunk are gathered in Python."""
+        regions = session.handoff.regions if session.handoff else []
+        page = max((r.page_size for r in regions), default=0)
+        self.unit_chunks = max(1, page // self.remote.chunk_size)
+        engine = session.engine
+        if self.grant is None or self.unit_chunks > 1 or engine is None:
             return
         port, token = self.grant
         host = self.address.rsplit(":", 1)[0].strip("[]")
@@ -149,7 +156,10 @@ class RemoteSource:
     def on_requests(self, session: Session, offsets: list[int]) -> None:
         if self.on_channel:
             self._channel_lost()
-        chunks = sorted({off // self.remote.chunk_size for off in offsets} - self.inflight)
+        chunks = sorted(
+            {c for off in offsets for c in self._unit(off // self.remote.chunk_size)}
+            - self.inflight
+        )
         if chunks:
             self.inflight.update(chunks)
             self._spawn(self._fetch(chunks, _uffd.FAULT))
@@ -159,11 +169,29 @@ class RemoteSource:
     def _engine(self) -> _uffd.Engine | None:
         return self.session.engine if self.session is not None else None
 
+    def _unit(self, index: int) -> range:
+        first = index - index % self.unit_chunks
+        return range(first, min(first + self.unit_chunks, self.remote.chunks))
+
     def _install(self, index: int, chunk: bytes, kind: int) -> bool:
+        """Install a verified chunk, or hold it until its huge page is whole."""
         engine = self._engine()
         if engine is None or engine.state != "running":
             return False
-        engine.install(index * self.remote.chunk_size, chunk, kind)
+        if self.unit_chunks == 1:
+            engine.install(index * self.remote.chunk_size, chunk, kind)
+            return True
+        unit = self._unit(index)
+        parts = self.assembling.setdefault(unit.start, {})
+        parts[index] = chunk
+        for c in unit:  # chunks that are all zero never come: their bytes are known
+            if c not in parts and self.remote.chunk_is_zero(c):
+                parts[c] = bytes(self.remote.chunk_len(c))
+        if len(parts) == len(unit):
+            del self.assembling[unit.start]
+            engine.install(
+                unit.start * self.remote.chunk_size, b"".join(parts[c] for c in unit), kind
+            )
         return True
 
     # ---- urgent lane ----------------------------------------------------

@@ -47,7 +47,7 @@ class Source(Protocol):
 
     def describe(self) -> dict[str, str]: ...
     async def connect(self) -> None: ...
-    def attach(self, engine: _uffd.Engine) -> None: ...
+    def attach(self, session: Session) -> None: ...
     async def start(self, session: Session) -> None: ...
     def on_requests(self, session: Session, offsets: list[int]) -> None: ...
     async def stop(self) -> None: ...
@@ -65,7 +65,7 @@ class PassiveSource:
     async def connect(self) -> None:
         return None
 
-    def attach(self, engine: _uffd.Engine) -> None:
+    def attach(self, session: Session) -> None:
         return None
 
     async def start(self, session: Session) -> None:
@@ -424,7 +424,7 @@ class SessionManager:
                 os.close(pidfd)
         os.close(handoff.uffd)  # the engine holds its own copy
         handoff.uffd = -1
-        session.source.attach(session.engine)
+        session.source.attach(session)
         if recovered:
             # pages the workload already holds; REMOVE events the old agent read are gone
             session.engine.reconcile_pagemap(handoff.pid)

@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", required=True)
     p.add_argument("--size", type=lambda s: int(s, 0))
     p.add_argument("--layout", help="size:offset,... (one region each)")
+    p.add_argument(
+        "--page-size",
+        type=lambda s: int(s, 0),
+        default=None,
+        help="region page size (2097152 maps 2 MiB hugetlb pages)",
+    )
     p.add_argument("--order", choices=["random", "sequential", "none"], default="random")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
@@ -97,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--go-file", help="wait for this file before touching the second half")
     a = p.parse_args(argv)
     layout = parse_pairs(a.layout) if a.layout else None
-    att = attach(a.socket, a.size, layout=layout)
+    att = attach(
+        a.socket, a.size, layout=layout, **({"page_size": a.page_size} if a.page_size else {})
+    )
     base, page_size = att.regions[0].base, att.regions[0].page_size
     pages = att.regions[0].size // page_size
     order = touch_order(pages, a.order, a.seed)

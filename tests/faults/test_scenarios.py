@@ -99,9 +99,11 @@ class Watch:
             assert time.monotonic() < deadline, self.samples[-3:]
             time.sleep(0.02)
 
-    def first_after(self, t0: float, states: tuple[str, ...]) -> float | None:
-        for t, state, _ in self.samples:
-            if t >= t0 and state in states:
+    def progress_after(self, t0: float) -> float | None:
+        """Seconds from t0 until pages arrive again (or the session completes)."""
+        before = max((n for t, _, n in self.samples if t <= t0), default=-1)
+        for t, state, n in self.samples:
+            if t >= t0 and (n > before or state == "completed"):
                 return t - t0
         return None
 
@@ -181,7 +183,7 @@ def scenario(
     fault_end = inject(p, run, export["pages"])
     report, hung = finish(run)
     status = final_state(p, run)
-    recover = run.watch.first_after(fault_end, ("running", "completed")) if fault_end else None
+    recover = run.watch.progress_after(fault_end) if fault_end else None
     wrong = verdict(report)
     record(
         name,

@@ -1,0 +1,100 @@
+"""2 MiB hugetlbfs regions (Firecracker's "huge_pages": "2M"): whole huge pages installed,
+zero huge pages by COPY from a zeroed huge page, REMOVE at that size; local and remote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pagewire.localagents import LocalAgent
+
+from tests.conftest import need
+from tests.peers import publish, restore, start_pair, stop_pair
+
+pytestmark = pytest.mark.usefixtures("require_uffd")
+MiB = 1 << 20
+HUGE = 2 * MiB
+NR = Path("/proc/sys/vm/nr_hugepages")
+
+
+@pytest.fixture
+def huge_pages() -> Iterator[None]:
+    """Reserve 2 MiB huge pages for the test, and give them back afterwards."""
+    need(
+        NR.exists() and Path("/sys/kernel/mm/hugepages/hugepages-2048kB").exists(),
+        "the kernel offers no 2 MiB huge pages",
+    )
+    before = int(NR.read_text())
+    try:
+        NR.write_text(str(before + 96))
+    except OSError:
+        need(False, "reserving huge pages needs root (/proc/sys/vm/nr_hugepages)")
+    need(int(NR.read_text()) >= before + 64, "the kernel could not reserve 64 huge pages")
+    yield
+    NR.write_text(str(before))
+
+
+def huge_image(image, size: int) -> Path:  # type: ignore[no-untyped-def]
+    """An image with whole zero huge pages in it as well as data."""
+    img: Path = image(size, seed=11)
+    with open(img, "r+b") as f:
+        f.seek(4 * HUGE)
+        f.write(bytes(2 * HUGE))  # two zero huge pages
+    return img
+
+
+def run(sock: str, size: int, img: Path, *args: str) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pagewire.workload",
+        "--socket",
+        sock,
+        "--size",
+        str(size),
+        "--page-size",
+        str(HUGE),
+        "--verify",
+        str(img),
+        *args,
+    ]
+    out = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    result: dict = json.loads(out.stdout.decode().splitlines()[-1])
+    return result
+
+
+@pytest.mark.usefixtures("huge_pages")
+def test_local_restore_of_huge_pages(tmp_path: Path, image) -> None:
+    size = 32 * MiB
+    img = huge_image(image, size)
+    agent = LocalAgent(tmp_path, "agent", [img.parent]).start()
+    try:
+        s = agent.request("POST", "/v1/sessions", json={"source": {"path": str(img)}}).json()
+        seen = run(s["socket"], size, img, "--threads", "2", "--remove", f"{6 * HUGE}:{HUGE}")
+        assert seen["verified"], seen
+        status = agent.request("GET", f"/v1/sessions/{s['id']}").json()
+        assert status["page_size"] == HUGE
+        assert status["pages_total"] == size // HUGE
+        assert status["pages_zero"] >= 2
+    finally:
+        agent.stop()
+
+
+@pytest.mark.usefixtures("huge_pages")
+def test_remote_restore_of_huge_pages(tmp_path: Path, image) -> None:
+    size = 32 * MiB
+    img = huge_image(image, size)
+    p = start_pair(tmp_path)
+    try:
+        publish(p, img)
+        seen, status = restore(p, img, "--page-size", str(HUGE), "--threads", "2")
+        assert seen["verified"], seen
+        assert status["state"] == "completed" and status["page_size"] == HUGE
+        assert status["transport"] == "grpc"  # huge pages are gathered from chunks in Python
+    finally:
+        stop_pair(p)
