@@ -138,6 +138,7 @@ static uint64_t now_ns(void)
 #define CHAN_STALE 1
 #define CHAN_RANGE 2
 #define CHAN_DENIED 3
+#define CHAN_ZSTD (1u << 16) /* answer flag: data is zstd; hello kind flag: please compress */
 
 typedef unsigned char *(*sha256_fn_t)(const unsigned char *, size_t, unsigned char *);
 static sha256_fn_t libcrypto_sha256;
@@ -215,6 +216,38 @@ static void load_libcrypto(void)
         if (h)
             libcrypto_sha256 = (sha256_fn_t)dlsym(h, "SHA256");
     }
+}
+
+/* zstd, loaded at run time like libcrypto: wire compression is optional */
+typedef size_t (*zstd_compress_t)(void *, size_t, const void *, size_t, int);
+typedef size_t (*zstd_decompress_t)(void *, size_t, const void *, size_t);
+typedef unsigned (*zstd_is_error_t)(size_t);
+static zstd_compress_t zstd_compress_fn;
+static zstd_decompress_t zstd_decompress_fn;
+static zstd_is_error_t zstd_is_error_fn;
+
+static void load_libzstd(void)
+{
+    void *h = dlopen("libzstd.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!h)
+        return;
+    zstd_compress_fn = (zstd_compress_t)dlsym(h, "ZSTD_compress");
+    zstd_decompress_fn = (zstd_decompress_t)dlsym(h, "ZSTD_decompress");
+    zstd_is_error_fn = (zstd_is_error_t)dlsym(h, "ZSTD_isError");
+    if (!zstd_compress_fn || !zstd_decompress_fn || !zstd_is_error_fn)
+        zstd_compress_fn = NULL;
+}
+
+static int64_t zstd_pack(uint8_t *dst, size_t cap, const uint8_t *src, size_t len)
+{
+    size_t n = zstd_compress_fn(dst, cap, src, len, 1);
+    return zstd_is_error_fn(n) ? -1 : (int64_t)n;
+}
+
+static int64_t zstd_unpack(uint8_t *dst, size_t cap, const uint8_t *src, size_t len)
+{
+    size_t n = zstd_decompress_fn(dst, cap, src, len);
+    return zstd_is_error_fn(n) ? -1 : (int64_t)n;
 }
 
 static int read_full(int fd, void *buf, size_t len)
@@ -1224,14 +1257,14 @@ static uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data
 /* ---- native data channel: the destination's side, inside the engine -------- */
 
 struct chan {
-    int urgent_fd, bulk_fd, up, background;
+    int urgent_fd, bulk_fd, up, background, compress;
     uint64_t chunk_size, export_size, export_ps, nchunks;
     uint8_t *zmap, *digests, *asked;
     uint32_t outstanding;
     uint64_t last_answer_ns;
     pthread_t urx, bulk;
     int urx_started, bulk_started;
-    uint64_t bytes_received, digest_failures, chunks_urgent, chunks_bulk;
+    uint64_t bytes_received, digest_failures, chunks_urgent, chunks_bulk, bytes_raw;
     char down_reason[96];
 };
 
@@ -1253,7 +1286,7 @@ static int chan_connect(const char *host, int port, const uint8_t token[16], uin
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (kind == 2)
+        if ((kind & 0xff) == 2)
             setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
     }
     if (fd < 0 || connect(fd, res->ai_addr, res->ai_addrlen) < 0) {
@@ -1362,7 +1395,9 @@ static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage
         *why = "connection lost";
         return -1;
     }
-    if (a.status != CHAN_OK || a.index >= c->nchunks) {
+    int zstd = (a.status & CHAN_ZSTD) != 0;
+    a.status &= 0xffff;
+    if (a.status != CHAN_OK || a.index >= c->nchunks || (zstd && !c->compress)) {
         *why = a.status == CHAN_STALE ? "export stale" : "refused or out of range";
         return -1;
     }
@@ -1372,10 +1407,18 @@ static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage
     for (uint64_t p = first; p < last; p++)
         expect += c->zmap[p] ? 0 : c->export_ps;
     int whole = expect == (last - first) * c->export_ps; /* no zero page: read in place */
-    if (a.data_len != expect || read_full(fd, whole ? buf : stage, a.data_len) < 0) {
+    if (zstd) {
+        uint8_t *packed = buf + c->chunk_size; /* buf has room for one packed chunk */
+        if (a.data_len > c->chunk_size + 4096 || read_full(fd, packed, a.data_len) < 0 ||
+            zstd_unpack(whole ? buf : stage, expect, packed, a.data_len) != (int64_t)expect) {
+            *why = "bad compressed chunk";
+            return -1;
+        }
+    } else if (a.data_len != expect || read_full(fd, whole ? buf : stage, a.data_len) < 0) {
         *why = a.data_len != expect ? "wrong chunk size" : "connection lost";
         return -1;
     }
+    __atomic_add_fetch(&c->bytes_raw, expect, __ATOMIC_RELAXED);
     uint64_t used = 0;
     for (uint64_t p = first; p < last && !whole; p++) {
         uint8_t *dst = buf + (p - first) * c->export_ps;
@@ -1425,7 +1468,7 @@ static void *chan_urgent_thread(void *arg)
 {
     Engine *e = arg;
     struct chan *c = e->chan;
-    uint8_t *buf = malloc(c->chunk_size), *stage = malloc(c->chunk_size);
+    uint8_t *buf = malloc(2 * c->chunk_size + 4096), *stage = malloc(c->chunk_size);
     while (buf && stage && __atomic_load_n(&c->up, __ATOMIC_ACQUIRE) &&
            e->state == E_RUNNING) {
         struct pollfd pfd = {c->urgent_fd, POLLIN, 0};
@@ -1498,7 +1541,7 @@ static void *chan_bulk_thread(void *arg)
     struct chan *c = e->chan;
     size_t cap = c->nchunks ? c->nchunks : 1;
     uint64_t *want = malloc(cap * sizeof(uint64_t));
-    uint8_t *buf = malloc(c->chunk_size), *stage = malloc(c->chunk_size);
+    uint8_t *buf = malloc(2 * c->chunk_size + 4096), *stage = malloc(c->chunk_size);
     const char *why = NULL;
     while (want && buf && stage && c->up && e->state == E_RUNNING && !why) {
         size_t n = chan_wanted(e, want, cap);
@@ -1586,14 +1629,15 @@ static void chan_start_threads(Engine *e)
 
 static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"host", "port", "token", "chunk_size", "export_size",
-                             "export_page_size", "zero_map", "digests", "background", NULL};
+    static char *kwlist[] = {"host",     "port",    "token",      "chunk_size",  "export_size",
+                             "export_page_size", "zero_map", "digests", "background",
+                             "compression", NULL};
     const char *host;
-    int port, background = 1;
+    int port, background = 1, compression = 0;
     Py_buffer tok, zm, dg;
     unsigned long long cs, size, eps;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|p", kwlist, &host, &port, &tok, &cs,
-                                     &size, &eps, &zm, &dg, &background))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|pp", kwlist, &host, &port, &tok, &cs,
+                                     &size, &eps, &zm, &dg, &background, &compression))
         return NULL;
     PyObject *result = NULL;
     uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
@@ -1605,9 +1649,10 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     int ufd, bfd = -1;
     uint8_t token[16];
     memcpy(token, tok.buf, 16);
-    Py_BEGIN_ALLOW_THREADS ufd = chan_connect(host, port, token, 1);
+    uint32_t zflag = compression && zstd_compress_fn ? CHAN_ZSTD : 0;
+    Py_BEGIN_ALLOW_THREADS ufd = chan_connect(host, port, token, 1 | zflag);
     if (ufd >= 0 && background)
-        bfd = chan_connect(host, port, token, 2);
+        bfd = chan_connect(host, port, token, 2 | zflag);
     Py_END_ALLOW_THREADS if (ufd < 0 || (background && bfd < 0))
     {
         if (ufd >= 0)
@@ -1617,7 +1662,7 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         goto out;
     }
     struct chan *c = calloc(1, sizeof *c);
-    c->urgent_fd = ufd, c->bulk_fd = bfd, c->background = background;
+    c->urgent_fd = ufd, c->bulk_fd = bfd, c->background = background, c->compress = zflag != 0;
     c->chunk_size = cs, c->export_size = size, c->export_ps = eps, c->nchunks = nchunks;
     c->zmap = malloc((size_t)zm.len + 1);
     memcpy(c->zmap, zm.buf, (size_t)zm.len);
@@ -1741,6 +1786,7 @@ static PyObject *Engine_stats(Engine *e, PyObject *unused)
     STAT("channel_up", e->chan ? (uint64_t)e->chan->up : 0);
     STAT("channel_bytes_received", e->chan ? e->chan->bytes_received : 0);
     STAT("channel_digest_failures", e->chan ? e->chan->digest_failures : 0);
+    STAT("channel_bytes_raw", e->chan ? e->chan->bytes_raw : 0);
     pthread_mutex_unlock(&e->lock);
     return d;
 }
@@ -2057,8 +2103,35 @@ static int export_unchanged(dexport_t *ex)
     return !ex->stale;
 }
 
-/* Send one chunk's non-zero pages straight from the page cache (sendfile). */
-static int send_chunk(DataServer *s, int fd, dexport_t *ex, uint64_t index)
+static int send_answer(int fd, chan_answer_t *a, const uint8_t *data)
+{
+    return write_full(fd, a, sizeof *a) < 0 || write_full(fd, data, a->data_len) < 0 ? -1 : 0;
+}
+
+/* The chunk's non-zero pages, read into buf; returns their length or -1. */
+static int64_t read_data_pages(dexport_t *ex, uint64_t first, uint64_t last, uint8_t *buf)
+{
+    uint64_t used = 0;
+    for (uint64_t p = first; p < last; p++) {
+        if (ex->zero_map[p])
+            continue;
+        uint64_t got = 0;
+        while (got < ex->page_size) {
+            ssize_t n = pread(ex->fd, buf + used + got, ex->page_size - got,
+                              (off_t)(p * ex->page_size + got));
+            if (n <= 0)
+                return -1;
+            got += (uint64_t)n;
+        }
+        used += ex->page_size;
+    }
+    return (int64_t)used;
+}
+
+/* One chunk's non-zero pages: zstd-compressed when asked for and it pays, otherwise
+ * straight from the page cache with sendfile. */
+static int send_chunk(DataServer *s, int fd, dexport_t *ex, uint64_t index, uint8_t *raw,
+                      uint8_t *packed)
 {
     chan_answer_t a = {index, 0, CHAN_OK};
     if (index >= ex->nchunks)
@@ -2071,27 +2144,40 @@ static int send_chunk(DataServer *s, int fd, dexport_t *ex, uint64_t index)
     uint64_t last = first + per < ex->npages ? first + per : ex->npages;
     for (uint64_t p = first; p < last; p++)
         a.data_len += ex->zero_map[p] ? 0 : (uint32_t)ex->page_size;
-    if (write_full(fd, &a, sizeof a) < 0)
-        return -1;
-    for (uint64_t p = first; p < last;) {
-        if (ex->zero_map[p]) {
-            p++;
-            continue;
-        }
-        uint64_t q = p;
-        while (q < last && !ex->zero_map[q])
-            q++;
-        off_t off = (off_t)(p * ex->page_size);
-        size_t left = (size_t)((q - p) * ex->page_size);
-        while (left) {
-            ssize_t n = sendfile(fd, ex->fd, &off, left);
-            if (n < 0 && errno == EINTR)
+    uint32_t raw_len = a.data_len;
+    if (packed && raw_len) {
+        int64_t n = read_data_pages(ex, first, last, raw);
+        if (n != raw_len)
+            return -1;
+        int64_t z = zstd_pack(packed, ex->chunk_size + 4096, raw, raw_len);
+        int pays = z > 0 && (uint64_t)z < (uint64_t)raw_len * 7 / 8;
+        a.data_len = pays ? (uint32_t)z : raw_len;
+        a.status |= pays ? CHAN_ZSTD : 0;
+        if (send_answer(fd, &a, pays ? packed : raw) < 0)
+            return -1;
+    } else {
+        if (write_full(fd, &a, sizeof a) < 0)
+            return -1;
+        for (uint64_t p = first; p < last;) {
+            if (ex->zero_map[p]) {
+                p++;
                 continue;
-            if (n <= 0)
-                return -1;
-            left -= (size_t)n;
+            }
+            uint64_t q = p;
+            while (q < last && !ex->zero_map[q])
+                q++;
+            off_t off = (off_t)(p * ex->page_size);
+            size_t left = (size_t)((q - p) * ex->page_size);
+            while (left) {
+                ssize_t n = sendfile(fd, ex->fd, &off, left);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0)
+                    return -1;
+                left -= (size_t)n;
+            }
+            p = q;
         }
-        p = q;
     }
     __atomic_add_fetch(&s->bytes_sent, a.data_len, __ATOMIC_RELAXED);
     __atomic_add_fetch(&s->chunks_sent, 1, __ATOMIC_RELAXED);
@@ -2120,9 +2206,14 @@ static void *conn_thread(void *arg)
         reply.status = CHAN_DENIED;
         __atomic_add_fetch(&s->refused, 1, __ATOMIC_RELAXED);
     }
+    uint8_t *raw = NULL, *packed = NULL;
+    if (ex && (hello.kind & CHAN_ZSTD) && zstd_compress_fn) {
+        raw = malloc(ex->chunk_size);
+        packed = malloc(ex->chunk_size + 4096);
+    }
     if (write_full(c->fd, &reply, sizeof reply) == 0 && ex) {
         int one = 1;
-        if (hello.kind == 2)
+        if ((hello.kind & 0xff) == 2)
             setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
         setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         for (;;) {
@@ -2132,12 +2223,14 @@ static void *conn_thread(void *arg)
                 break;
             int rc = 0;
             for (uint32_t i = 0; i < head[0] && rc == 0; i++)
-                rc = send_chunk(s, c->fd, ex, idx[i]);
+                rc = send_chunk(s, c->fd, ex, idx[i], raw, packed);
             if (rc != 0)
                 break; /* a refusal answer was sent, or the peer went away */
         }
     }
     free(idx);
+    free(raw);
+    free(packed);
     shutdown(c->fd, SHUT_RDWR);
     __atomic_store_n(&c->active, 2, __ATOMIC_RELEASE); /* finished, waiting to be joined */
     return NULL;
@@ -2711,7 +2804,67 @@ static PyObject *mod_sha256_portable(PyObject *m, PyObject *arg)
     return PyBytes_FromStringAndSize((const char *)d, 32);
 }
 
+static PyObject *mod_zstd_compress(PyObject *m, PyObject *args)
+{
+    Py_buffer b;
+    int level = 1;
+    if (!PyArg_ParseTuple(args, "y*|i", &b, &level))
+        return NULL;
+    if (!zstd_compress_fn) {
+        PyBuffer_Release(&b);
+        return PyErr_Format(PyExc_RuntimeError, "libzstd is not available");
+    }
+    size_t cap = (size_t)b.len + (size_t)b.len / 128 + 1024;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
+    size_t n = 0;
+    if (out) {
+        char *dst = PyBytes_AS_STRING(out);
+        Py_BEGIN_ALLOW_THREADS n = zstd_compress_fn(dst, cap, b.buf, (size_t)b.len, level);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&b);
+    if (out && (zstd_is_error_fn(n) || _PyBytes_Resize(&out, (Py_ssize_t)n) < 0)) {
+        Py_XDECREF(out);
+        return PyErr_Format(PyExc_ValueError, "zstd compression failed");
+    }
+    return out;
+}
+
+static PyObject *mod_zstd_decompress(PyObject *m, PyObject *args)
+{
+    Py_buffer b;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "y*n", &b, &size))
+        return NULL;
+    if (!zstd_compress_fn || size < 0 || size > (1 << 30)) {
+        PyBuffer_Release(&b);
+        return PyErr_Format(PyExc_ValueError, "cannot decompress (libzstd missing or bad size)");
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    int64_t n = -1;
+    if (out) {
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+        Py_BEGIN_ALLOW_THREADS n = zstd_unpack(dst, (size_t)size, b.buf, (size_t)b.len);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&b);
+    if (out && n != size) {
+        Py_DECREF(out);
+        return PyErr_Format(PyExc_ValueError, "corrupt zstd data or wrong size");
+    }
+    return out;
+}
+
+static PyObject *mod_zstd_available(PyObject *m, PyObject *unused)
+{
+    return PyBool_FromLong(zstd_compress_fn != NULL);
+}
+
 static PyMethodDef module_methods[] = {
+    {"zstd_compress", mod_zstd_compress, METH_VARARGS, "zstd-compress bytes (GIL released)."},
+    {"zstd_decompress", mod_zstd_decompress, METH_VARARGS,
+     "zstd-decompress to exactly size bytes (GIL released)."},
+    {"zstd_available", mod_zstd_available, METH_NOARGS, "Whether libzstd could be loaded."},
     {"sha256", mod_sha256, METH_O, "SHA-256 as the native channel computes it."},
     {"sha256_portable", mod_sha256_portable, METH_O, "The built-in SHA-256 fallback."},
     {"uffd_create", (PyCFunction)(void (*)(void))mod_uffd_create, METH_VARARGS | METH_KEYWORDS,
@@ -2755,6 +2908,7 @@ PyMODINIT_FUNC PyInit__uffd(void)
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&DataServerType) < 0)
         return NULL;
     load_libcrypto();
+    load_libzstd();
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
         return NULL;

@@ -63,6 +63,7 @@ class SessionRequest(Strict):
     prefetch: Literal["around", "none", "working_set"] = "around"
     background: bool = True
     on_source_lost: Literal["wait", "sigbus"] = "wait"
+    compression: Literal["none", "zstd"] = "none"
     pause_timeout_s: float = Field(default=30.0, gt=0, le=86400)
     attach_timeout_s: float = Field(default=60.0, gt=0, le=86400)
     socket: SocketOptions | None = None

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pagewire import _uffd
 from pagewire.exports import unpack_bits
 from pagewire.peer_server import (
     COMMON_OPTIONS,
@@ -128,6 +129,22 @@ class RemoteExport:
             generation=desc.generation,
             working_set=list(desc.working_set),
         )
+
+
+def decode_chunk(remote: RemoteExport, chunk: Any, compression: str) -> bytes:
+    """A chunk message's data pages, decompressed if the peer compressed them."""
+    if not chunk.encoding:
+        return bytes(chunk.data)
+    if chunk.encoding != "zstd" or compression != "zstd":
+        raise PeerIntegrityError(f"chunk {chunk.index}: unexpected encoding {chunk.encoding!r}")
+    if not 0 <= chunk.index < remote.chunks:
+        raise PeerIntegrityError(f"chunk index {chunk.index} out of range")
+    first, last = remote.chunk_pages(chunk.index)
+    expected = remote.zero_map[first:last].count(0) * remote.page_size
+    try:
+        return _uffd.zstd_decompress(chunk.data, expected)
+    except ValueError as exc:
+        raise PeerIntegrityError(f"chunk {chunk.index}: {exc}") from None
 
 
 def rebuild_chunk(remote: RemoteExport, index: int, data: bytes) -> bytes:
@@ -303,15 +320,17 @@ class PeerClient:
 
     # --- streams ---
 
-    def urgent(self, remote: RemoteExport) -> UrgentStream:
+    def urgent(self, remote: RemoteExport, compression: str = "") -> UrgentStream:
         """Open an urgent stream for one session (call from the event loop)."""
-        return UrgentStream(self, remote)
+        return UrgentStream(self, remote, compression)
 
     async def bulk(
-        self, remote: RemoteExport, want: bytes, max_batch_bytes: int = 0
+        self, remote: RemoteExport, want: bytes, max_batch_bytes: int = 0, compression: str = ""
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Yield (index, full chunk) for the wanted non-zero chunks, in index order."""
-        request = pb.BulkRequest(export=remote.name, want=want, max_batch_bytes=max_batch_bytes)
+        request = pb.BulkRequest(
+            export=remote.name, want=want, max_batch_bytes=max_batch_bytes, compression=compression
+        )
         self._stream_opened()
         call = self.stub.Bulk(request)
         last = -1
@@ -322,7 +341,7 @@ class PeerClient:
                     self._check_bulk_index(remote, want, last, chunk.index)
                     last = chunk.index
                     self.bytes_received += len(chunk.data)
-                    received.append((chunk.index, chunk.data))
+                    received.append((chunk.index, decode_chunk(remote, chunk, compression)))
                 for item in await _rebuild_batch(remote, received):
                     yield item
         except grpc.aio.AioRpcError as exc:
@@ -353,9 +372,10 @@ class _Pending:
 class UrgentStream:
     """One bidirectional Urgent call; many fetches may be outstanding at once."""
 
-    def __init__(self, client: PeerClient, remote: RemoteExport) -> None:
+    def __init__(self, client: PeerClient, remote: RemoteExport, compression: str = "") -> None:
         self.client = client
         self.remote = remote
+        self.compression = compression
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._write_lock = asyncio.Lock()
@@ -390,7 +410,12 @@ class UrgentStream:
         request_id = next(self._ids)
         future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = _Pending(chunks, future, time.monotonic())
-        request = pb.ChunkRequest(export=self.remote.name, request_id=request_id, chunks=chunks)
+        request = pb.ChunkRequest(
+            export=self.remote.name,
+            request_id=request_id,
+            chunks=chunks,
+            compression=self.compression,
+        )
         try:
             async with self._write_lock:
                 await self._call.write(request)
@@ -421,8 +446,8 @@ class UrgentStream:
         pending = self._pending.get(batch.request_id)
         if pending is None:
             raise PeerIntegrityError(f"answer to unknown request {batch.request_id}")
-        received = [(c.index, c.data) for c in batch.chunks]
-        self.client.bytes_received += sum(len(d) for _, d in received)
+        received = [(c.index, decode_chunk(self.remote, c, self.compression)) for c in batch.chunks]
+        self.client.bytes_received += sum(len(c.data) for c in batch.chunks)  # wire bytes
         if sorted(i for i, _ in received) != sorted(pending.chunks):
             raise PeerIntegrityError(
                 f"request {batch.request_id}: got chunks {[i for i, _ in received]}, "

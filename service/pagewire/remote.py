@@ -50,6 +50,7 @@ class RemoteSource:
         fail: FailCallback,
         rpc_latency: Any = None,
         native: bool = False,
+        compression: str = "none",
     ) -> None:
         self.client = client
         self.remote = remote
@@ -65,6 +66,7 @@ class RemoteSource:
         self.fail = fail
         self.rpc_latency = rpc_latency
         self.native = native  # try the native data channel first
+        self.compression = "" if compression == "none" else compression
         self.on_channel = False
         self.grant: tuple[int, bytes] | None = None
         # what one install covers: a chunk, or a whole huge page gathered from its chunks
@@ -128,6 +130,7 @@ class RemoteSource:
                 r.zero_map,
                 b"".join(r.digests),
                 background=self.background,
+                compression=self.compression == "zstd",
             )
         except (OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())
@@ -198,7 +201,7 @@ class RemoteSource:
 
     def _urgent(self) -> UrgentStream:
         if self.urgent_stream is None or self.urgent_stream.closed:
-            self.urgent_stream = self.client.urgent(self.remote)
+            self.urgent_stream = self.client.urgent(self.remote, self.compression)
         return self.urgent_stream
 
     async def _fetch(self, chunks: list[int], kind: int) -> None:
@@ -233,7 +236,7 @@ class RemoteSource:
             want = engine.wanted_chunks(self.remote.chunk_size, self.remote.size)
             if not any(want):
                 return
-            chunks = self.client.bulk(self.remote, want, BULK_BATCH_BYTES)
+            chunks = self.client.bulk(self.remote, want, BULK_BATCH_BYTES, self.compression)
             try:
                 while True:
                     try:

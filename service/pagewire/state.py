@@ -114,6 +114,7 @@ class AgentState:
             fail=self.sessions.fail,
             rpc_latency=self.rpc_latency.labels("Urgent"),
             native=self.settings.native_channel and not self.settings.tls_enabled,
+            compression=request.compression,
         )
 
     async def stop(self) -> None:

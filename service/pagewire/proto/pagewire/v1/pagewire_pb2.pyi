@@ -35,22 +35,26 @@ class ExportDescription(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., page_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., zero_map: _Optional[bytes] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., digest_algorithm: _Optional[str] = ..., generation: _Optional[str] = ..., working_set: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ChunkRequest(_message.Message):
-    __slots__ = ("export", "request_id", "chunks")
+    __slots__ = ("export", "request_id", "chunks", "compression")
     EXPORT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     export: str
     request_id: int
     chunks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, export: _Optional[str] = ..., request_id: _Optional[int] = ..., chunks: _Optional[_Iterable[int]] = ...) -> None: ...
+    compression: str
+    def __init__(self, export: _Optional[str] = ..., request_id: _Optional[int] = ..., chunks: _Optional[_Iterable[int]] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("index", "data")
+    __slots__ = ("index", "data", "encoding")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     index: int
     data: bytes
-    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    encoding: str
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class ChunkBatch(_message.Message):
     __slots__ = ("request_id", "chunks")
@@ -61,14 +65,16 @@ class ChunkBatch(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
 
 class BulkRequest(_message.Message):
-    __slots__ = ("export", "want", "max_batch_bytes")
+    __slots__ = ("export", "compression", "want", "max_batch_bytes")
     EXPORT_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     WANT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     export: str
+    compression: str
     want: bytes
     max_batch_bytes: int
-    def __init__(self, export: _Optional[str] = ..., want: _Optional[bytes] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, export: _Optional[str] = ..., compression: _Optional[str] = ..., want: _Optional[bytes] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkingSet(_message.Message):
     __slots__ = ("export", "chunks")
