@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import MiB, LocalAgent, emit, wait_ended
+from common import LocalAgent, MiB, emit, wait_ended
 
 
 def text_image(path: Path, size: int) -> None:

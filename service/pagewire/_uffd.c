@@ -285,6 +285,401 @@ typedef struct {
     uint32_t data_len, status;
 } chan_answer_t;
 
+/* ---- per-host chunk cache ---------------------------------------------------
+ *
+ * Verified chunks keyed by their SHA-256 (content addressing: the same digest is the
+ * same bytes, whichever export it came from), shared by every session on this host,
+ * bounded in bytes with LRU eviction. An entry is PENDING while one session's bulk
+ * fetches it, so concurrent sessions of one image fetch each chunk once. Every hit is
+ * verified against its digest again before it is installed.
+ */
+
+#define CACHE_BUCKETS 8192
+
+typedef struct centry {
+    uint8_t digest[32];
+    uint8_t *data;
+    uint32_t len;
+    int pending;
+    const void *owner;
+    struct centry *next_in_bucket, *lru_prev, *lru_next;
+} centry_t;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    centry_t *buckets[CACHE_BUCKETS];
+    centry_t *lru_head, *lru_tail; /* head: most recent */
+    uint64_t capacity, bytes, entries;
+    uint64_t hits, misses, evictions, corrupt, fills;
+} ChunkCache;
+
+enum { CACHE_ABSENT = 0, CACHE_READY = 1, CACHE_PENDING = 2 };
+
+static unsigned cache_bucket(const uint8_t d[32])
+{
+    uint32_t h;
+    memcpy(&h, d, 4);
+    return h % CACHE_BUCKETS;
+}
+
+static centry_t *cache_find(ChunkCache *c, const uint8_t d[32])
+{
+    for (centry_t *x = c->buckets[cache_bucket(d)]; x; x = x->next_in_bucket)
+        if (memcmp(x->digest, d, 32) == 0)
+            return x;
+    return NULL;
+}
+
+static void lru_unlink(ChunkCache *c, centry_t *x)
+{
+    if (x->lru_prev)
+        x->lru_prev->lru_next = x->lru_next;
+    else if (c->lru_head == x)
+        c->lru_head = x->lru_next;
+    if (x->lru_next)
+        x->lru_next->lru_prev = x->lru_prev;
+    else if (c->lru_tail == x)
+        c->lru_tail = x->lru_prev;
+    x->lru_prev = x->lru_next = NULL;
+}
+
+static void lru_push(ChunkCache *c, centry_t *x)
+{
+    x->lru_prev = NULL;
+    x->lru_next = c->lru_head;
+    if (c->lru_head)
+        c->lru_head->lru_prev = x;
+    c->lru_head = x;
+    if (!c->lru_tail)
+        c->lru_tail = x;
+}
+
+static void cache_drop(ChunkCache *c, centry_t *x)
+{
+    centry_t **pp = &c->buckets[cache_bucket(x->digest)];
+    while (*pp && *pp != x)
+        pp = &(*pp)->next_in_bucket;
+    if (*pp)
+        *pp = x->next_in_bucket;
+    lru_unlink(c, x);
+    c->bytes -= x->len;
+    c->entries--;
+    free(x->data);
+    free(x);
+}
+
+static void cache_evict(ChunkCache *c)
+{
+    centry_t *x = c->lru_tail;
+    while (x && c->bytes > c->capacity) {
+        centry_t *prev = x->lru_prev;
+        if (!x->pending) {
+            cache_drop(c, x);
+            c->evictions++;
+        }
+        x = prev;
+    }
+}
+
+/* A verified copy of the chunk into dst: CACHE_READY on a hit; a corrupt entry is
+ * dropped and counts as a miss. Claims an absent entry for owner if claim is set. */
+static int cache_take(ChunkCache *c, const uint8_t d[32], uint8_t *dst, uint32_t len,
+                      const void *owner, int claim)
+{
+    if (!c)
+        return CACHE_ABSENT;
+    pthread_mutex_lock(&c->lock);
+    centry_t *x = cache_find(c, d);
+    int result = CACHE_ABSENT;
+    if (x && x->pending) {
+        result = x->owner == owner ? CACHE_ABSENT : CACHE_PENDING;
+    } else if (x && x->len == len) {
+        memcpy(dst, x->data, len);
+        lru_unlink(c, x);
+        lru_push(c, x);
+        result = CACHE_READY;
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (result == CACHE_READY) {
+        uint8_t check[32];
+        sha256(dst, len, check);
+        if (memcmp(check, d, 32) != 0) {
+            pthread_mutex_lock(&c->lock);
+            if ((x = cache_find(c, d)) && !x->pending)
+                cache_drop(c, x);
+            c->corrupt++;
+            pthread_mutex_unlock(&c->lock);
+            result = CACHE_ABSENT;
+        }
+    }
+    pthread_mutex_lock(&c->lock);
+    if (result == CACHE_READY)
+        c->hits++;
+    else if (result == CACHE_ABSENT) {
+        c->misses++;
+        if (claim && !cache_find(c, d) && c->capacity >= len) {
+            centry_t *n = calloc(1, sizeof *n);
+            if (n) {
+                memcpy(n->digest, d, 32);
+                n->pending = 1;
+                n->owner = owner;
+                n->next_in_bucket = c->buckets[cache_bucket(d)];
+                c->buckets[cache_bucket(d)] = n;
+                c->entries++;
+            }
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    return result;
+}
+
+/* Keep a verified chunk (fulfilling a claim, or adding it). */
+static void cache_fill(ChunkCache *c, const uint8_t d[32], const uint8_t *data, uint32_t len)
+{
+    if (!c || c->capacity < len)
+        return;
+    uint8_t *copy = malloc(len ? len : 1);
+    if (!copy)
+        return;
+    memcpy(copy, data, len);
+    pthread_mutex_lock(&c->lock);
+    centry_t *x = cache_find(c, d);
+    if (!x) {
+        x = calloc(1, sizeof *x);
+        if (!x) {
+            pthread_mutex_unlock(&c->lock);
+            free(copy);
+            return;
+        }
+        memcpy(x->digest, d, 32);
+        x->next_in_bucket = c->buckets[cache_bucket(d)];
+        c->buckets[cache_bucket(d)] = x;
+        c->entries++;
+    } else if (!x->pending) {
+        pthread_mutex_unlock(&c->lock);
+        free(copy);
+        return;
+    } else {
+        lru_unlink(c, x);
+    }
+    x->data = copy;
+    x->len = len;
+    x->pending = 0;
+    x->owner = NULL;
+    c->bytes += len;
+    c->fills++;
+    lru_push(c, x);
+    cache_evict(c);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* A failed fetcher gives its claims back, so others fetch those chunks themselves. */
+static void cache_release(ChunkCache *c, const void *owner)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->lock);
+    for (int b = 0; b < CACHE_BUCKETS; b++) {
+        centry_t **pp = &c->buckets[b];
+        while (*pp) {
+            centry_t *x = *pp;
+            if (x->pending && x->owner == owner) {
+                *pp = x->next_in_bucket;
+                c->entries--;
+                free(x);
+            } else {
+                pp = &x->next_in_bucket;
+            }
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void cache_clear_locked(ChunkCache *c)
+{
+    for (int b = 0; b < CACHE_BUCKETS; b++) {
+        centry_t **pp = &c->buckets[b];
+        while (*pp) {
+            centry_t *x = *pp;
+            if (x->pending) {
+                pp = &x->next_in_bucket;
+                continue;
+            }
+            *pp = x->next_in_bucket;
+            lru_unlink(c, x);
+            c->bytes -= x->len;
+            c->entries--;
+            free(x->data);
+            free(x);
+        }
+    }
+}
+
+static int ChunkCache_init(ChunkCache *c, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"capacity", NULL};
+    unsigned long long cap;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K", kwlist, &cap))
+        return -1;
+    if (c->capacity == 0 && c->entries == 0)
+        pthread_mutex_init(&c->lock, NULL);
+    c->capacity = cap;
+    return 0;
+}
+
+static void ChunkCache_dealloc(ChunkCache *c)
+{
+    cache_clear_locked(c);
+    cache_release(c, NULL);
+    for (int b = 0; b < CACHE_BUCKETS; b++) /* claims of engines long gone */
+        while (c->buckets[b]) {
+            centry_t *x = c->buckets[b];
+            c->buckets[b] = x->next_in_bucket;
+            free(x->data);
+            free(x);
+        }
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *ChunkCache_get(ChunkCache *c, PyObject *args)
+{
+    Py_buffer d;
+    unsigned int len;
+    if (!PyArg_ParseTuple(args, "y*I", &d, &len))
+        return NULL;
+    if (d.len != 32) {
+        PyBuffer_Release(&d);
+        return PyErr_Format(PyExc_ValueError, "digests are 32 bytes");
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, len);
+    int r = CACHE_ABSENT;
+    if (out) {
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+        Py_BEGIN_ALLOW_THREADS r = cache_take(c, d.buf, dst, len, NULL, 0);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&d);
+    if (out && r != CACHE_READY) {
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    }
+    return out;
+}
+
+/* claim(digest, length, owner) -> (state, data): READY with a verified copy, PENDING
+ * (another owner fetches it), or ABSENT (now claimed by owner, a nonzero int). */
+static PyObject *ChunkCache_claim(ChunkCache *c, PyObject *args)
+{
+    Py_buffer d;
+    unsigned int len;
+    unsigned long long owner;
+    if (!PyArg_ParseTuple(args, "y*IK", &d, &len, &owner))
+        return NULL;
+    if (d.len != 32 || owner == 0) {
+        PyBuffer_Release(&d);
+        return PyErr_Format(PyExc_ValueError, "a 32-byte digest and a nonzero owner");
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, len);
+    int r = CACHE_ABSENT;
+    if (out) {
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+        const void *who = (const void *)(uintptr_t)owner;
+        Py_BEGIN_ALLOW_THREADS r = cache_take(c, d.buf, dst, len, who, 1);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&d);
+    if (!out)
+        return NULL;
+    if (r != CACHE_READY) {
+        Py_DECREF(out);
+        return Py_BuildValue("(iO)", r, Py_None);
+    }
+    return Py_BuildValue("(iN)", r, out);
+}
+
+static PyObject *ChunkCache_release(ChunkCache *c, PyObject *arg)
+{
+    unsigned long long owner = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    cache_release(c, (const void *)(uintptr_t)owner);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ChunkCache_put(ChunkCache *c, PyObject *args)
+{
+    Py_buffer d, data;
+    if (!PyArg_ParseTuple(args, "y*y*", &d, &data))
+        return NULL;
+    if (d.len == 32) {
+        Py_BEGIN_ALLOW_THREADS cache_fill(c, d.buf, data.buf, (uint32_t)data.len);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&data);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ChunkCache_clear(ChunkCache *c, PyObject *unused)
+{
+    pthread_mutex_lock(&c->lock);
+    cache_clear_locked(c);
+    pthread_mutex_unlock(&c->lock);
+    Py_RETURN_NONE;
+}
+
+/* Test hook: flip one byte of a cached chunk, to prove hits are verified. */
+static PyObject *ChunkCache_corrupt(ChunkCache *c, PyObject *arg)
+{
+    Py_buffer d;
+    if (PyObject_GetBuffer(arg, &d, PyBUF_SIMPLE) < 0)
+        return NULL;
+    pthread_mutex_lock(&c->lock);
+    centry_t *x = d.len == 32 ? cache_find(c, d.buf) : NULL;
+    int done = x && !x->pending && x->len > 0;
+    if (done)
+        x->data[0] ^= 0xFF;
+    pthread_mutex_unlock(&c->lock);
+    PyBuffer_Release(&d);
+    return PyBool_FromLong(done);
+}
+
+static PyObject *ChunkCache_stats(ChunkCache *c, PyObject *unused)
+{
+    pthread_mutex_lock(&c->lock);
+    PyObject *d = Py_BuildValue(
+        "{sKsKsKsKsKsKsKsK}", "capacity", (unsigned long long)c->capacity, "bytes",
+        (unsigned long long)c->bytes, "entries", (unsigned long long)c->entries, "hits",
+        (unsigned long long)c->hits, "misses", (unsigned long long)c->misses, "evictions",
+        (unsigned long long)c->evictions, "corrupt", (unsigned long long)c->corrupt, "fills",
+        (unsigned long long)c->fills);
+    pthread_mutex_unlock(&c->lock);
+    return d;
+}
+
+static PyMethodDef ChunkCache_methods[] = {
+    {"get", (PyCFunction)ChunkCache_get, METH_VARARGS, "get(digest, length) -> bytes or None"},
+    {"put", (PyCFunction)ChunkCache_put, METH_VARARGS, "put(digest, verified chunk)"},
+    {"claim", (PyCFunction)ChunkCache_claim, METH_VARARGS,
+     "claim(digest, length, owner) -> (state, data or None)"},
+    {"release", (PyCFunction)ChunkCache_release, METH_O, "Give back an owner's claims."},
+    {"clear", (PyCFunction)ChunkCache_clear, METH_NOARGS, "Drop every ready entry."},
+    {"corrupt", (PyCFunction)ChunkCache_corrupt, METH_O, "Test hook: damage one entry."},
+    {"stats", (PyCFunction)ChunkCache_stats, METH_NOARGS, "Counters."},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject ChunkCacheType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pagewire._uffd.ChunkCache",
+    .tp_basicsize = sizeof(ChunkCache),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Verified chunks by digest, shared by the sessions of a host.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)ChunkCache_init,
+    .tp_dealloc = (destructor)ChunkCache_dealloc,
+    .tp_methods = ChunkCache_methods,
+};
+
 /* ---- engine ---------------------------------------------------------- */
 
 typedef struct {
@@ -1208,7 +1603,7 @@ static PyObject *Engine_start(Engine *e, PyObject *unused)
 /* Copy the data at image offset [off, off+len) into every region page that
  * still needs it (missing or requested), retrying while events are pending. */
 static uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data, uint64_t len,
-                                    int kind)
+                                    int kind, int wait)
 {
     uint64_t installed = 0;
     for (int i = 0; i < e->nregions && e->state == E_RUNNING; i++) {
@@ -1238,6 +1633,8 @@ static uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data
             installed += done;
             e->pages_by_kind[kind] += done > nreq ? done - nreq : 0;
             e->pages_by_kind[KIND_FAULT] += done > nreq ? nreq : done;
+            if (rc == INS_AGAIN && !wait)
+                return installed; /* the fault thread itself must drain the events */
             if (rc == INS_AGAIN && tries++ < 20000) {
                 /* events pending: let the fault thread drain them, then look again */
                 p = s + done;
@@ -1265,6 +1662,9 @@ struct chan {
     pthread_t urx, bulk;
     int urx_started, bulk_started;
     uint64_t bytes_received, digest_failures, chunks_urgent, chunks_bulk, bytes_raw;
+    uint64_t chunks_cached;
+    ChunkCache *cache; /* shared by the host's sessions, or NULL */
+    uint8_t *hitbuf;   /* the fault thread's copy of a cached chunk */
     char down_reason[96];
 };
 
@@ -1324,6 +1724,7 @@ static void chan_down_locked(Engine *e, const char *reason)
         return;
     c->up = 0;
     snprintf(c->down_reason, sizeof c->down_reason, "%s", reason);
+    cache_release(c->cache, e);
     shutdown(c->urgent_fd, SHUT_RDWR);
     if (c->bulk_fd >= 0)
         shutdown(c->bulk_fd, SHUT_RDWR);
@@ -1355,6 +1756,25 @@ static int chunk_missing(Engine *e, struct chan *c, uint64_t k)
     return 0;
 }
 
+static uint64_t chunk_len_of(struct chan *c, uint64_t k)
+{
+    uint64_t end = (k + 1) * c->chunk_size;
+    return (end > c->export_size ? c->export_size : end) - k * c->chunk_size;
+}
+
+/* The fault thread answers from the host's cache when it can (never waiting for events:
+ * if the install stops short, the chunk is asked for over the network as usual). */
+static int chan_from_cache(Engine *e, struct chan *c, uint64_t k, region_t *r, uint64_t p)
+{
+    uint64_t len = chunk_len_of(c, k);
+    if (!c->cache || cache_take(c->cache, c->digests + k * 32, c->hitbuf, (uint32_t)len, e, 0) !=
+                         CACHE_READY)
+        return 0;
+    install_image_range(e, k * c->chunk_size, c->hitbuf, len, KIND_FAULT, 0);
+    c->chunks_cached++;
+    return (r->state[p] & ST_MASK) == ST_PRESENT;
+}
+
 static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
 {
     struct chan *c = e->chan;
@@ -1363,6 +1783,8 @@ static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
     if (chunk >= c->nchunks)
         return 0;
+    if (!c->asked[chunk] && chan_from_cache(e, c, chunk, r, p))
+        return 1;
     /* the fault's chunk, and while faults run forward, the chunks the window reaches */
     uint64_t ahead = e->window * r->page_size / c->chunk_size;
     uint64_t idx[9];
@@ -1447,7 +1869,7 @@ static void chan_install(Engine *e, uint64_t index, const uint8_t *buf, uint64_t
     pthread_mutex_lock(&e->lock);
     int notify = 0;
     if (e->state == E_RUNNING) {
-        install_image_range(e, index * c->chunk_size, buf, len, kind);
+        install_image_range(e, index * c->chunk_size, buf, len, kind, 1);
         settle_pending(e);
         notify = all_done(e);
     }
@@ -1487,6 +1909,7 @@ static void *chan_urgent_thread(void *arg)
             chan_fail(e, why);
             break;
         }
+        cache_fill(c->cache, c->digests + index * 32, buf, (uint32_t)len);
         pthread_mutex_lock(&e->lock);
         c->asked[index] = 0;
         c->outstanding--;
@@ -1534,6 +1957,30 @@ static int chan_send_batch(int fd, const uint64_t *idx, size_t n)
 /* Bulk work yields the CPU to demand faults (2 vCPUs are shared by everything). */
 static void lower_priority(void) { setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10); }
 
+/* Install what the host's cache holds, skip what another session is fetching, and claim
+ * the rest; returns how many chunks are left to fetch (compacted into want). */
+static size_t chan_bulk_from_cache(Engine *e, uint64_t *want, size_t n, uint8_t *buf,
+                                   size_t *deferred)
+{
+    struct chan *c = e->chan;
+    if (!c->cache)
+        return n;
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t k = want[i], len = chunk_len_of(c, k);
+        int st = cache_take(c->cache, c->digests + k * 32, buf, (uint32_t)len, e, 1);
+        if (st == CACHE_READY) {
+            __atomic_add_fetch(&c->chunks_cached, 1, __ATOMIC_RELAXED);
+            chan_install(e, k, buf, len, KIND_BACKGROUND);
+        } else if (st == CACHE_PENDING) {
+            (*deferred)++;
+        } else {
+            want[m++] = k;
+        }
+    }
+    return m;
+}
+
 static void *chan_bulk_thread(void *arg)
 {
     Engine *e = arg;
@@ -1544,9 +1991,17 @@ static void *chan_bulk_thread(void *arg)
     uint8_t *buf = malloc(2 * c->chunk_size + 4096), *stage = malloc(c->chunk_size);
     const char *why = NULL;
     while (want && buf && stage && c->up && e->state == E_RUNNING && !why) {
-        size_t n = chan_wanted(e, want, cap);
+        size_t n = chan_wanted(e, want, cap), deferred = 0;
         if (n == 0)
             break;
+        n = chan_bulk_from_cache(e, want, n, buf, &deferred);
+        if (n == 0) {
+            /* every chunk left is on its way to another session: it will land in the cache */
+            struct timespec ts = {0, 20 * 1000000};
+            if (deferred)
+                nanosleep(&ts, NULL);
+            continue;
+        }
         size_t sent = 0, got = 0;
         /* two batches ahead, so the source never waits for the next request */
         while (sent < n && sent < 2 * BULK_BATCH) {
@@ -1566,6 +2021,7 @@ static void *chan_bulk_thread(void *arg)
             }
             got++;
             __atomic_add_fetch(&c->chunks_bulk, 1, __ATOMIC_RELAXED);
+            cache_fill(c->cache, c->digests + index * 32, buf, (uint32_t)len);
             chan_install(e, (uint64_t)index, buf, len, KIND_BACKGROUND);
             if (got % BULK_BATCH == 0 && sent < n) {
                 size_t k = n - sent < BULK_BATCH ? n - sent : BULK_BATCH;
@@ -1597,6 +2053,7 @@ static void chan_stop(Engine *e)
     Py_BEGIN_ALLOW_THREADS if (c->urx_started) pthread_join(c->urx, NULL);
     if (c->bulk_started)
         pthread_join(c->bulk, NULL);
+    cache_release(c->cache, e);
     Py_END_ALLOW_THREADS c->urx_started = c->bulk_started = 0;
 }
 
@@ -1612,6 +2069,8 @@ static void chan_free(Engine *e)
     free(c->zmap);
     free(c->digests);
     free(c->asked);
+    free(c->hitbuf);
+    Py_XDECREF((PyObject *)c->cache);
     free(c);
     e->chan = NULL;
 }
@@ -1631,16 +2090,22 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"host",     "port",    "token",      "chunk_size",  "export_size",
                              "export_page_size", "zero_map", "digests", "background",
-                             "compression", NULL};
+                             "compression", "cache", NULL};
     const char *host;
     int port, background = 1, compression = 0;
+    PyObject *cache_obj = Py_None;
     Py_buffer tok, zm, dg;
     unsigned long long cs, size, eps;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|pp", kwlist, &host, &port, &tok, &cs,
-                                     &size, &eps, &zm, &dg, &background, &compression))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppO", kwlist, &host, &port, &tok,
+                                     &cs, &size, &eps, &zm, &dg, &background, &compression,
+                                     &cache_obj))
         return NULL;
     PyObject *result = NULL;
     uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
+    if (cache_obj != Py_None && !PyObject_TypeCheck(cache_obj, &ChunkCacheType)) {
+        PyErr_SetString(PyExc_TypeError, "cache must be a ChunkCache or None");
+        goto out;
+    }
     if (e->chan || e->state > E_RUNNING || tok.len != 16 || eps == 0 || cs % eps ||
         size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32) {
         PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
@@ -1669,6 +2134,11 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     c->digests = malloc((size_t)dg.len + 1);
     memcpy(c->digests, dg.buf, (size_t)dg.len);
     c->asked = calloc(nchunks + 1, 1);
+    c->hitbuf = malloc(cs);
+    if (cache_obj != Py_None) {
+        Py_INCREF(cache_obj);
+        c->cache = (ChunkCache *)cache_obj;
+    }
     pthread_mutex_lock(&e->lock);
     e->chan = c;
     c->up = 1;
@@ -1691,7 +2161,8 @@ static PyObject *Engine_get_channel(Engine *e, void *unused)
         Py_RETURN_NONE;
     pthread_mutex_lock(&e->lock);
     PyObject *d = Py_BuildValue(
-        "{sOsssKsKsKsK}", "up", c->up ? Py_True : Py_False, "down_reason", c->down_reason,
+        "{sOsssKsKsKsKsK}", "up", c->up ? Py_True : Py_False, "down_reason", c->down_reason,
+        "chunks_cached", (unsigned long long)c->chunks_cached,
         "bytes_received", (unsigned long long)c->bytes_received, "digest_failures",
         (unsigned long long)c->digest_failures, "chunks_urgent",
         (unsigned long long)c->chunks_urgent, "chunks_bulk", (unsigned long long)c->chunks_bulk);
@@ -1715,7 +2186,7 @@ static PyObject *Engine_install(Engine *e, PyObject *args)
     int notify = 0;
     Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&e->lock);
     if (e->state == E_RUNNING && e->regions) {
-        installed = install_image_range(e, off, data.buf, (uint64_t)data.len, kind);
+        installed = install_image_range(e, off, data.buf, (uint64_t)data.len, kind, 1);
         settle_pending(e);
         notify = all_done(e) || e->state != E_RUNNING;
     }
@@ -1787,6 +2258,7 @@ static PyObject *Engine_stats(Engine *e, PyObject *unused)
     STAT("channel_bytes_received", e->chan ? e->chan->bytes_received : 0);
     STAT("channel_digest_failures", e->chan ? e->chan->digest_failures : 0);
     STAT("channel_bytes_raw", e->chan ? e->chan->bytes_raw : 0);
+    STAT("channel_chunks_cached", e->chan ? e->chan->chunks_cached : 0);
     pthread_mutex_unlock(&e->lock);
     return d;
 }
@@ -2905,7 +3377,8 @@ static uint64_t probe_features(void)
 
 PyMODINIT_FUNC PyInit__uffd(void)
 {
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&DataServerType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&DataServerType) < 0 ||
+        PyType_Ready(&ChunkCacheType) < 0)
         return NULL;
     load_libcrypto();
     load_libzstd();
@@ -2916,7 +3389,9 @@ PyMODINIT_FUNC PyInit__uffd(void)
                                           "A userfaultfd operation failed.", PyExc_OSError, NULL);
     Py_INCREF(&EngineType);
     Py_INCREF(&DataServerType);
-    if (PyModule_AddObject(m, "DataServer", (PyObject *)&DataServerType) < 0)
+    Py_INCREF(&ChunkCacheType);
+    if (PyModule_AddObject(m, "DataServer", (PyObject *)&DataServerType) < 0 ||
+        PyModule_AddObject(m, "ChunkCache", (PyObject *)&ChunkCacheType) < 0)
         return NULL;
     if (!UffdError || PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
         PyModule_AddObject(m, "UffdError", UffdError) < 0)
@@ -2928,6 +3403,9 @@ PyMODINIT_FUNC PyInit__uffd(void)
         {"MISSING", ST_MISSING},
         {"REQUESTED", ST_REQUESTED},
         {"PRESENT", ST_PRESENT},
+        {"CACHE_ABSENT", CACHE_ABSENT},
+        {"CACHE_READY", CACHE_READY},
+        {"CACHE_PENDING", CACHE_PENDING},
         {"ZERO", ST_ZERO},
         {"REMOVED", ST_REMOVED},
         {"SRC_ZERO", SRC_ZERO},

@@ -8,6 +8,9 @@ REQUESTED: int
 PRESENT: int
 ZERO: int
 REMOVED: int
+CACHE_ABSENT: int
+CACHE_READY: int
+CACHE_PENDING: int
 SRC_ZERO: int  # flag bit: the source declares this page zero
 
 # install kinds (Engine.install)
@@ -96,6 +99,7 @@ class Engine:
         digests: bytes,
         background: bool = True,
         compression: bool = False,
+        cache: ChunkCache | None = None,
     ) -> None:
         """Fetch remote pages over the native data channel (urgent and bulk connections)."""
     @property
@@ -108,6 +112,21 @@ class Engine:
     def features(self) -> int: ...
     @property
     def uffd(self) -> int: ...
+
+class ChunkCache:
+    """Verified chunks keyed by SHA-256, shared by a host's sessions, LRU-bounded."""
+
+    def __init__(self, capacity: int) -> None: ...
+    def get(self, digest: bytes, length: int) -> bytes | None:
+        """A digest-verified copy, or None (a corrupt entry is dropped)."""
+    def put(self, digest: bytes, data: bytes) -> None: ...
+    def claim(self, digest: bytes, length: int, owner: int) -> tuple[int, bytes | None]:
+        """(CACHE_READY, data), (CACHE_PENDING, None), or (CACHE_ABSENT, None) now claimed."""
+    def release(self, owner: int) -> None: ...
+    def clear(self) -> None: ...
+    def corrupt(self, digest: bytes) -> bool:
+        """Test hook: damage one cached chunk."""
+    def stats(self) -> dict[str, int]: ...
 
 class DataServer:
     """The source side of the native data channel."""

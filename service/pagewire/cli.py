@@ -66,6 +66,14 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
         },
     ),
     (
+        "--cache-bytes",
+        {
+            "type": int,
+            "help": "per-host chunk cache shared by sessions, 0 to turn it off "
+            "(PAGEWIRE_CACHE_BYTES, default 256 MiB)",
+        },
+    ),
+    (
         "--data-port",
         {
             "type": int,

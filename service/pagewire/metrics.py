@@ -100,6 +100,7 @@ class AgentCollector(Collector):
         yield from self._installs(sessions, retired)
         yield from self._sessions(sessions)
         yield from self._peers(sessions, retired)
+        yield from self._cache()
         yield from self._misc()
 
     def _faults(self, sessions: Iterable[Session], retired: Retired) -> Iterator[Metric]:
@@ -192,6 +193,20 @@ class AgentCollector(Collector):
             "pagewire_peer_reconnects",
             "Peer streams opened again after one broke.",
             value=reconnects,
+        )
+
+    def _cache(self) -> Iterator[Metric]:
+        cache = self.agent.cache
+        stats = cache.stats() if cache is not None else {}
+        for key, help_text in (
+            ("hits", "Chunks installed from the host's chunk cache."),
+            ("misses", "Chunk cache look-ups that found nothing usable."),
+            ("evictions", "Chunks evicted from the cache to stay in bounds."),
+            ("corrupt", "Cached chunks refused because their digest failed."),
+        ):
+            yield CounterMetricFamily(f"pagewire_cache_{key}", help_text, value=stats.get(key, 0))
+        yield GaugeMetricFamily(
+            "pagewire_cache_bytes", "Bytes held in the chunk cache.", value=stats.get("bytes", 0)
         )
 
     def _misc(self) -> Iterator[Metric]:

@@ -51,6 +51,7 @@ class RemoteSource:
         rpc_latency: Any = None,
         native: bool = False,
         compression: str = "none",
+        cache: _uffd.ChunkCache | None = None,
     ) -> None:
         self.client = client
         self.remote = remote
@@ -67,6 +68,7 @@ class RemoteSource:
         self.rpc_latency = rpc_latency
         self.native = native  # try the native data channel first
         self.compression = "" if compression == "none" else compression
+        self.cache = cache  # the host's chunk cache, shared with the other sessions
         self.on_channel = False
         self.grant: tuple[int, bytes] | None = None
         # what one install covers: a chunk, or a whole huge page gathered from its chunks
@@ -131,6 +133,7 @@ class RemoteSource:
                 b"".join(r.digests),
                 background=self.background,
                 compression=self.compression == "zstd",
+                cache=self.cache,
             )
         except (OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())
@@ -181,6 +184,8 @@ class RemoteSource:
         engine = self._engine()
         if engine is None or engine.state != "running":
             return False
+        if self.cache is not None:
+            self.cache.put(self.remote.digests[index], chunk)
         if self.unit_chunks == 1:
             engine.install(index * self.remote.chunk_size, chunk, kind)
             return True
@@ -211,7 +216,23 @@ class RemoteSource:
         finally:
             self.inflight.difference_update(chunks)
 
+    def _from_cache(self, chunks: list[int], kind: int) -> list[int]:
+        """Install what the host's cache holds; returns the chunks still to fetch."""
+        if self.cache is None:
+            return chunks
+        left = []
+        for index in chunks:
+            data = self.cache.get(self.remote.digests[index], self.remote.chunk_len(index))
+            if data is None:
+                left.append(index)
+            else:
+                self._install(index, data, kind)
+        return left
+
     async def _fetch_once(self, chunks: list[int], kind: int) -> None:
+        chunks = self._from_cache(chunks, kind)
+        if not chunks:
+            return
         started = time.monotonic()
         stream = self._urgent()
         try:
@@ -233,9 +254,15 @@ class RemoteSource:
     async def _bulk_once(self) -> None:
         engine = self._engine()
         while engine is not None and engine.state == "running":
-            want = engine.wanted_chunks(self.remote.chunk_size, self.remote.size)
+            want, deferred = self._want_from_cache(
+                engine.wanted_chunks(self.remote.chunk_size, self.remote.size)
+            )
             if not any(want):
-                return
+                if not deferred:
+                    return
+                await asyncio.sleep(0.02)  # another session is bringing these
+                engine = self._engine()
+                continue
             chunks = self.client.bulk(self.remote, want, BULK_BATCH_BYTES, self.compression)
             try:
                 while True:
@@ -250,6 +277,27 @@ class RemoteSource:
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
             engine = self._engine()
+
+    def _want_from_cache(self, want: bytes) -> tuple[bytes, int]:
+        """The want bitmap less what the host's cache installs right away and what another
+        session is fetching (claimed, it will land in the cache); with how many deferred."""
+        if self.cache is None:
+            return want, 0
+        bits = bytearray(want)
+        deferred = 0
+        owner = id(self)
+        for index in [i for i in range(self.remote.chunks) if bits[i // 8] >> (i % 8) & 1]:
+            state, data = self.cache.claim(
+                self.remote.digests[index], self.remote.chunk_len(index), owner
+            )
+            if state == _uffd.CACHE_ABSENT:
+                continue  # ours to fetch
+            bits[index // 8] &= ~(1 << (index % 8)) & 0xFF
+            if data is not None:
+                self._install(index, data, _uffd.BACKGROUND)
+            else:
+                deferred += 1
+        return bytes(bits), deferred
 
     # ---- source loss ------------------------------------------------------
 
@@ -299,6 +347,8 @@ class RemoteSource:
 
     async def stop(self) -> None:
         self.stopped = True
+        if self.cache is not None:
+            self.cache.release(id(self))
         for task in list(self.tasks):
             task.cancel()
         for task in list(self.tasks):

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_regions: int = Field(default=256, ge=1, le=4096)
     max_session_bytes: int = Field(default=1 << 40, ge=1 << 20)
     native_channel: bool = True
+    cache_bytes: int = Field(default=256 << 20, ge=0)
+    cache_idle_s: float = Field(default=30.0, ge=0)
     data_port: int = Field(default=0, ge=0, le=65535)
     chunk_size: int = Field(default=64 << 10, ge=4096, le=4 << 20)
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from . import __version__
+from . import __version__, _uffd
 from .channel import ChannelServer
 from .errors import ApiError
 from .exports import ExportRegistry
@@ -43,6 +43,8 @@ class AgentState:
         self.metrics, self.rpc_latency = create_registry(self)
         self.janitor: asyncio.Task[None] | None = None
         self.channel: ChannelServer | None = None
+        self.cache = _uffd.ChunkCache(settings.cache_bytes) if settings.cache_bytes else None
+        self.idle_since = time.monotonic()
 
     async def start(self) -> None:
         self.sessions.prepare_dirs()
@@ -70,8 +72,19 @@ class AgentState:
     async def _expire_sessions(self) -> None:
         interval = max(0.5, min(60.0, self.settings.retention_s / 4))
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(interval, max(0.5, self.settings.cache_idle_s / 2)))
             self.sessions.expire(time.time())
+            self._drop_idle_cache()
+
+    def _drop_idle_cache(self) -> None:
+        """An idle agent gives its chunk cache back (its memory, not its counters)."""
+        if any(s.active for s in self.sessions.sessions.values()):
+            self.idle_since = time.monotonic()
+        elif (
+            self.cache is not None
+            and time.monotonic() - self.idle_since >= self.settings.cache_idle_s
+        ):
+            self.cache.clear()
 
     def peer_client(self, address: str) -> PeerClient:
         s = self.settings
@@ -115,6 +128,7 @@ class AgentState:
             rpc_latency=self.rpc_latency.labels("Urgent"),
             native=self.settings.native_channel and not self.settings.tls_enabled,
             compression=request.compression,
+            cache=self.cache,
         )
 
     async def stop(self) -> None:

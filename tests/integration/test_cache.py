@@ -1,0 +1,145 @@
+"""The per-host chunk cache: concurrent sessions of one image fetch each chunk once; it
+stays within its bounds and refills after eviction; a corrupted entry is caught by its
+digest and fetched again, never installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pagewire import _uffd
+from pagewire.layout import SYSTEM_PAGE_SIZE as PAGE
+
+from tests.integration.test_native_channel import CHUNK, fake_channel_server
+from tests.peers import Peers, publish, restore, start_pair, stop_pair
+
+pytestmark = pytest.mark.usefixtures("require_uffd")
+MiB = 1 << 20
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def restore_together(p: Peers, img: Path, n: int) -> list[dict]:
+    sessions = []
+    for _ in range(n):
+        body = {"source": {"peer": p.source.grpc, "export": "img"}}
+        sessions.append(p.dest.request("POST", "/v1/sessions", json=body).json())
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pagewire.workload",
+                "--socket",
+                s["socket"],
+                "--size",
+                str(img.stat().st_size),
+                "--order",
+                "none",
+                "--hold",
+                "60",
+            ]
+        )
+        for s in sessions
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        for s in sessions:
+            while p.dest.request("GET", f"/v1/sessions/{s['id']}").json()["state"] != "completed":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return [p.dest.request("GET", f"/v1/sessions/{s['id']}").json() for s in sessions]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "grpc"])
+def test_concurrent_sessions_fetch_each_chunk_once(tmp_path: Path, image, native: bool) -> None:
+    p = start_pair(tmp_path, extra_src=[] if native else ["--no-native-channel"])
+    try:
+        img = image(16 * MiB)
+        export = publish(p, img)
+        data_bytes = (export["pages"] - export["zero_pages"]) * PAGE
+        statuses = restore_together(p, img, 4)
+        assert all(s["state"] == "completed" for s in statuses)
+        sent = metric(p.source.request("GET", "/metrics").text, "pagewire_bytes_sent_total")
+        hits = metric(p.dest.request("GET", "/metrics").text, "pagewire_cache_hits_total")
+        # about one image over the network for four restores, not four
+        assert sent < 1.6 * data_bytes, (sent, data_bytes)
+        assert hits > 0
+        seen, status = restore(p, img, "--threads", "2")  # and every byte is right
+        assert seen["verified"] and status["state"] == "completed"
+    finally:
+        stop_pair(p)
+
+
+def test_cache_stays_bounded_and_refills(tmp_path: Path, image) -> None:
+    p = start_pair(tmp_path, extra_dst=["--cache-bytes", str(2 * MiB)])
+    try:
+        img = image(8 * MiB)
+        publish(p, img)
+        for _ in range(2):
+            seen, status = restore(p, img, "--threads", "2")
+            assert seen["verified"] and status["state"] == "completed"
+        text = p.dest.request("GET", "/metrics").text
+        assert metric(text, "pagewire_cache_evictions_total") > 0
+        assert metric(text, "pagewire_cache_bytes") <= 2 * MiB
+    finally:
+        stop_pair(p)
+
+
+def test_corrupted_cache_entry_is_caught_by_its_digest(image) -> None:
+    img: Path = image(1 * MiB, seed=4)
+    data = img.read_bytes()
+    size = len(data)
+    fd = os.open(img, os.O_RDONLY)
+    zero = _uffd.zero_map(fd, size, PAGE)
+    os.close(fd)
+    digests = [_uffd.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK)]
+    cache = _uffd.ChunkCache(64 * MiB)
+    victim = next(i for i in range(size // CHUNK) if zero[i * (CHUNK // PAGE)] == 0)
+    cache.put(digests[victim], data[victim * CHUNK : (victim + 1) * CHUNK])
+    assert cache.corrupt(digests[victim])
+    base = _uffd.mmap_anon(size)
+    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
+    _uffd.uffd_register(uffd, base, size)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    eng = _uffd.Engine(
+        uffd, [(base, size, 0, PAGE)], efd, background=False, zero_map=zero, zero_map_page_size=PAGE
+    )
+    port, _ = fake_channel_server(data, zero, corrupt=0)
+    eng.attach_channel(
+        "127.0.0.1",
+        port,
+        b"t" * 16,
+        CHUNK,
+        size,
+        PAGE,
+        zero,
+        b"".join(digests),
+        background=False,
+        cache=cache,
+    )
+    eng.start()
+    seen: list[bytes] = []
+    t = threading.Thread(
+        target=lambda: seen.append(_uffd.read_memory(base + victim * CHUNK, CHUNK))
+    )
+    t.start()
+    t.join(10)
+    assert seen == [data[victim * CHUNK : (victim + 1) * CHUNK]]
+    stats = cache.stats()
+    assert stats["corrupt"] == 1 and stats["fills"] >= 2  # refetched and cached again
+    eng.close()
+    os.close(efd)
+    os.close(uffd)
+    _uffd.munmap(base, size)
