@@ -36,16 +36,30 @@ def restore(src: LocalAgent, dst: LocalAgent, size: int, mode: str) -> dict[str,
     body = {"source": {"peer": src.grpc, "export": "img"}, "compression": mode}
     session = dst.request("POST", "/v1/sessions", json=body).json()
     started = time.monotonic()
-    cmd = [sys.executable, "-m", "pagewire.workload", "--socket", session["socket"],
-           "--size", str(size), "--order", "none", "--hold", "60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pagewire.workload",
+        "--socket",
+        session["socket"],
+        "--size",
+        str(size),
+        "--order",
+        "none",
+        "--hold",
+        "60",
+    ]
     workload = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     status = wait_ended(dst, session["id"])
     workload.kill()
     workload.wait()
     assert status["state"] == "completed", status
-    return {"bytes_on_wire": status["bytes_received"], "transport": status["transport"],
-            "attach_to_complete_s": round(status["completed_at"] - status["attached_at"], 4),
-            "wall_s": round(time.monotonic() - started, 4)}
+    return {
+        "bytes_on_wire": status["bytes_received"],
+        "transport": status["transport"],
+        "attach_to_complete_s": round(status["completed_at"] - status["attached_at"], 4),
+        "wall_s": round(time.monotonic() - started, 4),
+    }
 
 
 def main() -> None:

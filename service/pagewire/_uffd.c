@@ -1966,7 +1966,8 @@ static size_t chan_bulk_from_cache(Engine *e, uint64_t *want, size_t n, uint8_t 
     if (!c->cache)
         return n;
     size_t m = 0;
-    for (size_t i = 0; i < n; i++) {
+    /* claim only the next window, so concurrent sessions spread over the image */
+    for (size_t i = 0; i < n && m < 4 * BULK_BATCH; i++) {
         uint64_t k = want[i], len = chunk_len_of(c, k);
         int st = cache_take(c->cache, c->digests + k * 32, buf, (uint32_t)len, e, 1);
         if (st == CACHE_READY) {

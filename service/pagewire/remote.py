@@ -31,6 +31,7 @@ BACKOFF_MAX_S = 2.0
 BULK_BATCH_BYTES = 1 << 20
 URGENT_DEADLINE_S = 3.0  # a fault's chunk that takes longer means the peer is in trouble
 BULK_IDLE_S = 5.0  # a bulk stream silent this long is dead (keepalive backs this up)
+CLAIM_WINDOW = 128  # chunks one session claims at a time, so sessions spread over an image
 WINDOW_BYTES = 4 << 20  # what one session may have in flight (reserved at admission)
 
 FailCallback = Callable[["Session", str, str], Awaitable[None]]
@@ -286,12 +287,17 @@ class RemoteSource:
         bits = bytearray(want)
         deferred = 0
         owner = id(self)
+        claimed = 0
         for index in [i for i in range(self.remote.chunks) if bits[i // 8] >> (i % 8) & 1]:
+            if claimed >= CLAIM_WINDOW:  # the rest waits for the next pass
+                bits[index // 8] &= ~(1 << (index % 8)) & 0xFF
+                continue
             state, data = self.cache.claim(
                 self.remote.digests[index], self.remote.chunk_len(index), owner
             )
             if state == _uffd.CACHE_ABSENT:
-                continue  # ours to fetch
+                claimed += 1  # ours to fetch
+                continue
             bits[index // 8] &= ~(1 << (index % 8)) & 0xFF
             if data is not None:
                 self._install(index, data, _uffd.BACKGROUND)
