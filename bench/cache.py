@@ -27,7 +27,7 @@ def sent_bytes(agent: LocalAgent) -> float:
     )
 
 
-def together(src: LocalAgent, dst: LocalAgent, size: int, n: int) -> dict[str, Any]:
+def together(src: LocalAgent, dst: LocalAgent, size: int, n: int, order: str) -> dict[str, Any]:
     before = sent_bytes(src)
     started = time.monotonic()
     sessions = [
@@ -47,7 +47,7 @@ def together(src: LocalAgent, dst: LocalAgent, size: int, n: int) -> dict[str, A
                 "--size",
                 str(size),
                 "--order",
-                "random",
+                order,
                 "--threads",
                 "2",
                 "--hold",
@@ -88,14 +88,15 @@ def main() -> None:
             data = (export["pages"] - export["zero_pages"]) * 4096
             out["image_data_bytes"] = data
             for label, extra in (("cache_on", []), ("cache_off", ["--cache-bytes", "0"])):
-                for n in a.sessions:  # a fresh destination each time: an empty cache
-                    dst = LocalAgent(work, f"dst-{label}-{n}", [], extra=extra).start()
-                    try:
-                        r = together(src, dst, size, n)
-                    finally:
-                        dst.stop()
-                    r["images_sent"] = round(r["sent_bytes"] / data, 3)
-                    out[f"{label}/{n}_sessions"] = r
+                for order in ("none", "random"):  # bulk only; random touch by two threads
+                    for n in a.sessions:  # a fresh destination each time: an empty cache
+                        dst = LocalAgent(work, f"dst-{label}-{order}-{n}", [], extra=extra).start()
+                        try:
+                            r = together(src, dst, size, n, order)
+                        finally:
+                            dst.stop()
+                        r["images_sent"] = round(r["sent_bytes"] / data, 3)
+                        out[f"{label}/{order}/{n}_sessions"] = r
         finally:
             src.stop()
     emit("cache", out)

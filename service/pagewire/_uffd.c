@@ -2155,6 +2155,21 @@ out:
     return result;
 }
 
+/* Start sharing chunks through the host's cache (once another session wants them too). */
+static PyObject *Engine_share_cache(Engine *e, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &ChunkCacheType))
+        return PyErr_Format(PyExc_TypeError, "a ChunkCache is needed");
+    struct chan *c = e->chan;
+    if (!c || c->cache)
+        Py_RETURN_FALSE;
+    Py_INCREF(arg);
+    pthread_mutex_lock(&e->lock);
+    __atomic_store_n(&c->cache, (ChunkCache *)arg, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&e->lock);
+    Py_RETURN_TRUE;
+}
+
 static PyObject *Engine_get_channel(Engine *e, void *unused)
 {
     struct chan *c = e->chan;
@@ -2487,6 +2502,8 @@ static PyMethodDef Engine_methods[] = {
      "Bitmap of chunks still holding missing data pages."},
     {"reconcile_pagemap", (PyCFunction)Engine_reconcile_pagemap, METH_O,
      "Mark pages the workload already has (from /proc/PID/pagemap) present."},
+    {"share_cache", (PyCFunction)Engine_share_cache, METH_O,
+     "Share chunks through the host's cache from now on."},
     {"attach_channel", (PyCFunction)(void (*)(void))Engine_attach_channel,
      METH_VARARGS | METH_KEYWORDS, "Fetch remote pages over the native data channel."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Stop the fault thread."},

@@ -102,6 +102,8 @@ class Engine:
         cache: ChunkCache | None = None,
     ) -> None:
         """Fetch remote pages over the native data channel (urgent and bulk connections)."""
+    def share_cache(self, cache: ChunkCache) -> bool:
+        """Share chunks through the host's cache from now on (native channel)."""
     @property
     def channel(self) -> dict[str, object] | None: ...
     @property

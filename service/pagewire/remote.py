@@ -34,6 +34,9 @@ BULK_IDLE_S = 5.0  # a bulk stream silent this long is dead (keepalive backs thi
 CLAIM_WINDOW = 128  # chunks one session claims at a time, so sessions spread over an image
 WINDOW_BYTES = 4 << 20  # what one session may have in flight (reserved at admission)
 
+# the active remote sources of this agent, by image: who could share chunks
+SAME_IMAGE: dict[tuple[str, str, str], set[RemoteSource]] = {}
+
 FailCallback = Callable[["Session", str, str], Awaitable[None]]
 
 
@@ -69,7 +72,10 @@ class RemoteSource:
         self.rpc_latency = rpc_latency
         self.native = native  # try the native data channel first
         self.compression = "" if compression == "none" else compression
-        self.cache = cache  # the host's chunk cache, shared with the other sessions
+        # the host's chunk cache, used once another session restores the same image: a
+        # lone restore does not pay for copies nobody will read
+        self.host_cache = cache
+        self.cache: _uffd.ChunkCache | None = None
         self.on_channel = False
         self.grant: tuple[int, bytes] | None = None
         # what one install covers: a chunk, or a whole huge page gathered from its chunks
@@ -101,7 +107,9 @@ class RemoteSource:
         task.add_done_callback(self.tasks.discard)
 
     async def connect(self) -> None:
-        """Before the workload's engine starts: ask the peer for a native data channel."""
+        """At session creation: join the image's sessions, and ask the peer for a native
+        data channel before any workload attaches."""
+        self._join_image()
         if not self.native:
             return
         try:
@@ -119,6 +127,7 @@ class RemoteSource:
         engine = session.engine
         if self.grant is None or self.unit_chunks > 1 or engine is None:
             return
+        cache = self.cache
         port, token = self.grant
         host = self.address.rsplit(":", 1)[0].strip("[]")
         r = self.remote
@@ -134,13 +143,35 @@ class RemoteSource:
                 b"".join(r.digests),
                 background=self.background,
                 compression=self.compression == "zstd",
-                cache=self.cache,
             )
         except (OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())
             return
         self.on_channel = True
+        if cache is not None:
+            engine.share_cache(cache)
         log.info("native data channel open", extra={**self._log_extra(), "port": port})
+
+    @property
+    def image_key(self) -> tuple[str, str, str]:
+        return (self.address, self.remote.name, self.remote.generation)
+
+    def share_cache(self) -> None:
+        if self.host_cache is None or self.cache is not None:
+            return
+        self.cache = self.host_cache
+        engine = self._engine()
+        if engine is not None and self.on_channel:
+            engine.share_cache(self.cache)
+
+    def _join_image(self) -> None:
+        """Sessions of one image created on this agent while others are alive share chunks
+        through the host's cache; a lone restore does not pay for copies nobody reads."""
+        peers = SAME_IMAGE.setdefault(self.image_key, set())
+        peers.add(self)
+        if len(peers) > 1:
+            for source in peers:
+                source.share_cache()
 
     async def start(self, session: Session) -> None:
         self.session = session
@@ -353,6 +384,10 @@ class RemoteSource:
 
     async def stop(self) -> None:
         self.stopped = True
+        peers = SAME_IMAGE.get(self.image_key, set())
+        peers.discard(self)
+        if not peers:
+            SAME_IMAGE.pop(self.image_key, None)
         if self.cache is not None:
             self.cache.release(id(self))
         for task in list(self.tasks):

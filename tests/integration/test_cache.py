@@ -87,9 +87,34 @@ def test_cache_stays_bounded_and_refills(tmp_path: Path, image) -> None:
     try:
         img = image(8 * MiB)
         publish(p, img)
-        for _ in range(2):
-            seen, status = restore(p, img, "--threads", "2")
-            assert seen["verified"] and status["state"] == "completed"
+        sessions = [
+            p.dest.request(
+                "POST", "/v1/sessions", json={"source": {"peer": p.source.grpc, "export": "img"}}
+            ).json()
+            for _ in range(3)
+        ]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pagewire.workload",
+                    "--socket",
+                    s["socket"],
+                    "--size",
+                    str(8 * MiB),
+                    "--threads",
+                    "2",
+                    "--verify",
+                    str(img),
+                ],
+                stdout=subprocess.PIPE,
+            )
+            for s in sessions
+        ]
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            assert b'"verified": true' in out
         text = p.dest.request("GET", "/metrics").text
         assert metric(text, "pagewire_cache_evictions_total") > 0
         assert metric(text, "pagewire_cache_bytes") <= 2 * MiB
