@@ -26,6 +26,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -3059,6 +3060,39 @@ static PyObject *mod_uffd_copy(PyObject *m, PyObject *args)
     return PyLong_FromLongLong(c.copy);
 }
 
+/* Read another process's memory (process_vm_readv), GIL released. */
+static PyObject *mod_process_read(PyObject *m, PyObject *args)
+{
+    int pid;
+    unsigned long long addr, size;
+    if (!PyArg_ParseTuple(args, "iKK", &pid, &addr, &size))
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (!out)
+        return NULL;
+    char *dst = PyBytes_AS_STRING(out);
+    uint64_t got = 0;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS while (got < size)
+    {
+        struct iovec local = {dst + got, size - got};
+        struct iovec remote = {(void *)(uintptr_t)(addr + got), size - got};
+        ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+        if (n <= 0) {
+            err = n < 0 ? errno : EFAULT;
+            break;
+        }
+        got += (uint64_t)n;
+    }
+    Py_END_ALLOW_THREADS if (err)
+    {
+        Py_DECREF(out);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return out;
+}
+
 static PyObject *mod_pidfd_getfd(PyObject *m, PyObject *args)
 {
     int pidfd, fd;
@@ -3070,17 +3104,23 @@ static PyObject *mod_pidfd_getfd(PyObject *m, PyObject *args)
     return PyLong_FromLong(got);
 }
 
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+
 static PyObject *mod_mmap_anon(PyObject *m, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"size", "hugetlb", NULL};
-    unsigned long long size;
+    static char *kwlist[] = {"size", "hugetlb", "addr", NULL};
+    unsigned long long size, addr = 0;
     int huge = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|p", kwlist, &size, &huge))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|pK", kwlist, &size, &huge, &addr))
         return NULL;
     int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
     if (huge)
         flags |= MAP_HUGETLB | MAP_HUGE_2MB;
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (addr)
+        flags |= MAP_FIXED_NOREPLACE; /* the same address as on the source, or an error */
+    void *p = mmap((void *)(uintptr_t)addr, size, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (p == MAP_FAILED)
         return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromUnsignedLongLong((uintptr_t)p);
@@ -3364,6 +3404,8 @@ static PyMethodDef module_methods[] = {
      METH_VARARGS | METH_KEYWORDS, "Register a range in MISSING (and WP) mode."},
     {"uffd_unregister", mod_uffd_unregister, METH_VARARGS, "Unregister a range."},
     {"pidfd_getfd", mod_pidfd_getfd, METH_VARARGS, "Copy another process's fd (pidfd_getfd)."},
+    {"process_read", mod_process_read, METH_VARARGS,
+     "Read another process's memory (process_vm_readv)."},
     {"uffd_copy", mod_uffd_copy, METH_VARARGS, "UFFDIO_COPY bytes to an address; bytes copied."},
     {"mmap_anon", (PyCFunction)(void (*)(void))mod_mmap_anon, METH_VARARGS | METH_KEYWORDS,
      "Map an anonymous private region; returns its address."},

@@ -8,7 +8,7 @@ import os
 import secrets
 
 from . import _uffd
-from .exports import Export, ExportStale
+from .exports import Export, ExportInvalid, ExportStale
 
 # a token serves one session's two connections, made when its workload attaches; this
 # bounds how long an unused one lives
@@ -50,6 +50,8 @@ class ChannelServer:
         return export_id
 
     def grant(self, export: Export) -> tuple[int, bytes]:
+        if export.path.startswith("pid:"):
+            raise ExportInvalid("a live process export is served over gRPC only")
         export.check()
         export_id = self._register(export)
         token = secrets.token_bytes(16)

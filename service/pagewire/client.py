@@ -63,11 +63,17 @@ class Attachment:
         self.close()
 
 
-def map_regions(layout: list[tuple[int, int]], page_size: int = SYSTEM_PAGE_SIZE) -> list[Region]:
-    """Map one anonymous region per (size, image_offset) pair."""
+def map_regions(
+    layout: list[tuple[int, int]],
+    page_size: int = SYSTEM_PAGE_SIZE,
+    bases: list[int] | None = None,
+) -> list[Region]:
+    """Map one anonymous region per (size, image_offset) pair; at the given base addresses
+    when there are any (a moved process's memory keeps its addresses, so its pointers hold)."""
     regions = []
-    for size, offset in layout:
-        addr = _uffd.mmap_anon(size, hugetlb=page_size != SYSTEM_PAGE_SIZE)
+    for i, (size, offset) in enumerate(layout):
+        at = bases[i] if bases else 0
+        addr = _uffd.mmap_anon(size, hugetlb=page_size != SYSTEM_PAGE_SIZE, addr=at)
         _uffd.madvise(addr, size, MADV_DONTFORK)
         regions.append(Region(addr, size, offset, page_size))
     return regions
@@ -87,6 +93,7 @@ def attach(
     page_size: int = SYSTEM_PAGE_SIZE,
     features: int = DEFAULT_FEATURES,
     timeout: float = 10.0,
+    bases: list[int] | None = None,
 ) -> Attachment:
     """Map the regions, register them, and hand the uffd to the agent at socket_path.
 
@@ -95,7 +102,7 @@ def attach(
         if size is None:
             raise ValueError("give size or layout")
         layout = [(size, 0)]
-    regions = map_regions(layout, page_size)
+    regions = map_regions(layout, page_size, bases)
     if page_size != SYSTEM_PAGE_SIZE:
         features |= _uffd.FEATURE_MISSING_HUGETLBFS
     uffd = _uffd.uffd_create(features)

@@ -497,13 +497,23 @@ class ExportRegistry:
         log.info("published export %s (%s, %d bytes)", name, real, exp.size)
         return exp
 
+    def add(self, exp: Export) -> None:
+        """Register an export built elsewhere (a live process); not kept in the state dir."""
+        if not NAME_RE.match(exp.name):
+            raise ExportInvalid(f"invalid export name {exp.name!r}")
+        self._reserve(exp.name)
+        with self._lock:
+            self._publishing.discard(exp.name)
+            self._exports[exp.name] = exp
+        log.info("published export %s (%s, %d bytes)", exp.name, exp.path, exp.size)
+
     def withdraw(self, name: str) -> Export:
         with self._lock:
             exp = self._exports.pop(name, None)
         if exp is None:
             raise ExportNotFound(f"no export named {name!r}")
         exp.close()
-        self._record_path(name).unlink(missing_ok=True)
+        self._record_path(name).unlink(missing_ok=True)  # a live export has none
         log.info("withdrew export %s", name)
         return exp
 
@@ -588,6 +598,8 @@ class ExportRegistry:
 
     def _save(self, exp: Export) -> None:
         """Write the record atomically: tmp file, fsync, rename."""
+        if exp.path.startswith("pid:"):
+            return  # a live process export lives as long as the agent
         with self._save_lock:
             with self._lock:
                 if exp.name not in self._exports and exp.name not in self._publishing:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 SessionState = Literal["awaiting_attach", "running", "paused", "completed", "failed", "cancelled"]
 ACTIVE_STATES = ("awaiting_attach", "running", "paused")
@@ -113,6 +121,24 @@ class SessionList(BaseModel):
     sessions: list[SessionStatus]
 
 
+class ProcessRange(Strict):
+    start: int = Field(ge=0, lt=1 << 57)
+    size: int = Field(gt=0, le=1 << 40)
+
+
 class ExportRequest(Strict):
+    """A file under an export root ({name, path}), or a running process's memory
+    ({name, pid} for all its private writable memory, or with listed ranges)."""
+
     name: str = Field(min_length=1, max_length=63)
-    path: str = Field(min_length=1, max_length=4096)
+    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    pid: int | None = Field(default=None, gt=0, le=1 << 22)
+    ranges: list[ProcessRange] | None = Field(default=None, min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExportRequest:
+        if (self.path is None) == (self.pid is None):
+            raise ValueError("give exactly one of path or pid")
+        if self.ranges is not None and self.pid is None:
+            raise ValueError("ranges go with pid")
+        return self

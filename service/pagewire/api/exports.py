@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from ..errors import ApiError, ErrorResponse
 from ..exports import ExportError
+from ..live import publish_process
 from ..models import ExportRequest
 from .deps import Agent, require_token
 
@@ -31,6 +32,8 @@ class ExportStatus(BaseModel):
     chunks: int
     state: str
     created_at: str
+    pid: int | None = None
+    ranges: list[dict[str, int]] | None = None
 
 
 class ExportList(BaseModel):
@@ -51,7 +54,11 @@ def _api_error(exc: ExportError) -> ApiError:
 async def publish(body: ExportRequest, agent: Agent) -> dict[str, Any]:
     registry = _registry(agent)
     try:
-        export = await asyncio.to_thread(registry.publish, body.name, body.path)
+        if body.pid is not None:
+            ranges = [(r.start, r.size) for r in body.ranges] if body.ranges else None
+            export = await asyncio.to_thread(publish_process, registry, body.name, body.pid, ranges)
+        else:
+            export = await asyncio.to_thread(registry.publish, body.name, body.path)
     except ExportError as exc:
         raise _api_error(exc) from None
     result: dict[str, Any] = export.to_json()
