@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 
 from . import __version__
-from .api import admin, exports, health, info, metrics, sessions
+from .api import admin, exports, health, info, metrics, sessions, snapshots
 from .errors import error_response, install_handlers
 from .state import AgentState
 
@@ -34,6 +34,6 @@ def create_app(agent: AgentState) -> FastAPI:
             )
         return await call_next(request)
 
-    for module in (health, metrics, info, exports, sessions, admin):
+    for module in (health, metrics, info, exports, sessions, snapshots, admin):
         app.include_router(module.router)
     return app

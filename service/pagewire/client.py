@@ -117,3 +117,23 @@ def attach(
         Attachment(regions, uffd).close()
         raise
     return Attachment(regions, uffd, sock)
+
+
+def attach_for_snapshot(
+    socket_path: str, addr: int, size: int, timeout: float = 10.0
+) -> Attachment:
+    """Hand an existing, populated region to the agent for a live snapshot: registered in
+    write-protect mode only (missing pages are the process's own business), unpopulated
+    pages protected too. Keep the Attachment alive until the snapshot completes."""
+    uffd = _uffd.uffd_create(_uffd.FEATURE_WP | _uffd.FEATURE_WP_UNPOPULATED)
+    region = Region(addr, size, 0, SYSTEM_PAGE_SIZE)
+    try:
+        _uffd.uffd_register(uffd, addr, size, wp=True, missing=False)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        send_handoff(sock, [region], uffd)
+    except BaseException:
+        os.close(uffd)
+        raise
+    return Attachment([], uffd, sock)

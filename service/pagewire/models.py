@@ -142,3 +142,12 @@ class ExportRequest(Strict):
         if self.ranges is not None and self.pid is None:
             raise ValueError("ranges go with pid")
         return self
+
+
+class SnapshotRequest(Strict):
+    """A live snapshot: the file it is written to (under an export root) and the name of
+    the export it becomes."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    path: str = Field(min_length=1, max_length=4096)
+    attach_timeout_s: float = Field(default=60.0, gt=0, le=86400)

@@ -129,6 +129,18 @@ def resolve_under_roots(path: str, roots: list[Path]) -> Path:
     raise ApiError(403, "outside_export_roots", f"{path} is not under an export root")
 
 
+def resolve_parent_under_roots(path: str, roots: list[Path]) -> Path:
+    """A path for a new file whose directory lies under an export root (symlinks resolved)."""
+    if not os.path.isabs(path):
+        raise ApiError(400, "invalid_path", "the path must be absolute")
+    parent = Path(os.path.realpath(os.path.dirname(path)))
+    if not any(parent == root or root in parent.parents for root in roots):
+        raise ApiError(403, "outside_export_roots", f"{path} is not under an export root")
+    if not parent.is_dir():
+        raise ApiError(404, "not_found", f"{parent} is not a directory")
+    return parent / os.path.basename(path)
+
+
 @dataclass
 class Session:
     id: str

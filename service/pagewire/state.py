@@ -21,6 +21,7 @@ from .recovery import recover
 from .remote import RemoteSource
 from .sessions import SessionManager
 from .settings import Settings, split_host_port
+from .snapshots import SnapshotManager
 
 PEER_ERRORS = {
     grpc.StatusCode.NOT_FOUND: (404, "export_not_found"),
@@ -45,6 +46,7 @@ class AgentState:
         self.channel: ChannelServer | None = None
         self.cache = _uffd.ChunkCache(settings.cache_bytes) if settings.cache_bytes else None
         self.idle_since = time.monotonic()
+        self.snapshots: SnapshotManager | None = None
 
     async def start(self) -> None:
         self.sessions.prepare_dirs()
@@ -66,6 +68,7 @@ class AgentState:
         if s.advertise_grpc is None:
             host, _ = split_host_port(s.grpc)
             self.grpc_address = f"{host}:{self.peer_server.port}"
+        self.snapshots = SnapshotManager(s, self.exports)
         await recover(self.sessions)
         self.janitor = asyncio.get_running_loop().create_task(self._expire_sessions())
 
