@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from pagewire import _uffd
 from pagewire.localagents import LocalAgent
@@ -49,7 +50,7 @@ def test_snapshot_of_a_running_writer(tmp_path: Path) -> None:
         report = json.loads(writer.communicate(timeout=60)[0].decode().splitlines()[-1])
         assert status["state"] == "completed", status
         assert status["pages_copied"] == PAGES
-        print("snapshot", status["write_faults"], "write faults")
+        assert status["write_faults"] > 0  # writes arrived while it copied
         assert report["final_memory_wrong_pages"] == 0  # the live memory is its own
         log = json.loads(log_path.read_text())
         data = out.read_bytes()
@@ -66,6 +67,9 @@ def test_snapshot_of_a_running_writer(tmp_path: Path) -> None:
         ]
         assert not wrong, f"{len(wrong)} pages are not the image of write {instant}"
         assert report["writes"] > instant  # the writer kept writing after the instant
+        with httpx.stream("GET", f"{agent.url}/v1/snapshots/{snap['id']}/events") as ev:
+            lines = [line for line in ev.iter_lines() if line.startswith("event: ")]
+        assert lines == ["event: end"]  # it had ended: the stream says so at once
         export = agent.request("GET", "/v1/exports/snap1").json()
         assert export["size"] == PAGES * PAGE and export["state"] == "ready"
     finally:

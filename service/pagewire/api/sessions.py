@@ -56,7 +56,7 @@ async def delete_session(session_id: str, agent: Agent) -> dict[str, Any]:
 PROGRESS_INTERVAL_S = 1.0
 
 
-def _event(kind: str, status: dict[str, Any]) -> str:
+def sse_event(kind: str, status: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps(status)}\n\n"
 
 
@@ -77,10 +77,10 @@ async def session_events(session_id: str, agent: Agent) -> StreamingResponse:
 
     async def stream() -> AsyncIterator[str]:
         while session.active:
-            yield _event("progress", session.status())
+            yield sse_event("progress", session.status())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.ended.wait(), PROGRESS_INTERVAL_S)
-        yield _event("end", session.status())
+        yield sse_event("end", session.status())
 
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}

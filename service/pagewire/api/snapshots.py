@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
 
 from ..errors import ApiError, ErrorResponse
 from ..models import SnapshotRequest
 from .deps import Agent, require_token
+from .sessions import PROGRESS_INTERVAL_S
+from .sessions import sse_event as sse
 
 router = APIRouter(
     prefix="/v1/snapshots", tags=["snapshots"], dependencies=[Depends(require_token)]
@@ -44,3 +50,30 @@ async def list_snapshots(agent: Agent) -> dict[str, Any]:
 async def get_snapshot(snapshot_id: str, agent: Agent) -> dict[str, Any]:
     result: dict[str, Any] = _manager(agent).get(snapshot_id).status()
     return result
+
+
+@router.get(
+    "/{snapshot_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "progress events, then one end event",
+        },
+    },
+)
+async def snapshot_events(snapshot_id: str, agent: Agent) -> StreamingResponse:
+    """Server-sent events, as for sessions: `progress` about once a second, then `end`."""
+    snap = _manager(agent).get(snapshot_id)
+
+    async def stream() -> AsyncIterator[str]:
+        while snap.active:
+            yield sse("progress", snap.status())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(snap.ended.wait(), PROGRESS_INTERVAL_S)
+        yield sse("end", snap.status())
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
