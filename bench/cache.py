@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from common import LocalAgent, MiB, emit, wait_ended
 from pagewire.images import make_image
+from pagewire.workload import command as workload_command
 
 
 def sent_bytes(agent: LocalAgent) -> float:
@@ -38,21 +38,7 @@ def together(src: LocalAgent, dst: LocalAgent, size: int, n: int, order: str) ->
     ]
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pagewire.workload",
-                "--socket",
-                s["socket"],
-                "--size",
-                str(size),
-                "--order",
-                order,
-                "--threads",
-                "2",
-                "--hold",
-                "60",
-            ],
+            workload_command(s["socket"], size, "--order", order, "--threads", "2", "--hold", "60"),
             stdout=subprocess.DEVNULL,
         )
         for s in sessions

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from common import LocalAgent, MiB, emit, wait_ended
+from pagewire.workload import command as workload_command
 
 
 def text_image(path: Path, size: int) -> None:
@@ -36,19 +36,7 @@ def restore(src: LocalAgent, dst: LocalAgent, size: int, mode: str) -> dict[str,
     body = {"source": {"peer": src.grpc, "export": "img"}, "compression": mode}
     session = dst.request("POST", "/v1/sessions", json=body).json()
     started = time.monotonic()
-    cmd = [
-        sys.executable,
-        "-m",
-        "pagewire.workload",
-        "--socket",
-        session["socket"],
-        "--size",
-        str(size),
-        "--order",
-        "none",
-        "--hold",
-        "60",
-    ]
+    cmd = workload_command(session["socket"], size, "--order", "none", "--hold", "60")
     workload = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     status = wait_ended(dst, session["id"])
     workload.kill()

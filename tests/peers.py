@@ -6,13 +6,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pagewire.localagents import LocalAgent
+from pagewire.workload import command as workload_command
 
 from tests.netns import NetnsPair
 from tests.pki import agent_pki
@@ -98,18 +98,7 @@ def restore(p: Peers, image: Path, *args: str, **options: Any) -> tuple[dict, di
     assert r.status_code == 201, r.text
     session = r.json()
     size = image.stat().st_size
-    cmd = [
-        sys.executable,
-        "-m",
-        "pagewire.workload",
-        "--socket",
-        session["socket"],
-        "--size",
-        str(size),
-        "--verify",
-        str(image),
-        *args,
-    ]
+    cmd = workload_command(session["socket"], size, "--verify", str(image), *args)
     out = subprocess.run(cmd, capture_output=True, timeout=120).stdout
     seen = json.loads(out.decode().splitlines()[-1])
     deadline = time.monotonic() + 60

@@ -18,6 +18,20 @@ from . import _uffd
 from .client import MADV_DONTNEED, attach
 
 
+def command(socket_path: str, size: int, *args: str) -> list[str]:
+    """The command line that runs this workload as its own process."""
+    return [
+        sys.executable,
+        "-m",
+        "pagewire.workload",
+        "--socket",
+        socket_path,
+        "--size",
+        str(size),
+        *args,
+    ]
+
+
 def parse_pairs(text: str) -> list[tuple[int, int]]:
     pairs = []
     for item in filter(None, text.split(",")):

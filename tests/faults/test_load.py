@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pagewire.workload import command as workload_command
 
 from tests.peers import Peers, publish, start_pair, stop_pair
 
@@ -36,19 +36,7 @@ def test_16_concurrent_sessions_4_threads_each(pair: Peers, image, record) -> No
         )
         assert r.status_code == 201, r.text
         session = r.json()
-        cmd = [
-            sys.executable,
-            "-m",
-            "pagewire.workload",
-            "--socket",
-            session["socket"],
-            "--size",
-            str(8 * MiB),
-            "--threads",
-            "4",
-            "--verify",
-            str(img),
-        ]
+        cmd = workload_command(session["socket"], 8 * MiB, "--threads", "4", "--verify", str(img))
         runs.append((session, subprocess.Popen(cmd, stdout=subprocess.PIPE)))
     wrong = hung = 0
     for _, proc in runs:

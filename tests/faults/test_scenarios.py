@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from pagewire.localagents import LocalAgent
+from pagewire.workload import command as workload_command
 
 from tests.conftest import need
 from tests.peers import Peers, publish, start_pair, stop_pair
@@ -124,16 +125,7 @@ def begin(p: Peers, image: Path, args: list[str], peer: str | None = None, **opt
     r = p.dest.request("POST", "/v1/sessions", json=body)
     assert r.status_code == 201, r.text
     session = r.json()
-    cmd = [
-        sys.executable,
-        "-m",
-        "pagewire.workload",
-        "--socket",
-        session["socket"],
-        "--size",
-        str(image.stat().st_size),
-        *args,
-    ]
+    cmd = workload_command(session["socket"], image.stat().st_size, *args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return Run(session, proc, Watch(p.dest, session["id"]).start(), time.monotonic())
 

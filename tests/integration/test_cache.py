@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from pagewire import _uffd
 from pagewire.layout import SYSTEM_PAGE_SIZE as PAGE
+from pagewire.workload import command as workload_command
 
 from tests.integration.test_native_channel import CHUNK, fake_channel_server
 from tests.peers import Peers, publish, restore, start_pair, stop_pair
@@ -33,19 +33,7 @@ def restore_together(p: Peers, img: Path, n: int) -> list[dict]:
         sessions.append(p.dest.request("POST", "/v1/sessions", json=body).json())
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pagewire.workload",
-                "--socket",
-                s["socket"],
-                "--size",
-                str(img.stat().st_size),
-                "--order",
-                "none",
-                "--hold",
-                "60",
-            ]
+            workload_command(s["socket"], img.stat().st_size, "--order", "none", "--hold", "60")
         )
         for s in sessions
     ]
@@ -95,19 +83,7 @@ def test_cache_stays_bounded_and_refills(tmp_path: Path, image) -> None:
         ]
         procs = [
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pagewire.workload",
-                    "--socket",
-                    s["socket"],
-                    "--size",
-                    str(8 * MiB),
-                    "--threads",
-                    "2",
-                    "--verify",
-                    str(img),
-                ],
+                workload_command(s["socket"], 8 * MiB, "--threads", "2", "--verify", str(img)),
                 stdout=subprocess.PIPE,
             )
             for s in sessions

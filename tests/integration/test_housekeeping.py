@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from pagewire.localagents import LocalAgent
+from pagewire.workload import command as workload_command
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20
@@ -50,15 +50,7 @@ def test_json_logs_carry_the_session_id(tmp_path: Path, image) -> None:
     try:
         s = a.request("POST", "/v1/sessions", json={"source": {"path": str(img)}}).json()
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pagewire.workload",
-                "--socket",
-                s["socket"],
-                "--size",
-                str(2 * MiB),
-            ],
+            workload_command(s["socket"], 2 * MiB),
             check=True,
             capture_output=True,
             timeout=60,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pagewire.localagents import LocalAgent
+from pagewire.workload import command as workload_command
 
 from tests.conftest import need
 from tests.peers import publish, restore, start_pair, stop_pair
@@ -48,20 +48,7 @@ def huge_image(image, size: int) -> Path:  # type: ignore[no-untyped-def]
 
 
 def run(sock: str, size: int, img: Path, *args: str) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pagewire.workload",
-        "--socket",
-        sock,
-        "--size",
-        str(size),
-        "--page-size",
-        str(HUGE),
-        "--verify",
-        str(img),
-        *args,
-    ]
+    cmd = workload_command(sock, size, "--page-size", str(HUGE), "--verify", str(img), *args)
     out = subprocess.run(cmd, capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode()
     result: dict = json.loads(out.stdout.decode().splitlines()[-1])

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from pagewire.localagents import LocalAgent
+from pagewire.workload import command as workload_command
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20
@@ -37,14 +37,9 @@ def test_kill_9_agent_then_restart_takes_the_session_back(tmp_path: Path, image)
             "POST", "/v1/sessions", json={"source": {"path": str(img)}, "background": False}
         ).json()
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pagewire.workload",
-                "--socket",
+            workload_command(
                 s["socket"],
-                "--size",
-                str(16 * MiB),
+                16 * MiB,
                 "--threads",
                 "2",
                 "--ready-file",
@@ -53,7 +48,7 @@ def test_kill_9_agent_then_restart_takes_the_session_back(tmp_path: Path, image)
                 str(go),
                 "--verify",
                 str(img),
-            ],
+            ),
             stdout=subprocess.PIPE,
         )
         wait_for(ready.exists)
@@ -86,19 +81,14 @@ def test_restart_with_the_workload_gone_fails_the_session(tmp_path: Path, image)
             json={"source": {"path": str(img)}, "background": False, "prefetch": "none"},
         ).json()
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pagewire.workload",
-                "--socket",
+            workload_command(
                 s["socket"],
-                "--size",
-                str(16 * MiB),
+                16 * MiB,
                 "--ready-file",
                 str(ready),
                 "--go-file",
                 str(tmp_path / "never"),
-            ]
+            )
         )
         wait_for(ready.exists)
         agent.kill()
@@ -123,21 +113,16 @@ def test_sigterm_handover_lets_the_next_agent_finish(tmp_path: Path, image) -> N
             "POST", "/v1/sessions", json={"source": {"path": str(img)}, "background": False}
         ).json()
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pagewire.workload",
-                "--socket",
+            workload_command(
                 s["socket"],
-                "--size",
-                str(16 * MiB),
+                16 * MiB,
                 "--ready-file",
                 str(ready),
                 "--go-file",
                 str(go),
                 "--verify",
                 str(img),
-            ],
+            ),
             stdout=subprocess.PIPE,
         )
         wait_for(ready.exists)
