@@ -1918,7 +1918,7 @@ static void *chan_urgent_thread(void *arg)
         c->last_answer_ns = now_ns();
         c->chunks_urgent++;
         pthread_mutex_unlock(&e->lock);
-        chan_install(e, (uint64_t)index, buf, len, KIND_FAULT);
+        chan_install(e, (uint64_t)index, buf, len, KIND_PREFETCH); /* asked-for pages count as faults */
     }
     free(buf);
     free(stage);

@@ -200,7 +200,7 @@ class RemoteSource:
         )
         if chunks:
             self.inflight.update(chunks)
-            self._spawn(self._fetch(chunks, _uffd.FAULT))
+            self._spawn(self._fetch(chunks, _uffd.PREFETCH))  # asked-for pages count as faults
 
     # ---- installing -----------------------------------------------------
 
