@@ -2367,31 +2367,6 @@ static PyObject *Engine_wake_all(Engine *e, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* Mark pages already present in the workload (restart reconciliation):
- * present is one byte per page, in region order. */
-static PyObject *Engine_mark_present(Engine *e, PyObject *arg)
-{
-    Py_buffer b;
-    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if ((uint64_t)b.len != e->total) {
-        PyBuffer_Release(&b);
-        PyErr_SetString(PyExc_ValueError, "one byte per page expected");
-        return NULL;
-    }
-    const uint8_t *src = b.buf;
-    pthread_mutex_lock(&e->lock);
-    for (int i = 0; i < e->nregions; i++) {
-        region_t *r = &e->regions[i];
-        for (uint64_t p = 0; p < r->npages; p++, src++)
-            if (*src)
-                set_state(e, r, p, ST_PRESENT);
-    }
-    pthread_mutex_unlock(&e->lock);
-    PyBuffer_Release(&b);
-    Py_RETURN_NONE;
-}
-
 /* Bitmap (LSB first) of the chunks that still hold a missing page the source has data
  * for: what a bulk stream should still bring. */
 static PyObject *Engine_wanted_chunks(Engine *e, PyObject *args)
@@ -2499,7 +2474,6 @@ static PyMethodDef Engine_methods[] = {
     {"fail", (PyCFunction)Engine_fail, METH_VARARGS, "Fail the session (optionally poison)."},
     {"close_uffd", (PyCFunction)Engine_close_uffd, METH_NOARGS, "Stop and close without unregistering."},
     {"wake_all", (PyCFunction)Engine_wake_all, METH_NOARGS, "UFFDIO_WAKE every region."},
-    {"mark_present", (PyCFunction)Engine_mark_present, METH_O, "Mark pages present."},
     {"wanted_chunks", (PyCFunction)Engine_wanted_chunks, METH_VARARGS,
      "Bitmap of chunks still holding missing data pages."},
     {"reconcile_pagemap", (PyCFunction)Engine_reconcile_pagemap, METH_O,

@@ -80,8 +80,6 @@ class Engine:
         (then nothing was closed)."""
     def close_uffd(self) -> None:
         """Stop the fault thread and close the uffd copy without unregistering."""
-    def mark_present(self, present: bytes) -> None:
-        """One byte per page in region order; non-zero marks the page present."""
     def wake_all(self) -> None: ...
     def reconcile_pagemap(self, pid: int) -> int:
         """Mark pages present in the workload's /proc/PID/pagemap; returns how many."""

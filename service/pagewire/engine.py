@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from . import _uffd
@@ -90,10 +89,3 @@ def open_engine(
         window_pages=options.window_pages,
         batch_bytes=options.batch_bytes,
     )
-
-
-def pidfd_for(pid: int) -> int:
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return -1

@@ -3,6 +3,7 @@ time: the fault path never makes a Python call for a metric."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ INSTALL_PATHS = {
 
 @dataclass
 class Retired:
-    """Totals of forgotten sessions, so counters never go backwards."""
+    """Totals over sessions: kept for forgotten ones, so counters never go backwards, and
+    extended with the live ones at each scrape."""
 
     faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESOLUTIONS, 0))
     buckets: dict[str, list[int]] = field(
@@ -65,10 +67,8 @@ class Retired:
 
 
 def source_counter(session: Session, name: str) -> int:
-    client = getattr(session.source, "client", None)
-    if name == "integrity_failures":
-        return int(getattr(session.source, "integrity_failures", 0))
-    return int(getattr(client, name, 0)) if client is not None else 0
+    """A peer source's counter (local sources have none)."""
+    return int(getattr(session.source, name, 0))
 
 
 def cumulative(counts: list[int]) -> list[tuple[str, float]]:
@@ -95,15 +95,18 @@ class AgentCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         sessions = self.sessions()
-        retired = self.agent.sessions.retired
-        yield from self._faults(sessions, retired)
-        yield from self._installs(sessions, retired)
+        # forgotten sessions' totals plus every known session's, each read once per scrape
+        totals = copy.deepcopy(self.agent.sessions.retired)
+        for s in sessions:
+            totals.add(s)
+        yield from self._faults(totals)
+        yield from self._installs(totals)
         yield from self._sessions(sessions)
-        yield from self._peers(sessions, retired)
+        yield from self._peers(totals)
         yield from self._cache()
         yield from self._misc()
 
-    def _faults(self, sessions: Iterable[Session], retired: Retired) -> Iterator[Metric]:
+    def _faults(self, totals: Retired) -> Iterator[Metric]:
         hist = HistogramMetricFamily(
             "pagewire_fault_latency_seconds",
             "Time from reading a fault to its install returning, by where the answer came from.",
@@ -113,27 +116,17 @@ class AgentCollector(Collector):
             "pagewire_faults", "Demand faults resolved, by resolution.", labels=["resolution"]
         )
         for res in RESOLUTIONS:
-            counts = list(retired.buckets[res])
-            total_sum = retired.sums[res]
-            n = retired.faults[res]
-            for s in sessions:
-                h = s.histograms().get(res)
-                if h is not None:
-                    counts = [a + b for a, b in zip(counts, h.counts, strict=True)]
-                    total_sum += h.sum_s
-                n += s.stats().get(f"faults_{res}", 0)
-            hist.add_metric([res], cumulative(counts), total_sum)
-            faults.add_metric([res], n)
+            hist.add_metric([res], cumulative(totals.buckets[res]), totals.sums[res])
+            faults.add_metric([res], totals.faults[res])
         yield hist
         yield faults
 
-    def _installs(self, sessions: Iterable[Session], retired: Retired) -> Iterator[Metric]:
+    def _installs(self, totals: Retired) -> Iterator[Metric]:
         pages = CounterMetricFamily(
             "pagewire_pages_installed", "Pages installed, by path.", labels=["path"]
         )
-        for path, key in INSTALL_PATHS.items():
-            total = retired.installed[path] + sum(s.stats().get(key, 0) for s in sessions)
-            pages.add_metric([path], total)
+        for path in INSTALL_PATHS:
+            pages.add_metric([path], totals.installed[path])
         yield pages
 
     def _sessions(self, sessions: Iterable[Session]) -> Iterator[Metric]:
@@ -167,32 +160,26 @@ class AgentCollector(Collector):
             ended.add_metric([state, code], n)
         yield from (by_state, remaining, paused, ended)
 
-    def _peers(self, sessions: Iterable[Session], retired: Retired) -> Iterator[Metric]:
+    def _peers(self, totals: Retired) -> Iterator[Metric]:
         server = self.agent.peer_server
         sent = server.servicer.bytes_sent if server is not None else 0
         if self.agent.channel is not None:
             sent += self.agent.channel.bytes_sent()
         yield CounterMetricFamily("pagewire_bytes_sent", "Page bytes sent to peers.", value=sent)
-        received = retired.bytes_received + sum(
-            s.source.bytes_received() + s.stats().get("channel_bytes_received", 0) for s in sessions
-        )
         yield CounterMetricFamily(
-            "pagewire_bytes_received", "Page bytes received from peers.", value=received
-        )
-        digest = retired.digest_failures + sum(
-            source_counter(s, "integrity_failures") + s.stats().get("channel_digest_failures", 0)
-            for s in sessions
+            "pagewire_bytes_received",
+            "Page bytes received from peers.",
+            value=totals.bytes_received,
         )
         yield CounterMetricFamily(
             "pagewire_digest_failures",
             "Chunks refused because their size, index or digest was wrong.",
-            value=digest,
+            value=totals.digest_failures,
         )
-        reconnects = retired.reconnects + sum(source_counter(s, "reconnects") for s in sessions)
         yield CounterMetricFamily(
             "pagewire_peer_reconnects",
             "Peer streams opened again after one broke.",
-            value=reconnects,
+            value=totals.reconnects,
         )
 
     def _cache(self) -> Iterator[Metric]:

@@ -16,7 +16,7 @@ from .errors import ApiError
 from .handoff import Handoff, is_uffd, process_start_time
 from .layout import Region
 from .models import ACTIVE_STATES, SessionRequest
-from .sessions import LocalSource, PassiveSource, Session, SessionManager
+from .sessions import PassiveSource, Session, SessionManager
 
 log = logging.getLogger("pagewire.recovery")
 
@@ -133,7 +133,6 @@ async def _take_back(manager: SessionManager, session: Session, record: dict[str
         return
     session.source = source
     manager._start_engine(session, handoff, recovered=True)
-    session.task = asyncio.create_task(_watch(session))
     await session.source.start(session)
     log.info(
         "session taken back after restart", extra={"session": session.id, "pid": workload["pid"]}
@@ -162,10 +161,3 @@ async def _reopen_source(manager: SessionManager, session: Session) -> Any:
             session.state = "paused"
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
-
-
-async def _watch(session: Session) -> None:
-    await session.ended.wait()
-
-
-__all__ = ["recover", "find_uffd", "LocalSource"]

@@ -98,6 +98,10 @@ class RemoteSource:
         """Where page data flows now: the engine's native channel, or gRPC."""
         return "native" if self.on_channel else "grpc"
 
+    @property
+    def reconnects(self) -> int:
+        return self.client.reconnects
+
     def bytes_received(self) -> int:
         return self.client.bytes_received
 
