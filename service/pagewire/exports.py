@@ -220,8 +220,52 @@ def scan_file(fd: int, size: int, page_size: int, chunk_size: int) -> tuple[byte
 # --- the export ------------------------------------------------------------------------
 
 
+class ChunkGeometry:
+    """Pages and chunks of an image, from its size, page size, chunk size and zero map
+    (one byte per page, 1 = all zero): the same arithmetic on both sides of the wire."""
+
+    size: int
+    page_size: int
+    chunk_size: int
+    zero_map: bytes
+
+    @property
+    def pages(self) -> int:
+        return self.size // self.page_size
+
+    @property
+    def pages_per_chunk(self) -> int:
+        return self.chunk_size // self.page_size
+
+    @property
+    def chunks(self) -> int:
+        return (self.size + self.chunk_size - 1) // self.chunk_size
+
+    @property
+    def zero_pages(self) -> int:
+        return self.zero_map.count(1)
+
+    def chunk_pages(self, index: int) -> tuple[int, int]:
+        """[first, last) page numbers of a chunk."""
+        first = index * self.pages_per_chunk
+        return first, min(first + self.pages_per_chunk, self.pages)
+
+    def chunk_len(self, index: int) -> int:
+        first, last = self.chunk_pages(index)
+        return (last - first) * self.page_size
+
+    def chunk_is_zero(self, index: int) -> bool:
+        first, last = self.chunk_pages(index)
+        return 0 not in self.zero_map[first:last]
+
+    def chunk_data_len(self, index: int) -> int:
+        """Bytes of non-zero pages in a chunk: what crosses the wire for it."""
+        first, last = self.chunk_pages(index)
+        return self.zero_map.count(0, first, last) * self.page_size
+
+
 @dataclass(eq=False)
-class Export:
+class Export(ChunkGeometry):
     name: str
     path: str
     size: int
@@ -240,21 +284,6 @@ class Export:
     _closed: bool = field(default=False, repr=False)
     _bitmap: bytes | None = field(default=None, repr=False)
 
-    @property
-    def pages(self) -> int:
-        return self.size // self.page_size
-
-    @property
-    def pages_per_chunk(self) -> int:
-        return self.chunk_size // self.page_size
-
-    @property
-    def chunks(self) -> int:
-        return (self.size + self.chunk_size - 1) // self.chunk_size
-
-    @property
-    def zero_pages(self) -> int:
-        return self.zero_map.count(1)
 
     @property
     def zero_bitmap(self) -> bytes:
@@ -267,19 +296,6 @@ class Export:
     def generation(self) -> str:
         return self.identity.generation(self.name)
 
-    def chunk_pages(self, index: int) -> tuple[int, int]:
-        """[first, last) page numbers of a chunk."""
-        first = index * self.pages_per_chunk
-        return first, min(first + self.pages_per_chunk, self.pages)
-
-    def chunk_is_zero(self, index: int) -> bool:
-        first, last = self.chunk_pages(index)
-        return 0 not in self.zero_map[first:last]
-
-    def chunk_data_len(self, index: int) -> int:
-        """Bytes of non-zero pages in a chunk: what read_chunk returns."""
-        first, last = self.chunk_pages(index)
-        return self.zero_map.count(0, first, last) * self.page_size
 
     def to_json(self) -> dict[str, Any]:
         return {

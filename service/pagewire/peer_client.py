@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagewire import _uffd
-from pagewire.exports import unpack_bits
+from pagewire.exports import ChunkGeometry, unpack_bits
 from pagewire.peer_server import (
     COMMON_OPTIONS,
     MAX_CHUNKS_PER_REQUEST,
@@ -72,7 +72,7 @@ class PeerIntegrityError(PeerError):
 
 
 @dataclass
-class RemoteExport:
+class RemoteExport(ChunkGeometry):
     name: str
     size: int
     page_size: int
@@ -81,30 +81,6 @@ class RemoteExport:
     digests: list[bytes]
     generation: str
     working_set: list[int] = field(default_factory=list)
-
-    @property
-    def pages(self) -> int:
-        return self.size // self.page_size
-
-    @property
-    def pages_per_chunk(self) -> int:
-        return self.chunk_size // self.page_size
-
-    @property
-    def chunks(self) -> int:
-        return (self.size + self.chunk_size - 1) // self.chunk_size
-
-    def chunk_pages(self, index: int) -> tuple[int, int]:
-        first = index * self.pages_per_chunk
-        return first, min(first + self.pages_per_chunk, self.pages)
-
-    def chunk_len(self, index: int) -> int:
-        first, last = self.chunk_pages(index)
-        return (last - first) * self.page_size
-
-    def chunk_is_zero(self, index: int) -> bool:
-        first, last = self.chunk_pages(index)
-        return 0 not in self.zero_map[first:last]
 
     @classmethod
     def from_proto(cls, desc: Any) -> RemoteExport:
@@ -139,10 +115,8 @@ def decode_chunk(remote: RemoteExport, chunk: Any, compression: str) -> bytes:
         raise PeerIntegrityError(f"chunk {chunk.index}: unexpected encoding {chunk.encoding!r}")
     if not 0 <= chunk.index < remote.chunks:
         raise PeerIntegrityError(f"chunk index {chunk.index} out of range")
-    first, last = remote.chunk_pages(chunk.index)
-    expected = remote.zero_map[first:last].count(0) * remote.page_size
     try:
-        return _uffd.zstd_decompress(chunk.data, expected)
+        return _uffd.zstd_decompress(chunk.data, remote.chunk_data_len(chunk.index))
     except ValueError as exc:
         raise PeerIntegrityError(f"chunk {chunk.index}: {exc}") from None
 
