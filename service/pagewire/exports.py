@@ -284,7 +284,6 @@ class Export(ChunkGeometry):
     _closed: bool = field(default=False, repr=False)
     _bitmap: bytes | None = field(default=None, repr=False)
 
-
     @property
     def zero_bitmap(self) -> bytes:
         """The zero map as an LSB-first bitmap, 1 bit per page (the proto form)."""
@@ -295,7 +294,6 @@ class Export(ChunkGeometry):
     @property
     def generation(self) -> str:
         return self.identity.generation(self.name)
-
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -429,26 +429,3 @@ async def serve_peers(
         "mTLS" if material else "plain text",
     )
     return PeerServer(server, servicer, health_servicer, port)
-
-
-async def start_peer_server(
-    registry: ExportRegistry,
-    address: str,
-    *,
-    tls_cert: str | Path | None = None,
-    tls_key: str | Path | None = None,
-    tls_ca: str | Path | None = None,
-    insecure_peers: bool = False,
-    servicer: PageServicer | None = None,
-) -> grpc.aio.Server:
-    """Start the page service; pass servicer to keep a handle on its counters."""
-    peer = await serve_peers(
-        registry,
-        address,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_ca=tls_ca,
-        insecure_peers=insecure_peers,
-        servicer=servicer,
-    )
-    return peer.server

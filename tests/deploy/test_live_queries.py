@@ -5,7 +5,6 @@ expressions name is one the agents export, and every alert rule evaluates withou
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-
-from tests.conftest import need
 
 from .common import PROMETHEUS, PROMETHEUS_SERIES, grafana_to_promql, metric_names
 from .test_grafana import expressions as dashboard_expressions
@@ -49,17 +46,14 @@ def query(base: str, expr: str) -> dict[str, Any]:
 
 
 def test_dashboard_and_alert_queries_against_real_agents(tmp_path: Path, image) -> None:  # type: ignore[no-untyped-def]
-    need(
-        shutil.which("prometheus") is not None,
-        "the prometheus server (Debian package 'prometheus') is not installed",
-    )
-    from pagewire.localagents import LocalAgent, free_port
+    from pagewire.localagents import LocalAgent
+
+    from tests.prom import prometheus
 
     roots = tmp_path / "roots"
     roots.mkdir(exist_ok=True)
     src = LocalAgent(tmp_path, "src", [roots]).start()
     dst = LocalAgent(tmp_path, "dst", []).start()
-    prom = None
     try:
         size = 8 * MiB
         img = image(size)
@@ -88,72 +82,58 @@ def test_dashboard_and_alert_queries_against_real_agents(tmp_path: Path, image) 
             assert r.status_code == 200
             exported |= exported_series(r.text)
 
-        rules = tmp_path / "rules.yaml"
-        rules.write_text((PROMETHEUS / "rules.yaml").read_text())
-        config = tmp_path / "prometheus.yml"
         targets = ", ".join(f'"127.0.0.1:{a.http_port}"' for a in (src, dst))
-        config.write_text(
+        config = (
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             "rule_files: [rules.yaml]\n"
             "scrape_configs:\n"
             f"  - job_name: pagewire\n    static_configs: [{{targets: [{targets}]}}]\n"
         )
-        port = free_port()
-        prom = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                # two scrapes of both agents, so rate() has two samples
-                up = query(base, 'count_over_time(up{job="pagewire"}[1m]) >= 2')
-                if up.get("status") == "success" and len(up["data"]["result"]) == 2:
+        rules = (PROMETHEUS / "rules.yaml").read_text()
+        with prometheus(tmp_path / "prom", config, rules) as base:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    # two scrapes of both agents, so rate() has two samples
+                    up = query(base, 'count_over_time(up{job="pagewire"}[1m]) >= 2')
+                    if up.get("status") == "success" and len(up["data"]["result"]) == 2:
+                        break
+                except (httpx.HTTPError, ValueError):  # 503 text while Prometheus starts
+                    pass
+                assert time.monotonic() < deadline, "Prometheus never scraped both agents"
+                time.sleep(0.5)
+
+            named = set()
+            cases = [(w, grafana_to_promql(e)) for w, e in dashboard_expressions()]
+            cases += [(f"rule {r['alert']}", r["expr"]) for r in all_rules()]
+            for where, expr in cases:
+                body = query(base, expr)
+                assert body["status"] == "success", f"{where}: {body}"
+                named |= metric_names(expr)
+            assert not named - exported - PROMETHEUS_SERIES, "named but not exported"
+
+            # Values: the restore's faults are visible through the dashboard's own query.
+            faults = query(base, "sum(pagewire_faults_total)")["data"]["result"]
+            assert faults and float(faults[0]["value"][1]) > 0
+
+            # Every alert rule has been evaluated, without error.
+            deadline = time.monotonic() + 30
+            while True:
+                groups = httpx.get(f"{base}/api/v1/rules", timeout=10).json()["data"]["groups"]
+                evaluated = [rule for g in groups for rule in g["rules"]]
+                if len(evaluated) == len(all_rules()) and all(
+                    rule["health"] != "unknown" for rule in evaluated
+                ):
                     break
-            except (httpx.HTTPError, ValueError):  # 503 text while Prometheus starts
-                pass
-            assert time.monotonic() < deadline, "Prometheus never scraped both agents"
-            time.sleep(0.5)
-
-        named = set()
-        cases = [(w, grafana_to_promql(e)) for w, e in dashboard_expressions()]
-        cases += [(f"rule {r['alert']}", r["expr"]) for r in all_rules()]
-        for where, expr in cases:
-            body = query(base, expr)
-            assert body["status"] == "success", f"{where}: {body}"
-            named |= metric_names(expr)
-        assert not named - exported - PROMETHEUS_SERIES, "named but not exported"
-
-        # Values: the restore's faults are visible through the dashboard's own query.
-        faults = query(base, "sum(pagewire_faults_total)")["data"]["result"]
-        assert faults and float(faults[0]["value"][1]) > 0
-
-        # Every alert rule has been evaluated, without error.
-        deadline = time.monotonic() + 30
-        while True:
-            groups = httpx.get(f"{base}/api/v1/rules", timeout=10).json()["data"]["groups"]
-            evaluated = [rule for g in groups for rule in g["rules"]]
-            if len(evaluated) == len(all_rules()) and all(
-                rule["health"] != "unknown" for rule in evaluated
-            ):
-                break
-            assert time.monotonic() < deadline, evaluated
-            time.sleep(0.5)
-        bad = {rule["name"]: rule.get("lastError") for rule in evaluated if rule["health"] != "ok"}
-        assert not bad
-        # Both agents are up: the down alerts must not be firing.
-        firing = {rule["name"] for rule in evaluated if rule["state"] == "firing"}
-        assert not firing & {"PagewireAgentDown", "PagewireAgentsAbsent"}
+                assert time.monotonic() < deadline, evaluated
+                time.sleep(0.5)
+            bad = {
+                rule["name"]: rule.get("lastError") for rule in evaluated if rule["health"] != "ok"
+            }
+            assert not bad
+            # Both agents are up: the down alerts must not be firing.
+            firing = {rule["name"] for rule in evaluated if rule["state"] == "firing"}
+            assert not firing & {"PagewireAgentDown", "PagewireAgentsAbsent"}
     finally:
-        if prom is not None:
-            prom.terminate()
-            prom.wait(10)
         dst.stop()
         src.stop()

@@ -4,7 +4,6 @@ real agent that has just restored an image from a peer."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from pagewire.localagents import LocalAgent, free_port
+from pagewire.localagents import LocalAgent
 
-from tests.conftest import need
+from tests.prom import prometheus
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20
@@ -122,15 +121,10 @@ def prom_query(base: str, query: str) -> list[dict]:
 
 
 def test_real_prometheus_scrapes_a_restoring_agent(tmp_path: Path, image) -> None:
-    need(
-        shutil.which("prometheus") is not None,
-        "the prometheus server (Debian package 'prometheus') is not installed",
-    )
     roots = tmp_path / "roots"
     roots.mkdir(exist_ok=True)
     src = LocalAgent(tmp_path, "src", [roots]).start()
     dst = LocalAgent(tmp_path, "dst", []).start()
-    prom = None
     try:
         img = image(16 * MiB)
         assert (
@@ -146,48 +140,33 @@ def test_real_prometheus_scrapes_a_restoring_agent(tmp_path: Path, image) -> Non
         out, _ = proc.communicate(timeout=120)
         assert b'"verified": true' in out
         status = wait_state(dst, s["id"], ("completed",))
-        config = tmp_path / "prometheus.yml"
-        config.write_text(PROM_CONFIG.replace("{target}", f"127.0.0.1:{dst.http_port}"))
-        port = free_port()
-        prom = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        faults: list[dict] = []
-        while time.monotonic() < deadline:
-            try:
-                faults = prom_query(base, "sum(pagewire_faults_total)")
-            except (httpx.HTTPError, ValueError):
-                faults = []
-            if faults:
-                break
-            time.sleep(0.5)
-        assert faults, "Prometheus never scraped the agent"
-        total = sum(status["faults"].values())
-        assert float(faults[0]["value"][1]) == total
-        remote = prom_query(base, 'pagewire_faults_total{resolution="remote"}')
-        assert float(remote[0]["value"][1]) == status["faults"]["remote"]
-        q = prom_query(
-            base, "histogram_quantile(0.5, sum by (le) (pagewire_fault_latency_seconds_bucket))"
-        )
-        p50 = float(q[0]["value"][1])
-        own = status["fault_latency_seconds"]["p50"]
-        # Prometheus interpolates within power-of-two buckets; the engine's own buckets are
-        # four per power of two: the two agree within a factor of two
-        assert own / 2 <= p50 <= own * 2, (p50, own)
-        count = prom_query(base, "sum(pagewire_fault_latency_seconds_count)")
-        assert float(count[0]["value"][1]) == total
+        config = PROM_CONFIG.replace("{target}", f"127.0.0.1:{dst.http_port}")
+        with prometheus(tmp_path / "prom", config) as base:
+            deadline = time.monotonic() + 60
+            faults: list[dict] = []
+            while time.monotonic() < deadline:
+                try:
+                    faults = prom_query(base, "sum(pagewire_faults_total)")
+                except (httpx.HTTPError, ValueError):
+                    faults = []
+                if faults:
+                    break
+                time.sleep(0.5)
+            assert faults, "Prometheus never scraped the agent"
+            total = sum(status["faults"].values())
+            assert float(faults[0]["value"][1]) == total
+            remote = prom_query(base, 'pagewire_faults_total{resolution="remote"}')
+            assert float(remote[0]["value"][1]) == status["faults"]["remote"]
+            q = prom_query(
+                base, "histogram_quantile(0.5, sum by (le) (pagewire_fault_latency_seconds_bucket))"
+            )
+            p50 = float(q[0]["value"][1])
+            own = status["fault_latency_seconds"]["p50"]
+            # Prometheus interpolates within power-of-two buckets; the engine's own buckets are
+            # four per power of two: the two agree within a factor of two
+            assert own / 2 <= p50 <= own * 2, (p50, own)
+            count = prom_query(base, "sum(pagewire_fault_latency_seconds_count)")
+            assert float(count[0]["value"][1]) == total
     finally:
-        if prom is not None:
-            prom.terminate()
-            prom.wait(10)
         dst.stop()
         src.stop()

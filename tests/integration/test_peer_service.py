@@ -19,10 +19,11 @@ from pagewire.peer_client import (
     PeerIntegrityError,
     RemoteExport,
 )
-from pagewire.peer_server import PageServicer, PeerServer, serve_peers, start_peer_server
+from pagewire.peer_server import PageServicer, PeerServer, serve_peers
 from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
 from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
 
+from tests.conftest import need
 from tests.pki import make_ca, make_cert
 
 PS = PAGE_SIZE
@@ -388,24 +389,23 @@ def test_plain_text_only_on_loopback(image: tuple[ExportRegistry, Export, bytes]
     async def main() -> None:
         for address in ("0.0.0.0:0", "[::]:0", "192.0.2.1:7071", "peer.example:7071"):
             with pytest.raises(ValueError, match="loopback"):
-                await start_peer_server(registry, address)
+                await serve_peers(registry, address)
             with pytest.raises(ValueError, match="loopback"):
                 PeerClient(address)
-        server = await start_peer_server(registry, "0.0.0.0:0", insecure_peers=True)
-        await server.stop(0)
+        peer = await serve_peers(registry, "0.0.0.0:0", insecure_peers=True)
+        await peer.stop(0)
         await PeerClient("192.0.2.1:7071", insecure_peers=True).close()
         for address in ("localhost:0", "[::1]:0", "127.0.0.2:0"):
             PeerClient(address)  # accepted without TLS (nothing connects yet)
         with pytest.raises(ValueError, match="mTLS needs"):
-            await start_peer_server(registry, "127.0.0.1:0", tls_cert="x")
+            await serve_peers(registry, "127.0.0.1:0", tls_cert="x")
 
     run(main())
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
+    need(shutil.which("openssl") is not None, "the openssl command is needed for test certificates")
     d = tmp_path / "pki"
     d.mkdir()
     make_ca(d, "ca")

@@ -16,6 +16,8 @@ import pytest
 from pagewire import _uffd
 from pagewire.localagents import LocalAgent
 
+from tests.conftest import need
+
 pytestmark = pytest.mark.usefixtures("require_uffd")
 WRITER = Path(__file__).with_name("snapshot_writer.py")
 STAMP = struct.Struct("<QQ")
@@ -24,8 +26,10 @@ PAGES = 8192
 
 
 def test_snapshot_of_a_running_writer(tmp_path: Path) -> None:
-    if not _uffd.API_FEATURES_SUPPORTED & _uffd.FEATURE_WP_UNPOPULATED:
-        pytest.skip("the kernel lacks UFFD_FEATURE_WP_UNPOPULATED")
+    need(
+        bool(_uffd.API_FEATURES_SUPPORTED & _uffd.FEATURE_WP_UNPOPULATED),
+        "the kernel lacks UFFD_FEATURE_WP_UNPOPULATED (6.4+)",
+    )
     roots = tmp_path / "roots"
     roots.mkdir()
     agent = LocalAgent(tmp_path, "agent", [roots]).start()
