@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _uffd
+from .exports import unpack_bits
 from .peer_client import PeerClient, PeerError, PeerIntegrityError, RemoteExport, UrgentStream
 
 if TYPE_CHECKING:
@@ -319,25 +320,22 @@ class RemoteSource:
         session is fetching (claimed, it will land in the cache); with how many deferred."""
         if self.cache is None:
             return want, 0
-        bits = bytearray(want)
-        deferred = 0
-        owner = id(self)
-        claimed = 0
-        for index in [i for i in range(self.remote.chunks) if bits[i // 8] >> (i % 8) & 1]:
-            if claimed >= CLAIM_WINDOW:  # the rest waits for the next pass
-                bits[index // 8] &= ~(1 << (index % 8)) & 0xFF
-                continue
+        flags = unpack_bits(want, self.remote.chunks)  # one byte per chunk
+        bits = bytearray(len(want))  # only what this pass claims
+        deferred = claimed = 0
+        index = flags.find(1)
+        while index >= 0 and claimed < CLAIM_WINDOW:  # the rest waits for the next pass
             state, data = self.cache.claim(
-                self.remote.digests[index], self.remote.chunk_len(index), owner
+                self.remote.digests[index], self.remote.chunk_len(index), id(self)
             )
-            if state == _uffd.CACHE_ABSENT:
-                claimed += 1  # ours to fetch
-                continue
-            bits[index // 8] &= ~(1 << (index % 8)) & 0xFF
-            if data is not None:
+            if state == _uffd.CACHE_ABSENT:  # ours to fetch
+                bits[index // 8] |= 1 << (index % 8)
+                claimed += 1
+            elif data is not None:
                 self._install(index, data, _uffd.BACKGROUND)
             else:
                 deferred += 1
+            index = flags.find(1, index + 1)
         return bytes(bits), deferred
 
     # ---- source loss ------------------------------------------------------
