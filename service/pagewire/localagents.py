@@ -86,12 +86,23 @@ class LocalAgent:
         return cmd
 
     def start(self, timeout: float = 20.0) -> LocalAgent:
+        """Start the agent. A port picked free can be taken before the agent binds it
+        (by any ephemeral bind on this machine): then it tries again on fresh ports."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        env = dict(os.environ, **self.env)
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env)
-        log.close()
-        self.wait_ready(timeout)
+        for attempt in range(3):
+            log = open(self.log_path, "ab")
+            env = dict(os.environ, **self.env)
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env)
+            log.close()
+            try:
+                self.wait_ready(timeout)
+                return self
+            except RuntimeError:
+                port_taken = "address already in use" in self.log_tail()
+                if not port_taken or self.netns is not None or attempt == 2:
+                    raise
+                self.kill()
+                self.http_port, self.grpc_port = free_port(), free_port()
         return self
 
     def wait_ready(self, timeout: float) -> None:
