@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "service"))
-from pagewire.images import make_image  # noqa: E402
+from pagewire.tools.images import make_image  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 SOURCE = BENCH_DIR / "minimal_handler.c"

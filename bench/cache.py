@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from common import LocalAgent, MiB, emit, wait_ended
-from pagewire.images import make_image
-from pagewire.workload import command as workload_command
+from pagewire.tools.images import make_image
+from pagewire.tools.workload import command as workload_command
 
 
 def sent_bytes(agent: LocalAgent) -> float:

@@ -12,14 +12,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "service"))
 
-from pagewire.localagents import LocalAgent  # noqa: E402
+from pagewire.tools.localagents import LocalAgent  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
 
 
 def run_workload(socket_path: str, size: int, *args: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pagewire.workload", "--socket", socket_path, "--size", str(size)]
+    cmd = [sys.executable, "-m", "pagewire.tools.workload", "--socket", socket_path]
+    cmd += ["--size", str(size)]
     out = subprocess.run([*cmd, *args], capture_output=True, check=True, timeout=600).stdout
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     return result

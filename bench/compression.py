@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LocalAgent, MiB, emit, wait_ended
-from pagewire.workload import command as workload_command
+from pagewire.tools.workload import command as workload_command
 
 
 def text_image(path: Path, size: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from baseline import run_minimal_handler
 from common import LocalAgent, MiB, emit, median, run_workload, wait_ended
-from pagewire.images import make_image
+from pagewire.tools.images import make_image
 
 
 def engine_run(agent: LocalAgent, image: Path, size: int, threads: int) -> dict[str, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LocalAgent, MiB, emit, run_workload, wait_ended
-from pagewire.images import make_image
+from pagewire.tools.images import make_image
 
 
 def main() -> None:

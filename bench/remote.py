@@ -1,7 +1,7 @@
 """Remote post-copy through two real agents, against network baselines of the same run.
 
 A source agent exports generated images; a destination agent restores them into workload
-processes (``python -m pagewire.workload``) over gRPC on loopback. Measured, each a median
+processes (``python -m pagewire.tools.workload``) over gRPC on loopback. Measured, each a median
 over ``--runs``:
 
 - demand-fault latency without bulk (``"background": false``, random touch, 1 thread):
@@ -37,7 +37,7 @@ from typing import Any
 
 import net_baselines
 from common import LocalAgent, MiB, emit, median
-from pagewire.images import make_image
+from pagewire.tools.images import make_image
 
 GiB = 1 << 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -92,7 +92,7 @@ def create_session(dest: LocalAgent, source: LocalAgent, export: str, background
 
 
 def start_workload(socket_path: str, size: int, *args: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "pagewire.workload", "--socket", socket_path]
+    cmd = [sys.executable, "-m", "pagewire.tools.workload", "--socket", socket_path]
     cmd += ["--size", str(size), *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

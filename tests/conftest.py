@@ -48,7 +48,7 @@ def require_root() -> None:
 @pytest.fixture
 def image(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Factory: image(size, seed=1) -> path of a realistic memory image."""
-    from pagewire.images import make_image
+    from pagewire.tools.images import make_image
 
     def make(size: int, seed: int = 1, name: str = "image.bin") -> Path:
         path = tmp_path / "roots" / name

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagewire.localagents import LocalAgent
-from pagewire.workload import command as workload_command
+from pagewire.tools.localagents import LocalAgent
+from pagewire.tools.workload import command as workload_command
 
 from tests.netns import NetnsPair
 from tests.pki import agent_pki

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pagewire.localagents import free_port
+from pagewire.tools.localagents import free_port
 
 from tests.conftest import need
 

@@ -14,8 +14,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from . import _uffd
-from .layout import SYSTEM_PAGE_SIZE, Region
+from pagewire import _uffd
+from pagewire.core.layout import SYSTEM_PAGE_SIZE, Region
 
 MADV_DONTFORK = 10
 MADV_DONTNEED = 4

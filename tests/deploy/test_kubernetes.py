@@ -235,7 +235,7 @@ def test_daemonset_identity_probes_and_lifecycle(
 
 def test_daemonset_settings_are_agent_flags(agent: dict[str, Any]) -> None:
     """Every PAGEWIRE_* variable is a setting of the agent (a typo would be rejected at start)."""
-    from pagewire.settings import Settings
+    from pagewire.agent.settings import Settings
 
     fields = {f"PAGEWIRE_{name.upper()}" for name in Settings.model_fields}
     env = env_of(agent)

@@ -46,7 +46,7 @@ def query(base: str, expr: str) -> dict[str, Any]:
 
 
 def test_dashboard_and_alert_queries_against_real_agents(tmp_path: Path, image) -> None:  # type: ignore[no-untyped-def]
-    from pagewire.localagents import LocalAgent
+    from pagewire.tools.localagents import LocalAgent
 
     from tests.prom import prometheus
 
@@ -63,7 +63,7 @@ def test_dashboard_and_alert_queries_against_real_agents(tmp_path: Path, image) 
         r = dst.request("POST", "/v1/sessions", json=body)
         assert r.status_code == 201, r.text
         session = r.json()
-        cmd = [sys.executable, "-m", "pagewire.workload", "--socket", session["socket"]]
+        cmd = [sys.executable, "-m", "pagewire.tools.workload", "--socket", session["socket"]]
         proc = subprocess.run(
             [*cmd, "--size", str(size), "--threads", "2", "--verify", str(img)],
             capture_output=True,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pagewire.workload import command as workload_command
+from pagewire.tools.workload import command as workload_command
 
 from tests.peers import Peers, publish, start_pair, stop_pair
 

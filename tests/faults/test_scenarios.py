@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pagewire.localagents import LocalAgent
-from pagewire.workload import command as workload_command
+from pagewire.tools.localagents import LocalAgent
+from pagewire.tools.workload import command as workload_command
 
 from tests.conftest import need
 from tests.peers import Peers, publish, start_pair, stop_pair

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pagewire.exports import Export, ExportRegistry
-from pagewire.peer_server import PageServicer, serve_peers
+from pagewire.exports.registry import Export, ExportRegistry
+from pagewire.peer.server import PageServicer, serve_peers
 
 
 class Corrupting(PageServicer):

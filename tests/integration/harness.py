@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from pagewire import _uffd, engine
-from pagewire.handoff import Handoff, SocketSpec, listen, receive_handoff
-from pagewire.layout import SYSTEM_PAGE_SIZE, Limits
+from pagewire.core.handoff import Handoff, SocketSpec, listen, receive_handoff
+from pagewire.core.layout import SYSTEM_PAGE_SIZE, Limits
 
 CHUNK = 64 << 10
 
 
 def workload_cmd(socket_path: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pagewire.workload", "--socket", str(socket_path), *args]
+    return [sys.executable, "-m", "pagewire.tools.workload", "--socket", str(socket_path), *args]
 
 
 @dataclass

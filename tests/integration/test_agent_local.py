@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from pagewire import _uffd
-from pagewire.localagents import LocalAgent
+from pagewire.tools.localagents import LocalAgent
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20
@@ -29,7 +29,7 @@ def agent(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def workload(sock: str, *args: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "pagewire.workload", "--socket", sock, *args]
+    cmd = [sys.executable, "-m", "pagewire.tools.workload", "--socket", sock, *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -199,7 +199,7 @@ def test_layout_the_uffd_does_not_cover_is_refused(agent: LocalAgent, image) -> 
             assert time.monotonic() < deadline
             time.sleep(0.02)
     assert status["state"] == "failed" and status["error"]["code"] == "not_registered"
-    from pagewire.handoff import unregistered_ranges
+    from pagewire.core.handoff import unregistered_ranges
 
     assert unregistered_ranges(os.getpid(), regions[:1]) == regions[:1]  # unregistered
     assert _uffd.read_memory(regions[0].base, 16) == bytes(16)  # no handler needed any more

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from pagewire import _uffd
-from pagewire.layout import SYSTEM_PAGE_SIZE as PAGE
-from pagewire.workload import command as workload_command
+from pagewire.core.layout import SYSTEM_PAGE_SIZE as PAGE
+from pagewire.tools.workload import command as workload_command
 
 from tests.integration.test_native_channel import CHUNK, fake_channel_server
 from tests.peers import Peers, publish, restore, start_pair, stop_pair

@@ -1,6 +1,6 @@
-"""The `pagewire export|session` commands and pagewire.api_client against a real agent.
+"""The `pagewire export|session` commands and pagewire.tools.rest_client against a real agent.
 
-The CLI runs as a subprocess (`python -m pagewire.cli ...`); workloads are real processes
+The CLI runs as a subprocess (`python -m pagewire.tools.cli ...`); workloads are real processes
 attaching through pagewire.client.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pagewire.api_client import ApiError, PagewireClient
-from pagewire.localagents import LocalAgent, free_port
+from pagewire.tools.localagents import LocalAgent, free_port
+from pagewire.tools.rest_client import ApiError, PagewireClient
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -32,7 +32,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def cli(
     agent: LocalAgent | None, *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "pagewire.cli", *args]
+    cmd = [sys.executable, "-m", "pagewire.tools.cli", *args]
     if agent is not None:
         cmd += ["--url", agent.url]
     return subprocess.run(
@@ -47,7 +47,7 @@ def cli_json(agent: LocalAgent, *args: str) -> Any:
 
 
 def workload(sock: str, *args: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "pagewire.workload", "--socket", sock, "--size", str(SIZE)]
+    cmd = [sys.executable, "-m", "pagewire.tools.workload", "--socket", sock, "--size", str(SIZE)]
     return subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -238,7 +238,7 @@ def test_session_watch_until_completed(agent: LocalAgent, image) -> None:  # typ
     img = image(SIZE)
     s = cli_json(agent, "session", "create", "--path", str(img))
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "pagewire.cli", "session", "watch", s["id"], "--json"]
+        [sys.executable, "-m", "pagewire.tools.cli", "session", "watch", s["id"], "--json"]
         + ["--url", agent.url],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -280,7 +280,7 @@ def test_session_cancel_running(agent: LocalAgent, image) -> None:  # type: igno
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         watcher = subprocess.Popen(
-            [sys.executable, "-m", "pagewire.cli", "session", "watch", s["id"]]
+            [sys.executable, "-m", "pagewire.tools.cli", "session", "watch", s["id"]]
             + ["--url", agent.url],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

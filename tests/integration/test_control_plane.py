@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from pagewire.localagents import LocalAgent
+from pagewire.tools.localagents import LocalAgent
 
 from tests.prom import prometheus
 
@@ -22,7 +22,7 @@ MiB = 1 << 20
 
 
 def workload(sock: str, size: int, *args: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "pagewire.workload", "--socket", sock, "--size", str(size)]
+    cmd = [sys.executable, "-m", "pagewire.tools.workload", "--socket", sock, "--size", str(size)]
     return subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

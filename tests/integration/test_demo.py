@@ -18,7 +18,7 @@ def test_demo_reports_a_passing_verification(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pagewire.cli",
+            "pagewire.tools.cli",
             "demo",
             "--size-mib",
             "16",
@@ -42,7 +42,7 @@ def test_demo_human_report_and_progress_bar(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pagewire.cli",
+            "pagewire.tools.cli",
             "demo",
             "--size-mib",
             "8",

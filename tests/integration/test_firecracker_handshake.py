@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from pagewire import _uffd, engine
-from pagewire.layout import SYSTEM_PAGE_SIZE
+from pagewire.core.layout import SYSTEM_PAGE_SIZE
 
 from .harness import accept_handoff
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from pagewire import _uffd
-from pagewire.handoff import HandoffError, SocketSpec, listen, receive_handoff
-from pagewire.layout import SYSTEM_PAGE_SIZE, Limits
+from pagewire.core.handoff import HandoffError, SocketSpec, listen, receive_handoff
+from pagewire.core.layout import SYSTEM_PAGE_SIZE, Limits
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 PAGE = SYSTEM_PAGE_SIZE

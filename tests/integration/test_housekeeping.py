@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pagewire.localagents import LocalAgent
-from pagewire.workload import command as workload_command
+from pagewire.tools.localagents import LocalAgent
+from pagewire.tools.workload import command as workload_command
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pagewire.localagents import LocalAgent
-from pagewire.workload import command as workload_command
+from pagewire.tools.localagents import LocalAgent
+from pagewire.tools.workload import command as workload_command
 
 from tests.conftest import need
 from tests.peers import publish, restore, start_pair, stop_pair

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from pagewire import _uffd
-from pagewire.layout import SYSTEM_PAGE_SIZE as PAGE
+from pagewire.core.layout import SYSTEM_PAGE_SIZE as PAGE
 
 from tests.peers import publish, restore, start_pair, stop_pair
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pagewire import _uffd
 from pagewire.client import MADV_DONTNEED
-from pagewire.layout import SYSTEM_PAGE_SIZE as PAGE
+from pagewire.core.layout import SYSTEM_PAGE_SIZE as PAGE
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 PAGES = 64

@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pagewire.localagents import LocalAgent
 from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
 from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
+from pagewire.tools.localagents import LocalAgent
 
 from tests.peers import Peers, publish, restore, start_pair, stop_pair
 

@@ -11,15 +11,15 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from pagewire.exports import PAGE_SIZE, Export, ExportRegistry, pack_bits
-from pagewire.peer_client import (
+from pagewire.exports.registry import PAGE_SIZE, Export, ExportRegistry, pack_bits
+from pagewire.peer.client import (
     TRANSPORT_CODES,
     PeerClient,
     PeerError,
     PeerIntegrityError,
     RemoteExport,
 )
-from pagewire.peer_server import PageServicer, PeerServer, serve_peers
+from pagewire.peer.server import PageServicer, PeerServer, serve_peers
 from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
 from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
 

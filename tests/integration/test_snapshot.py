@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pagewire import _uffd
-from pagewire.localagents import LocalAgent
+from pagewire.tools.localagents import LocalAgent
 
 from tests.conftest import need
 

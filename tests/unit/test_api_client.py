@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
-from pagewire.api_client import ApiError, PagewireClient, parse_sse
-from pagewire.localagents import free_port
-from pagewire.progress import RateMeter, fmt_seconds, fraction, render
+from pagewire.tools.localagents import free_port
+from pagewire.tools.progress import RateMeter, fmt_seconds, fraction, render
+from pagewire.tools.rest_client import ApiError, PagewireClient, parse_sse
 
 
 def status(**kw: Any) -> dict[str, Any]:

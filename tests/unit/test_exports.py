@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pagewire.exports import (
+from pagewire.exports.registry import (
     PAGE_SIZE,
     ChunkOutOfRange,
     ExportExists,

@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pagewire.app import create_app
-from pagewire.settings import Settings
-from pagewire.state import AgentState
+from pagewire.agent.node import AgentState
+from pagewire.agent.settings import Settings
+from pagewire.control.app import create_app
 
 
 @pytest.fixture(scope="module")

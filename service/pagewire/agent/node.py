@@ -1,0 +1,177 @@
+"""The agent's shared state: settings, sessions, exports, peer service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import grpc
+
+from pagewire import __version__, _uffd
+from pagewire.agent.settings import Settings, split_host_port
+from pagewire.control.errors import ApiError
+from pagewire.control.metrics import create_registry
+from pagewire.control.models import NodeSource, PeerSource, SessionRequest
+from pagewire.exports.registry import ExportRegistry
+from pagewire.exports.snapshots import SnapshotManager
+from pagewire.peer.channel import ChannelServer
+from pagewire.peer.client import PeerClient, PeerError
+from pagewire.peer.server import PageServicer, PeerServer, serve_peers
+from pagewire.sessions.manager import SessionManager
+from pagewire.sessions.recovery import recover
+from pagewire.sessions.remote import RemoteSource
+
+PEER_ERRORS = {
+    grpc.StatusCode.NOT_FOUND: (404, "export_not_found"),
+    grpc.StatusCode.FAILED_PRECONDITION: (409, "export_stale"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_export"),
+    grpc.StatusCode.UNAUTHENTICATED: (502, "peer_refused"),
+    grpc.StatusCode.PERMISSION_DENIED: (502, "peer_refused"),
+}
+
+
+class AgentState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sessions = SessionManager(settings, self.remote_source)
+        self.token = settings.token()
+        self.started_at = time.time()
+        self.exports: ExportRegistry | None = None
+        self.peer_server: PeerServer | None = None
+        self.grpc_address: str = settings.advertise_grpc or settings.grpc
+        self.metrics, self.rpc_latency = create_registry(self)
+        self.janitor: asyncio.Task[None] | None = None
+        self.channel: ChannelServer | None = None
+        self.cache = _uffd.ChunkCache(settings.cache_bytes) if settings.cache_bytes else None
+        self.idle_since = time.monotonic()
+        self.snapshots: SnapshotManager | None = None
+
+    async def start(self) -> None:
+        self.sessions.prepare_dirs()
+        s = self.settings
+        self.exports = ExportRegistry(s.state_dir, s.export_roots, s.chunk_size)
+        self.exports.load()
+        host, _ = split_host_port(s.grpc)
+        if s.native_channel and not s.tls_enabled:
+            self.channel = ChannelServer(host, s.data_port)
+        self.peer_server = await serve_peers(
+            self.exports,
+            s.grpc,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
+            tls_ca=s.tls_ca,
+            insecure_peers=s.insecure_peers,
+            servicer=PageServicer(self.exports, self.channel),
+        )
+        if s.advertise_grpc is None:
+            host, _ = split_host_port(s.grpc)
+            self.grpc_address = f"{host}:{self.peer_server.port}"
+        self.snapshots = SnapshotManager(s, self.exports)
+        await recover(self.sessions)
+        self.janitor = asyncio.get_running_loop().create_task(self._expire_sessions())
+
+    async def _expire_sessions(self) -> None:
+        interval = max(0.5, min(60.0, self.settings.retention_s / 4))
+        while True:
+            await asyncio.sleep(min(interval, max(0.5, self.settings.cache_idle_s / 2)))
+            self.sessions.expire(time.time())
+            self._drop_idle_cache()
+
+    def _drop_idle_cache(self) -> None:
+        """An idle agent gives its chunk cache back (its memory, not its counters)."""
+        if any(s.active for s in self.sessions.sessions.values()):
+            self.idle_since = time.monotonic()
+        elif (
+            self.cache is not None
+            and time.monotonic() - self.idle_since >= self.settings.cache_idle_s
+        ):
+            self.cache.clear()
+
+    def peer_client(self, address: str) -> PeerClient:
+        s = self.settings
+        return PeerClient(
+            address,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
+            tls_ca=s.tls_ca,
+            insecure_peers=s.insecure_peers,
+        )
+
+    async def remote_source(self, request: SessionRequest) -> RemoteSource:
+        src = request.source
+        if isinstance(src, PeerSource):
+            address = src.peer
+        elif isinstance(src, NodeSource):
+            address = self.settings.peer_dns_pattern.format(node=src.node)
+        else:
+            raise ApiError(400, "invalid_source", "not a peer source")
+        export = src.export
+        try:
+            client = self.peer_client(address)
+        except ValueError as exc:
+            raise ApiError(400, "insecure_peer", str(exc)) from None
+        try:
+            with self.rpc_latency.labels("Describe").time():
+                remote = await client.describe(export, timeout=10.0)
+        except PeerError as exc:
+            await client.close()
+            status, code = PEER_ERRORS.get(exc.code, (502, "peer_unreachable"))  # type: ignore[arg-type]
+            raise ApiError(status, code, f"peer {address}: {exc}") from None
+        return RemoteSource(
+            client,
+            remote,
+            address,
+            background=request.background,
+            prefetch=request.prefetch,
+            on_source_lost=request.on_source_lost,
+            pause_timeout_s=request.pause_timeout_s,
+            fail=self.sessions.fail,
+            rpc_latency=self.rpc_latency.labels("Urgent"),
+            native=self.settings.native_channel and not self.settings.tls_enabled,
+            compression=request.compression,
+            cache=self.cache,
+        )
+
+    async def stop(self) -> None:
+        await self.sessions.shutdown()
+
+    async def close(self) -> None:
+        if self.janitor is not None:
+            self.janitor.cancel()
+        if self.peer_server is not None:
+            await self.peer_server.stop(grace=1.0)
+            self.peer_server = None
+        if self.exports is not None:
+            with contextlib.suppress(Exception):
+                self.exports.close()
+        if self.channel is not None:
+            self.channel.close()
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "engine": True,
+            "grpc": self.peer_server is not None,
+            "accepting": not self.sessions.shutting_down,
+        }
+
+    def info(self) -> dict[str, Any]:
+        from pagewire import _uffd
+        from pagewire.core.layout import SYSTEM_PAGE_SIZE, huge_page_sizes
+
+        names = [n for n in dir(_uffd) if n.startswith("FEATURE_")]
+        offered = [n[8:].lower() for n in names if _uffd.API_FEATURES_SUPPORTED & getattr(_uffd, n)]
+        return {
+            "node": self.settings.node_name,
+            "version": __version__,
+            "page_size": SYSTEM_PAGE_SIZE,
+            "huge_page_sizes": sorted(huge_page_sizes()),
+            "uffd_features": sorted(offered),
+            "grpc_address": self.grpc_address,
+            "tls": self.settings.tls_enabled,
+            "export_roots": [str(p) for p in self.settings.export_roots],
+            "sessions_active": sum(1 for s in self.sessions.sessions.values() if s.active),
+            "draining": self.sessions.draining,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }

@@ -1,0 +1,85 @@
+"""`pagewire agent`: one asyncio loop hosting FastAPI on uvicorn and the gRPC page service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from pagewire.agent.node import AgentState
+from pagewire.agent.settings import Settings, split_host_port
+from pagewire.control.app import create_app
+
+log = logging.getLogger("pagewire.agent")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the agent drains sessions first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(settings: Settings) -> None:
+    agent = AgentState(settings)
+    await agent.start()
+    if settings.http.startswith("unix:"):
+        where: dict[str, object] = {"uds": settings.http[5:]}
+    else:
+        host, port = split_host_port(settings.http)
+        where = {"host": host, "port": port}
+    config = uvicorn.Config(
+        create_app(agent),
+        **where,  # type: ignore[arg-type]
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+    )
+    server = _Server(config)
+    stopping = asyncio.Event()
+
+    async def drain() -> None:
+        log.info("shutting down: draining sessions")
+        await agent.stop()
+        server.should_exit = True
+
+    def on_signal(signum: int) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            asyncio.get_running_loop().create_task(drain())
+        else:
+            server.force_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    log.info(
+        "agent listening",
+        extra={"http": settings.http, "grpc": settings.grpc, "node": settings.node_name},
+    )
+    if "uds" in where:
+        loop.create_task(_restrict_socket(server, str(where["uds"])))
+    try:
+        await server.serve()
+    finally:
+        if not stopping.is_set():
+            await agent.stop()
+        await agent.close()
+
+
+async def _restrict_socket(server: uvicorn.Server, path: str) -> None:
+    """uvicorn makes its unix socket 0666; the API is for the agent's user only."""
+    while not server.started and not server.should_exit:
+        await asyncio.sleep(0.01)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o600)
+
+
+def run(settings: Settings) -> None:
+    asyncio.run(serve(settings))

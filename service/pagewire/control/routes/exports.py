@@ -1,0 +1,88 @@
+"""Exports: publish a file under an export root, list, inspect, withdraw."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from pagewire.control.errors import ApiError, ErrorResponse
+from pagewire.control.models import ExportRequest
+from pagewire.control.routes.deps import Agent, require_token
+from pagewire.exports.live import publish_process
+from pagewire.exports.registry import ExportError
+
+router = APIRouter(prefix="/v1/exports", tags=["exports"], dependencies=[Depends(require_token)])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 503)
+}
+
+
+class ExportStatus(BaseModel):
+    name: str
+    path: str
+    size: int
+    page_size: int
+    chunk_size: int
+    pages: int
+    zero_pages: int
+    chunks: int
+    state: str
+    created_at: str
+    pid: int | None = None
+    ranges: list[dict[str, int]] | None = None
+
+
+class ExportList(BaseModel):
+    exports: list[ExportStatus]
+
+
+def _registry(agent: Any) -> Any:
+    if agent.exports is None:
+        raise ApiError(503, "not_ready", "the export registry is not loaded yet")
+    return agent.exports
+
+
+def _api_error(exc: ExportError) -> ApiError:
+    return ApiError(exc.http_status, exc.code, exc.message)
+
+
+@router.post("", status_code=201, response_model=ExportStatus, responses=ERRORS)
+async def publish(body: ExportRequest, agent: Agent) -> dict[str, Any]:
+    registry = _registry(agent)
+    try:
+        if body.pid is not None:
+            ranges = [(r.start, r.size) for r in body.ranges] if body.ranges else None
+            export = await asyncio.to_thread(publish_process, registry, body.name, body.pid, ranges)
+        else:
+            export = await asyncio.to_thread(registry.publish, body.name, body.path)
+    except ExportError as exc:
+        raise _api_error(exc) from None
+    result: dict[str, Any] = export.to_json()
+    return result
+
+
+@router.get("", response_model=ExportList, responses=ERRORS)
+async def list_exports(agent: Agent) -> dict[str, Any]:
+    return {"exports": [e.to_json() for e in _registry(agent).list()]}
+
+
+@router.get("/{name}", response_model=ExportStatus, responses=ERRORS)
+async def get_export(name: str, agent: Agent) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = _registry(agent).get(name).to_json()
+    except ExportError as exc:
+        raise _api_error(exc) from None
+    return result
+
+
+@router.delete("/{name}", response_model=ExportStatus, responses=ERRORS)
+async def withdraw(name: str, agent: Agent) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = _registry(agent).withdraw(name).to_json()
+    except ExportError as exc:
+        raise _api_error(exc) from None
+    return result
