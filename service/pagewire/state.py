@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from . import __version__, _uffd
+from . import __version__, _uffd, filework
 from .channel import ChannelServer
 from .errors import ApiError
 from .exports import ExportRegistry
@@ -51,7 +51,14 @@ class AgentState:
     async def start(self) -> None:
         self.sessions.prepare_dirs()
         s = self.settings
-        self.exports = ExportRegistry(s.state_dir, s.export_roots, s.chunk_size)
+        filework.configure(s.file_work_threads, s.file_work_timeout_s)
+        self.exports = ExportRegistry(
+            s.state_dir,
+            s.export_roots,
+            s.chunk_size,
+            max_exports=s.max_exports,
+            live_export_uids=s.live_export_uids,
+        )
         self.exports.load()
         host, _ = split_host_port(s.grpc)
         if s.native_channel and not s.tls_enabled:
@@ -77,6 +84,8 @@ class AgentState:
         while True:
             await asyncio.sleep(min(interval, max(0.5, self.settings.cache_idle_s / 2)))
             self.sessions.expire(time.time())
+            if self.snapshots is not None:
+                self.snapshots.expire(time.time())
             self._drop_idle_cache()
 
     def _drop_idle_cache(self) -> None:
@@ -154,6 +163,7 @@ class AgentState:
             "engine": True,
             "grpc": self.peer_server is not None,
             "accepting": not self.sessions.shutting_down,
+            "file_pool": filework.pool().healthy(),
         }
 
     def info(self) -> dict[str, Any]:
