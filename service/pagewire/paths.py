@@ -105,13 +105,19 @@ def _locate(roots: list[Path], path: str | Path, *, parent: bool) -> tuple[Path,
         raise InvalidPath("the path must be a non-empty string without NUL bytes")
     if not os.path.isabs(text):
         raise InvalidPath("the path must be absolute")
-    if parent:
-        name = os.path.basename(text)
-        if name in ("", ".", ".."):
-            raise InvalidPath(f"{text} does not name a file")
-        real = os.path.join(os.path.realpath(os.path.dirname(text)), name)
-    else:
-        real = os.path.realpath(text)
+    name = os.path.basename(text)
+    if parent and name in ("", ".", ".."):
+        raise InvalidPath(f"{text} does not name a file")
+    try:
+        real = (
+            os.path.join(os.path.realpath(os.path.dirname(text)), name)
+            if parent
+            else (os.path.realpath(text))
+        )
+    except OSError as exc:  # a component changed between lstat and readlink
+        if exc.errno in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            raise OutsideExportRoots(f"{text} changed while it was resolved") from None
+        raise _refusal(exc, text) from None
     for root in roots:
         root_text = str(root)
         if real != root_text and os.path.commonpath([real, root_text]) == root_text:
