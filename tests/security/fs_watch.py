@@ -54,7 +54,7 @@ class Watch:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with self.agent.client(timeout=2.0) as client:
+        with self.agent.client(timeout=10.0) as client:
             while not self._stop.is_set():
                 try:
                     r = client.get("/healthz")
