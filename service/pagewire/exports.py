@@ -576,6 +576,19 @@ class ExportRegistry:
         for exp in self.list():
             exp.close()
 
+    def precheck(self, name: object) -> None:
+        """The cheap refusals (bad name, name taken, limit reached), before any file work
+        is queued; publish checks them again, holding the lock."""
+        _check_name(name)
+        with self._lock:
+            if name in self._exports or name in self._publishing:
+                raise ExportExists(f"export {name!r} already exists")
+            held = len(self._exports) + len(self._publishing)
+        if held >= self.max_exports:
+            raise ExportLimit(
+                f"{held} exports are held, at most {self.max_exports} (--max-exports)"
+            )
+
     def _reserve(self, name: str) -> None:
         with self._lock:
             if name in self._exports or name in self._publishing:

@@ -59,6 +59,7 @@ async def publish(body: ExportRequest, agent: Agent) -> dict[str, Any]:
         registry.withdraw(exp.name)
 
     try:
+        registry.precheck(body.name)
         if body.pid is not None:
             ranges = [(r.start, r.size) for r in body.ranges] if body.ranges else None
             export = await pool.run(
