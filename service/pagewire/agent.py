@@ -95,8 +95,7 @@ def check_private_dir(path: Path, flag: str) -> None:
     Each existing parent must belong to root or that user, or be sticky where others
     may write to it, so nobody else can rename the dir away either."""
     uid = os.geteuid()
-    if not path.is_absolute():
-        raise StartupError(f"{flag} {path}: must be an absolute path")
+    path = path.absolute()
     if not os.path.lexists(path):
         path.mkdir(mode=0o700, parents=True)
     st = os.lstat(path)

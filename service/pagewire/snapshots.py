@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -69,11 +70,17 @@ class Snapshot:
         }
 
 
+def _discard(out: BeneathFile) -> None:
+    out.remove()
+    out.close()
+
+
 class SnapshotManager:
     def __init__(self, settings: Settings, exports: ExportRegistry) -> None:
         self.settings = settings
         self.exports = exports
         self.snapshots: dict[str, Snapshot] = {}
+        self._creating = 0
 
     def expire(self, now: float) -> int:
         """Forget snapshots that ended more than retention_s ago."""
@@ -95,7 +102,7 @@ class SnapshotManager:
         return snap
 
     async def create(self, request: SnapshotRequest) -> Snapshot:
-        pending = sum(1 for s in self.snapshots.values() if s.active)
+        pending = sum(1 for s in self.snapshots.values() if s.active) + self._creating
         if pending >= self.settings.max_snapshots:
             raise ApiError(
                 429,
@@ -108,7 +115,17 @@ class SnapshotManager:
             raise ApiError(409, "export_exists", f"export {request.name!r} already exists")
         except ExportError:
             pass
-        out = open_beneath(self.settings.export_roots, request.path, create=True)
+        self._creating += 1  # the slot is taken before the first await
+        try:
+            out = await filework.pool().run(
+                f"creating {request.path!r}",
+                functools.partial(open_beneath, create=True),
+                self.settings.export_roots,
+                request.path,
+                undo=_discard,
+            )
+        finally:
+            self._creating -= 1
         snap_id = "snap-" + secrets.token_hex(8)
         socket_path = self.settings.socket_dir / f"{snap_id}.sock"
         try:

@@ -253,3 +253,21 @@ def test_readyz_sees_a_stuck_file_pool(tmp_path: Path) -> None:
         watch.assert_healthy(MAX_RSS)
     finally:
         agent.stop()
+
+
+def test_concurrent_snapshot_requests_respect_the_limit(tmp_path: Path) -> None:
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    agent = LocalAgent(tmp_path, "agent", [roots], extra=["--max-snapshots", "3"]).start()
+    try:
+
+        def ask(i: int) -> int:
+            body = {"name": f"c{i}", "path": str(roots / f"c{i}.img"), "attach_timeout_s": 30}
+            return agent.request("POST", "/v1/snapshots", json=body, timeout=60).status_code
+
+        with ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(ask, range(48)))
+        assert codes.count(201) == 3 and codes.count(429) == 45, codes
+        assert len(tree(roots)) == 3
+    finally:
+        agent.stop()
