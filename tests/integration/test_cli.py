@@ -103,7 +103,7 @@ def test_export_outside_roots(agent: LocalAgent, tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere.bin"
     outside.write_bytes(bytes(8192))
     r = cli(agent, "export", "create", "x", str(outside))
-    assert r.returncode == 1 and r.stderr.startswith("error: export_forbidden: "), r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("error: outside_export_roots: "), r.stderr
 
 
 # -- errors and options

@@ -18,13 +18,14 @@ pytestmark = pytest.mark.usefixtures("require_uffd")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heap_move.py"
 ADDR = 0x7E5A00000000
 NODES = 20000
+LIVE = ["--live-export-uid", str(os.getuid())]  # live export is off unless allowed
 
 
 def test_a_heap_moves_between_processes_on_two_agents(tmp_path: Path) -> None:
     source = subprocess.Popen(
         [sys.executable, str(EXAMPLE), "source", hex(ADDR), str(NODES)], stdout=subprocess.PIPE
     )
-    p = start_pair(tmp_path)
+    p = start_pair(tmp_path, extra_src=LIVE)
     try:
         assert source.stdout is not None
         built = json.loads(source.stdout.readline())
@@ -72,7 +73,7 @@ def test_whole_private_memory_export_and_bad_requests(tmp_path: Path) -> None:
     source = subprocess.Popen(
         [sys.executable, str(EXAMPLE), "source", hex(ADDR), "10"], stdout=subprocess.PIPE
     )
-    p = start_pair(tmp_path, isolated=False)
+    p = start_pair(tmp_path, isolated=False, extra_src=LIVE)
     try:
         assert source.stdout is not None
         pid = json.loads(source.stdout.readline())["pid"]

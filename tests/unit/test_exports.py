@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pagewire.core.paths import NotRegularFile, OutsideExportRoots, PathError, PathNotFound
 from pagewire.exports.registry import (
     PAGE_SIZE,
     ChunkOutOfRange,
     ExportExists,
-    ExportForbidden,
     ExportInvalid,
     ExportNotFound,
     ExportRegistry,
@@ -158,16 +158,19 @@ def test_path_outside_roots_is_forbidden(
     registry: ExportRegistry, tmp_path: Path, root: Path
 ) -> None:
     make_image(tmp_path / "outside")
-    with pytest.raises(ExportForbidden) as info:
+    with pytest.raises(OutsideExportRoots) as info:
         registry.publish("x", tmp_path / "outside")
-    assert isinstance(info.value, PermissionError) and info.value.code == "export_forbidden"
-    with pytest.raises(ExportForbidden):
+    assert isinstance(info.value, PermissionError) and info.value.code == "outside_export_roots"
+    with pytest.raises(OutsideExportRoots):
         registry.publish("x", root / ".." / "outside")
     (root / "link").symlink_to(tmp_path / "outside")
-    with pytest.raises(ExportForbidden):
+    with pytest.raises(OutsideExportRoots):
         registry.publish("x", root / "link")
-    with pytest.raises(ExportForbidden):
+    with pytest.raises(OutsideExportRoots):
         registry.publish("x", root)
+    assert registry.list() == []
+    make_image(root / "img")
+    assert registry.publish("x", root / "img").name == "x"  # the name was released
 
 
 def test_symlink_inside_root_is_allowed(registry: ExportRegistry, root: Path) -> None:
@@ -196,9 +199,20 @@ def test_bad_files(registry: ExportRegistry, root: Path) -> None:
     (root / "empty").write_bytes(b"")
     (root / "odd").write_bytes(b"x" * (PS + 1))
     (root / "dir").mkdir()
-    for name in ("empty", "odd", "dir", "missing"):
-        with pytest.raises(ExportInvalid):
+    os.mkfifo(root / "fifo")
+    expected = {
+        "empty": ExportInvalid,
+        "odd": ExportInvalid,
+        "dir": NotRegularFile,
+        "fifo": NotRegularFile,
+        "missing": PathNotFound,
+    }
+    for name, error in expected.items():
+        with pytest.raises(error):
             registry.publish(name, root / name)
+    with pytest.raises(PathError) as info:
+        registry.publish("nul", str(root / "a\0b"))
+    assert info.value.status == 400 and info.value.code == "invalid_path"
     assert registry.list() == []
 
 

@@ -14,6 +14,7 @@ from pagewire.agent.settings import Settings, split_host_port
 from pagewire.control.errors import ApiError
 from pagewire.control.metrics import create_registry
 from pagewire.control.models import NodeSource, PeerSource, SessionRequest
+from pagewire.core import filework
 from pagewire.exports.registry import ExportRegistry
 from pagewire.exports.snapshots import SnapshotManager
 from pagewire.peer.channel import ChannelServer
@@ -51,7 +52,14 @@ class AgentState:
     async def start(self) -> None:
         self.sessions.prepare_dirs()
         s = self.settings
-        self.exports = ExportRegistry(s.state_dir, s.export_roots, s.chunk_size)
+        filework.configure(s.file_work_threads, s.file_work_timeout_s)
+        self.exports = ExportRegistry(
+            s.state_dir,
+            s.export_roots,
+            s.chunk_size,
+            max_exports=s.max_exports,
+            live_export_uids=s.live_export_uids,
+        )
         self.exports.load()
         host, _ = split_host_port(s.grpc)
         if s.native_channel and not s.tls_enabled:
@@ -77,6 +85,8 @@ class AgentState:
         while True:
             await asyncio.sleep(min(interval, max(0.5, self.settings.cache_idle_s / 2)))
             self.sessions.expire(time.time())
+            if self.snapshots is not None:
+                self.snapshots.expire(time.time())
             self._drop_idle_cache()
 
     def _drop_idle_cache(self) -> None:
@@ -154,6 +164,7 @@ class AgentState:
             "engine": True,
             "grpc": self.peer_server is not None,
             "accepting": not self.sessions.shutting_down,
+            "file_pool": filework.pool().healthy(),
         }
 
     def info(self) -> dict[str, Any]:

@@ -6,8 +6,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
+import stat
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
@@ -81,5 +85,75 @@ async def _restrict_socket(server: uvicorn.Server, path: str) -> None:
         os.chmod(path, 0o600)
 
 
+class StartupError(Exception):
+    """A condition the agent refuses to start under; the message names what to fix."""
+
+
+def check_private_dir(path: Path, flag: str) -> None:
+    """The dir must belong to the agent's user and be writable by nobody else (created
+    0700 when missing): a socket or record someone else can plant is never trusted.
+    Each existing parent must belong to root or that user, or be sticky where others
+    may write to it, so nobody else can rename the dir away either."""
+    uid = os.geteuid()
+    path = path.absolute()
+    if not os.path.lexists(path):
+        path.mkdir(mode=0o700, parents=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"{flag} {path} is not a directory (symlinks are refused)")
+    if st.st_uid != uid:
+        raise StartupError(f"{flag} {path} is owned by uid {st.st_uid}, not the agent's {uid}")
+    if st.st_mode & 0o022:
+        raise StartupError(
+            f"{flag} {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+        )
+    for parent in path.parents:
+        pst = os.stat(parent)
+        if pst.st_uid not in (0, uid):
+            raise StartupError(f"{flag} {path}: its parent {parent} is owned by uid {pst.st_uid}")
+        if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+            raise StartupError(
+                f"{flag} {path}: its parent {parent} is writable by group or others"
+            )
+
+
+FDS_PER_SESSION = 8  # listener, uffd, eventfd, source, peer connections
+FDS_BASE = 256  # HTTP and gRPC connections, logs, the interpreter
+
+
+def raise_fd_limit(settings: Settings) -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit; refuse to start if the limits of every
+    kind of fd holder (exports, snapshots, sessions) cannot fit under it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    need = (
+        settings.max_exports
+        + 3 * settings.max_snapshots
+        + FDS_PER_SESSION * settings.max_sessions
+        + settings.file_work_threads
+        + FDS_BASE
+    )
+    if need > soft:
+        raise StartupError(
+            f"--max-exports {settings.max_exports}, --max-snapshots {settings.max_snapshots} "
+            f"and --max-sessions {settings.max_sessions} need about {need} file descriptors; "
+            f"RLIMIT_NOFILE allows {soft}"
+        )
+    return soft
+
+
+def check_startup(settings: Settings) -> None:
+    check_private_dir(settings.socket_dir, "--socket-dir")
+    check_private_dir(settings.state_dir, "--state-dir")
+    raise_fd_limit(settings)
+
+
 def run(settings: Settings) -> None:
+    try:
+        check_startup(settings)
+    except (StartupError, OSError) as exc:
+        print(f"pagewire agent: refusing to start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     asyncio.run(serve(settings))

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     allowed_uids: Annotated[list[int], NoDecode] = Field(default_factory=list)
     log_json: bool = False
     log_level: str = "info"
+    max_exports: int = Field(default=1024, ge=1, le=65536)
+    max_snapshots: int = Field(default=16, ge=1, le=4096)
+    file_work_threads: int = Field(default=4, ge=1, le=64)
+    file_work_timeout_s: float = Field(default=600.0, gt=0, le=86400)
+    live_export_uids: Annotated[list[int], NoDecode] = Field(default_factory=list)
 
     @field_validator("export_roots", mode="before")
     @classmethod
@@ -68,7 +73,7 @@ class Settings(BaseSettings):
             return [p for p in value.split(":") if p]
         return value
 
-    @field_validator("allowed_uids", mode="before")
+    @field_validator("allowed_uids", "live_export_uids", mode="before")
     @classmethod
     def _split_uids(cls, value: object) -> object:
         if isinstance(value, str):

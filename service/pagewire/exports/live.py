@@ -6,6 +6,9 @@ process_vm_readv. The export's image is the ranges one after another; its `range
 where each lies in the process, so a destination can map them at the same addresses
 and pointers inside stay valid. A process export lives as long as the agent (it is not
 kept in the state dir); withdrawing it lets the process run again (SIGCONT).
+
+Freezing is refused for the agent itself, its ancestors and pid 1, and for every process
+whose uids the operator has not listed with --live-export-uid (none by default).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pagewire.exports.registry import (
     PAGE_SIZE,
     STATE_READY,
     Export,
+    ExportError,
     ExportInvalid,
     ExportRegistry,
     ExportStale,
@@ -31,6 +35,61 @@ from pagewire.exports.registry import (
 
 MAX_RANGES = 4096
 FREEZE_TIMEOUT_S = 5.0
+
+
+class LiveExportDisabled(ExportError, PermissionError):
+    code = "live_export_disabled"
+    http_status = 403
+
+
+class LiveExportForbidden(ExportError, PermissionError):
+    code = "live_export_forbidden"
+    http_status = 403
+
+
+def _status_fields(pid: int) -> dict[str, str]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def protected_pids() -> set[int]:
+    """The agent, every ancestor of it, and pid 1: never frozen."""
+    pids = {1}
+    pid = os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(_status_fields(pid)["PPid"])
+        except (OSError, KeyError, ValueError):
+            break
+    return pids
+
+
+def check_freezable(pid: int, allowed_uids: list[int]) -> None:
+    """Refuse what must never be stopped: checked before any signal is sent."""
+    if not allowed_uids:
+        raise LiveExportDisabled(
+            "live export is off: allow it for given uids with --live-export-uid "
+            "(PAGEWIRE_LIVE_EXPORT_UIDS)"
+        )
+    try:
+        status = _status_fields(pid)
+        tgid = int(status["Tgid"])
+        uids = {int(u) for u in status["Uid"].split()}
+    except (OSError, KeyError, ValueError):
+        raise ExportInvalid(f"no process {pid}") from None
+    if tgid != pid:
+        raise LiveExportForbidden(f"{pid} is a thread of process {tgid}, not a process")
+    if pid in protected_pids():
+        raise LiveExportForbidden(f"process {pid} is the agent, an ancestor of it, or pid 1")
+    if not uids <= set(allowed_uids):
+        raise LiveExportForbidden(
+            f"process {pid} runs as uid {sorted(uids)}, not one allowed by --live-export-uid"
+        )
 
 
 @dataclass(frozen=True)
@@ -60,9 +119,21 @@ def private_writable_ranges(pid: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def freeze(pid: int) -> None:
-    """SIGSTOP pid and wait until it is stopped, so its memory holds still."""
-    os.kill(pid, signal.SIGSTOP)
+def freeze(pid: int, start_time: int) -> None:
+    """SIGSTOP pid and wait until it is stopped, so its memory holds still. Through a
+    pidfd checked against the start time, so a reused pid is never the one stopped."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        raise ExportInvalid(f"no process {pid}") from None
+    try:
+        if process_start_time(pid) != start_time:
+            raise ExportInvalid(f"process {pid} exited")
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+    except OSError:
+        raise ExportInvalid(f"process {pid} exited") from None
+    finally:
+        os.close(pidfd)
     deadline = time.monotonic() + FREEZE_TIMEOUT_S
     while process_state(pid) != "T":
         if time.monotonic() > deadline:
@@ -166,9 +237,10 @@ def publish_process(
         start_time = process_start_time(pid)
     except OSError:
         raise ExportInvalid(f"no process {pid}") from None
+    check_freezable(pid, registry.live_export_uids)
     layout = _layout(pid, ranges)
     size = sum(r.size for r in layout)
-    freeze(pid)
+    freeze(pid, start_time)
     exp = ProcessExport(
         name=name,
         path=f"pid:{pid}",
@@ -188,5 +260,9 @@ def publish_process(
     except OSError as exc:
         exp.close()
         raise ExportInvalid(f"reading process {pid}: {exc.strerror}") from None
-    registry.add(exp)
+    try:
+        registry.add(exp)
+    except BaseException:
+        exp.close()  # refused (name taken, limit): the process runs again
+        raise
     return exp

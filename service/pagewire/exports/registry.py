@@ -26,6 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pagewire.control.errors import ApiError
+from pagewire.core.paths import BeneathFile, open_beneath
+
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -58,9 +61,9 @@ class ExportExists(ExportError):
     http_status = 409
 
 
-class ExportForbidden(ExportError, PermissionError):
-    code = "export_forbidden"
-    http_status = 403
+class ExportLimit(ExportError):
+    code = "too_many_exports"
+    http_status = 429
 
 
 class ExportInvalid(ExportError, ValueError):
@@ -447,27 +450,45 @@ class Export(ChunkGeometry):
         )
         if len(exp.digests) != exp.chunks or any(len(d) != 32 for d in exp.digests):
             raise ValueError("digest list does not match the export's geometry")
+        if page_size != PAGE_SIZE or size <= 0 or size % page_size:
+            raise ValueError(f"size {size} or page size {page_size} does not fit this host")
+        if exp.chunk_size < page_size or exp.chunk_size & (exp.chunk_size - 1):
+            raise ValueError(f"chunk size {exp.chunk_size} is not a power of two")
+        if any(not 0 <= c < exp.chunks for c in exp.working_set):
+            raise ValueError("the working set names chunks outside the export")
         return exp
 
 
 # --- the registry ----------------------------------------------------------------------
 
 
-def _inside(path: str, root: str) -> bool:
-    return path != root and os.path.commonpath([path, root]) == root
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ExportInvalid(
+            f"invalid export name {name!r}: use 1-63 of a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
 
 
 class ExportRegistry:
     """All exports of this agent; thread-safe (publish runs in a worker thread)."""
 
     def __init__(
-        self, state_dir: Path, export_roots: list[Path], chunk_size: int = DEFAULT_CHUNK_SIZE
+        self,
+        state_dir: Path,
+        export_roots: list[Path],
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        *,
+        max_exports: int = 1024,
+        live_export_uids: builtins.list[int] | None = None,
     ) -> None:
         if chunk_size < PAGE_SIZE or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk size {chunk_size} must be a power of two >= {PAGE_SIZE}")
         self.dir = Path(state_dir) / "exports"
-        self.roots = [os.path.realpath(r) for r in export_roots]
+        self.roots = [Path(os.path.realpath(r)) for r in export_roots]
         self.chunk_size = chunk_size
+        self.max_exports = max_exports
+        self.live_export_uids = list(live_export_uids or [])
         self._exports: dict[str, Export] = {}
         self._publishing: set[str] = set()
         self._lock = threading.Lock()
@@ -492,29 +513,39 @@ class ExportRegistry:
     # --- publish / withdraw ---
 
     def publish(self, name: str, path: str | Path) -> Export:
-        """Scan and register a file; blocking (call it with asyncio.to_thread)."""
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ExportInvalid(
-                f"invalid export name {name!r}: use 1-63 of a-z 0-9 . _ -, "
-                "starting with a letter or digit"
-            )
-        real = self._resolve(path)
+        """Scan and register a file under an export root; blocking (run it in the file
+        work pool)."""
+        _check_name(name)
         self._reserve(name)
         try:
-            exp = self._scan(name, real)
+            opened = open_beneath(self.roots, path)
+        except BaseException:
+            self._unreserve(name)
+            raise
+        return self.publish_fd(name, opened, reserved=True)
+
+    def publish_fd(self, name: str, opened: BeneathFile, *, reserved: bool = False) -> Export:
+        """Scan and register a file already opened beneath a root; the export takes
+        opened.fd (closed here on failure)."""
+        try:
+            if not reserved:
+                _check_name(name)
+                self._reserve(name)
+            exp = self._scan_fd(name, str(opened.path), opened.fd)
             self._save(exp)
             with self._lock:
                 self._exports[name] = exp
+        except BaseException:
+            os.close(opened.fd)
+            raise
         finally:
-            with self._lock:
-                self._publishing.discard(name)
-        log.info("published export %s (%s, %d bytes)", name, real, exp.size)
+            self._unreserve(name)
+        log.info("published export %s (%s, %d bytes)", name, opened.path, exp.size)
         return exp
 
     def add(self, exp: Export) -> None:
         """Register an export built elsewhere (a live process); not kept in the state dir."""
-        if not NAME_RE.match(exp.name):
-            raise ExportInvalid(f"invalid export name {exp.name!r}")
+        _check_name(exp.name)
         self._reserve(exp.name)
         with self._lock:
             self._publishing.discard(exp.name)
@@ -545,37 +576,35 @@ class ExportRegistry:
         for exp in self.list():
             exp.close()
 
-    def _resolve(self, path: str | Path) -> str:
-        real = os.path.realpath(path)
-        if not any(_inside(real, root) for root in self.roots):
-            raise ExportForbidden(f"{path} is outside the export roots")
-        return real
+    def precheck(self, name: object) -> None:
+        """The cheap refusals (bad name, name taken, limit reached), before any file work
+        is queued; publish checks them again, holding the lock."""
+        _check_name(name)
+        with self._lock:
+            if name in self._exports or name in self._publishing:
+                raise ExportExists(f"export {name!r} already exists")
+            held = len(self._exports) + len(self._publishing)
+        if held >= self.max_exports:
+            raise ExportLimit(
+                f"{held} exports are held, at most {self.max_exports} (--max-exports)"
+            )
 
     def _reserve(self, name: str) -> None:
         with self._lock:
             if name in self._exports or name in self._publishing:
                 raise ExportExists(f"export {name!r} already exists")
+            held = len(self._exports) + len(self._publishing)
+            if held >= self.max_exports:
+                raise ExportLimit(
+                    f"{held} exports are held, at most {self.max_exports} (--max-exports)"
+                )
             self._publishing.add(name)
 
-    def _scan(self, name: str, real: str) -> Export:
-        try:
-            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise ExportInvalid(f"{real}: no such file") from None
-        except OSError as exc:
-            raise ExportInvalid(f"{real}: {exc.strerror}") from None
-        try:
-            exp = self._scan_fd(name, real, fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return exp
+    def _unreserve(self, name: str) -> None:
+        with self._lock:
+            self._publishing.discard(name)
 
     def _scan_fd(self, name: str, real: str, fd: int) -> Export:
-        # the path could have been swapped between realpath and open: check what we opened
-        opened = os.readlink(f"/proc/self/fd/{fd}")
-        if not any(_inside(opened, root) for root in self.roots):
-            raise ExportForbidden(f"{real} is outside the export roots")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ExportInvalid(f"{real} is not a regular file")
@@ -634,13 +663,18 @@ class ExportRegistry:
             exp = self._read_record(rec_path)
             if exp is None:
                 continue
+            if len(self._exports) >= self.max_exports:
+                log.error("export record %s ignored: --max-exports reached", rec_path)
+                continue
             self._attach(exp, self._reopen(exp))
             with self._lock:
                 old = self._exports.pop(exp.name, None)
                 self._exports[exp.name] = exp
             if old is not None:
                 old.close()
-            if exp.state == STATE_READY:
+            if exp.state == STATE_STALE:
+                self._save(exp)  # found stale on reload: say so in its record too
+            elif exp.state == STATE_READY:
                 try:
                     exp.check()  # marks and persists stale if the file changed meanwhile
                 except ExportStale:
@@ -650,8 +684,14 @@ class ExportRegistry:
 
     def _read_record(self, rec_path: Path) -> Export | None:
         try:
-            exp = Export.from_record(json.loads(rec_path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            rec = json.loads(rec_path.read_text())
+            if not isinstance(rec, dict):
+                raise ValueError("the record is not a JSON object")
+            exp = Export.from_record(rec)
+            _check_name(exp.name)
+            if exp.state not in (STATE_READY, STATE_STALE):
+                raise ValueError(f"unknown state {exp.state!r}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ExportError) as exc:
             log.error("ignoring unreadable export record %s: %s", rec_path, exc)
             return None
         if rec_path.stem != exp.name:
@@ -660,11 +700,27 @@ class ExportRegistry:
         return exp
 
     def _reopen(self, exp: Export) -> int | None:
+        """The record's file, opened beneath a root and hashed again: a record is data
+        the agent wrote, but the digests it serves must be the file's own."""
         try:
-            if not any(_inside(exp.path, root) for root in self.roots):
-                log.warning("export %s: %s is no longer under an export root", exp.name, exp.path)
-                return None
-            return os.open(exp.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError as exc:
+            opened = open_beneath(self.roots, exp.path)
+        except (OSError, ApiError) as exc:
             log.warning("export %s: cannot open %s: %s", exp.name, exp.path, exc)
             return None
+        fd = opened.fd
+        exp.path = str(opened.path)
+        if exp.state != STATE_READY:
+            return fd
+        try:
+            st = os.fstat(fd)
+            same = FileIdentity.of(st) == exp.identity
+            if same:
+                zero_map, digests = scan_file(fd, st.st_size, exp.page_size, exp.chunk_size)
+                same = zero_map == exp.zero_map and digests == exp.digests
+        except (OSError, ValueError, ExportError) as exc:
+            log.warning("export %s: rehashing %s failed: %s", exp.name, exp.path, exc)
+            same = False
+        if not same:
+            log.warning("export %s: %s does not match its record; stale", exp.name, exp.path)
+            exp.state = STATE_STALE
+        return fd

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -20,10 +21,11 @@ from pagewire import _uffd
 from pagewire.agent.settings import Settings
 from pagewire.control.errors import ApiError
 from pagewire.control.models import SnapshotRequest
+from pagewire.core import filework
 from pagewire.core.handoff import Handoff, HandoffError, SocketSpec, listen, receive_handoff
 from pagewire.core.layout import Limits
+from pagewire.core.paths import BeneathFile, open_beneath, reopen_read_only
 from pagewire.exports.registry import ExportError, ExportRegistry
-from pagewire.sessions.manager import resolve_parent_under_roots
 
 log = logging.getLogger("pagewire.exports.snapshots")
 
@@ -44,6 +46,7 @@ class Snapshot:
     handoff: Handoff | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     final: dict[str, int] = field(default_factory=dict)
+    out: BeneathFile | None = None  # the file, created at request time; removed on failure
 
     @property
     def active(self) -> bool:
@@ -68,11 +71,30 @@ class Snapshot:
         }
 
 
+def _discard(out: BeneathFile) -> None:
+    out.remove()
+    out.close()
+
+
 class SnapshotManager:
     def __init__(self, settings: Settings, exports: ExportRegistry) -> None:
         self.settings = settings
         self.exports = exports
         self.snapshots: dict[str, Snapshot] = {}
+        self._creating = 0
+
+    def expire(self, now: float) -> int:
+        """Forget snapshots that ended more than retention_s ago."""
+        old = [
+            sid
+            for sid, s in self.snapshots.items()
+            if not s.active
+            and s.completed_at is not None
+            and now - s.completed_at > self.settings.retention_s
+        ]
+        for sid in old:
+            del self.snapshots[sid]
+        return len(old)
 
     def get(self, snapshot_id: str) -> Snapshot:
         snap = self.snapshots.get(snapshot_id)
@@ -81,18 +103,39 @@ class SnapshotManager:
         return snap
 
     async def create(self, request: SnapshotRequest) -> Snapshot:
-        path = resolve_parent_under_roots(request.path, self.settings.export_roots)
-        if path.exists():
-            raise ApiError(409, "file_exists", f"{path} exists already")
+        pending = sum(1 for s in self.snapshots.values() if s.active) + self._creating
+        if pending >= self.settings.max_snapshots:
+            raise ApiError(
+                429,
+                "too_many_snapshots",
+                f"{pending} snapshots pending, at most {self.settings.max_snapshots} "
+                "(--max-snapshots)",
+            )
         try:
             self.exports.get(request.name)
             raise ApiError(409, "export_exists", f"export {request.name!r} already exists")
         except ExportError:
             pass
+        self._creating += 1  # the slot is taken before the first await
+        try:
+            out = await filework.pool().run(
+                f"creating {request.path!r}",
+                functools.partial(open_beneath, create=True),
+                self.settings.export_roots,
+                request.path,
+                undo=_discard,
+            )
+        finally:
+            self._creating -= 1
         snap_id = "snap-" + secrets.token_hex(8)
         socket_path = self.settings.socket_dir / f"{snap_id}.sock"
-        listener = listen(SocketSpec(socket_path))
-        snap = Snapshot(snap_id, request, path, socket_path)
+        try:
+            listener = listen(SocketSpec(socket_path))
+        except OSError as exc:
+            out.remove()
+            out.close()
+            raise ApiError(400, "socket_failed", f"cannot create the socket: {exc}") from None
+        snap = Snapshot(snap_id, request, out.path, socket_path, out=out)
         self.snapshots[snap_id] = snap
         asyncio.get_running_loop().create_task(self._run(snap, listener))
         return snap
@@ -115,6 +158,8 @@ class SnapshotManager:
             await self._copy(snap)
         except HandoffError as exc:
             self._end(snap, "failed", exc.code, exc.message)
+        except ApiError as exc:
+            self._end(snap, "failed", exc.code, exc.message)
         except (OSError, ExportError) as exc:
             self._end(snap, "failed", "snapshot_failed", str(exc))
 
@@ -122,7 +167,8 @@ class SnapshotManager:
         h = snap.handoff
         assert h is not None
         region = h.regions[0]
-        out = os.open(snap.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        assert snap.out is not None
+        out = snap.out.fd
         try:
             os.ftruncate(out, region.size)
             snap.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -130,7 +176,6 @@ class SnapshotManager:
                 h.uffd, region.base, region.size, region.page_size, h.pid, out, snap.notify_fd
             )
         finally:
-            os.close(out)
             os.close(h.uffd)
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -145,7 +190,15 @@ class SnapshotManager:
             loop.remove_reader(snap.notify_fd)
         if snap.engine.state != "completed":
             raise OSError(snap.engine.error or "the snapshot failed")
-        await asyncio.to_thread(self.exports.publish, snap.request.name, str(snap.path))
+        # the export reads the file written here, through its fd, never by its name
+        image = BeneathFile(reopen_read_only(out), snap.path)
+        await filework.pool().run(
+            f"publishing snapshot {snap.id}",
+            self.exports.publish_fd,
+            snap.request.name,
+            image,
+            undo=lambda exp: self.exports.withdraw(exp.name),
+        )
         self._end(snap, "completed")
 
     def _end(self, snap: Snapshot, state: str, code: str | None = None, message: str = "") -> None:
@@ -158,6 +211,11 @@ class SnapshotManager:
             snap.notify_fd = -1
         if snap.handoff is not None and snap.handoff.conn is not None:
             snap.handoff.conn.close()
+        if snap.out is not None:
+            if state != "completed":
+                snap.out.remove()  # no partial image is left behind
+            snap.out.close()
+            snap.out = None
         snap.state = state
         snap.completed_at = time.time()
         if code:

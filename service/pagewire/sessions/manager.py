@@ -22,6 +22,11 @@ from pagewire.control.metrics import Retired
 from pagewire.control.models import ACTIVE_STATES, SessionRequest
 from pagewire.core.engine import EngineOptions, Histogram, histogram, open_engine
 from pagewire.core.handoff import (
+from pagewire import _uffd
+from pagewire.core import filework
+from pagewire.core.engine import EngineOptions, Histogram, histogram, open_engine
+from pagewire.control.errors import ApiError
+from pagewire.core.handoff import (
     Handoff,
     HandoffError,
     SocketSpec,
@@ -31,6 +36,11 @@ from pagewire.core.handoff import (
     receive_handoff,
 )
 from pagewire.core.layout import SYSTEM_PAGE_SIZE, Limits
+from pagewire.core.layout import SYSTEM_PAGE_SIZE, Limits
+from pagewire.control.metrics import Retired
+from pagewire.control.models import ACTIVE_STATES, SessionRequest
+from pagewire.core.paths import open_beneath
+from pagewire.agent.settings import Settings
 
 log = logging.getLogger("pagewire.sessions")
 
@@ -91,22 +101,6 @@ class LocalSource(PassiveSource):
         self.zero_map = zero_map
         self.zero_map_page_size = SYSTEM_PAGE_SIZE
 
-    @classmethod
-    def open(cls, path: Path) -> LocalSource:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0 or size % SYSTEM_PAGE_SIZE:
-                raise ApiError(
-                    400,
-                    "invalid_image",
-                    f"{path}: size must be a positive multiple of the page size",
-                )
-            return cls(path, fd, size, _uffd.zero_map(fd, size, SYSTEM_PAGE_SIZE))
-        except BaseException:
-            os.close(fd)
-            raise
-
     def describe(self) -> dict[str, str]:
         return {"path": str(self.path)}
 
@@ -116,29 +110,28 @@ class LocalSource(PassiveSource):
             self.local_fd = -1
 
 
-def resolve_under_roots(path: str, roots: list[Path]) -> Path:
-    """The real path of path, if it lies under an export root (after symlinks)."""
-    if not os.path.isabs(path):
-        raise ApiError(400, "invalid_path", "the path must be absolute")
-    real = Path(os.path.realpath(path))
-    for root in roots:
-        if real == root or root in real.parents:
-            if not real.is_file():
-                raise ApiError(404, "not_found", f"{path} is not a regular file")
-            return real
-    raise ApiError(403, "outside_export_roots", f"{path} is not under an export root")
+def open_local_source(path: str, roots: list[Path]) -> LocalSource:
+    """A local image, opened beneath an export root (paths.open_beneath); blocking."""
+    opened = open_beneath(roots, path)
+    fd = opened.fd
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0 or size % SYSTEM_PAGE_SIZE:
+            raise ApiError(
+                400,
+                "invalid_image",
+                f"{path}: size must be a positive multiple of the page size",
+            )
+        return LocalSource(opened.path, fd, size, _uffd.zero_map(fd, size, SYSTEM_PAGE_SIZE))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-def resolve_parent_under_roots(path: str, roots: list[Path]) -> Path:
-    """A path for a new file whose directory lies under an export root (symlinks resolved)."""
-    if not os.path.isabs(path):
-        raise ApiError(400, "invalid_path", "the path must be absolute")
-    parent = Path(os.path.realpath(os.path.dirname(path)))
-    if not any(parent == root or root in parent.parents for root in roots):
-        raise ApiError(403, "outside_export_roots", f"{path} is not under an export root")
-    if not parent.is_dir():
-        raise ApiError(404, "not_found", f"{parent} is not a directory")
-    return parent / os.path.basename(path)
+def _close_source(source: LocalSource) -> None:
+    if source.local_fd >= 0:
+        os.close(source.local_fd)
+        source.local_fd = -1
 
 
 @dataclass
@@ -275,8 +268,13 @@ class SessionManager:
     async def open_source(self, request: SessionRequest) -> Source:
         src = request.source
         if hasattr(src, "path"):
-            path = resolve_under_roots(src.path, self.settings.export_roots)
-            return await asyncio.to_thread(LocalSource.open, path)
+            return await filework.pool().run(
+                f"opening {src.path!r}",
+                open_local_source,
+                src.path,
+                self.settings.export_roots,
+                undo=_close_source,
+            )
         if self.remote_factory is None:
             raise ApiError(400, "unsupported_source", "this agent cannot reach peers")
         source: Source = await self.remote_factory(request)

@@ -1,5 +1,12 @@
 """Agent restart: read session records back and take each unfinished session's uffd back
-from its workload (pidfd_open + pidfd_getfd), then carry on where the old agent stopped."""
+from its workload (pidfd_open + pidfd_getfd), then carry on where the old agent stopped.
+
+A record is data, not a command: one that is not what this agent writes is skipped and
+logged; an id is checked against a strict pattern (it names files); the socket path is
+rebuilt from the id; and before a workload's uffd is taken, its regions must be what
+the process has registered (smaps) and fit the reopened image, and the pid's start time
+and uffd inode must match.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,17 @@ import contextlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from pagewire import _uffd
 from pagewire.control.errors import ApiError
-from pagewire.control.models import ACTIVE_STATES, SessionRequest
+from pagewire.control.models import ACTIVE_STATES, SessionRequest, SessionStatus
 from pagewire.core.handoff import Handoff, is_uffd, process_start_time
-from pagewire.core.layout import Region
+from pagewire.core.layout import LayoutError, Limits, Region, check_layout, parse_region
 from pagewire.sessions.manager import PassiveSource, Session, SessionManager
 
 log = logging.getLogger("pagewire.sessions.recovery")
@@ -31,10 +41,16 @@ class RecoveryError(Exception):
 def find_uffd(pid: int, start_time: int, inode: int) -> int:
     """A copy of the workload's uffd, checked against the recorded pid start and inode."""
     try:
-        if process_start_time(pid) != start_time:
-            raise RecoveryError("workload_exited", f"pid {pid} is another process now")
         pidfd = os.pidfd_open(pid)
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:
+        raise RecoveryError("workload_exited", f"the workload (pid {pid}) is gone") from None
+    try:
+        # checked after pidfd_open: the pidfd then holds the very process checked
+        if process_start_time(pid) != start_time:
+            os.close(pidfd)
+            raise RecoveryError("workload_exited", f"pid {pid} is another process now")
+    except OSError:
+        os.close(pidfd)
         raise RecoveryError("workload_exited", f"the workload (pid {pid}) is gone") from None
     try:
         for name in os.listdir(f"/proc/{pid}/fd"):
@@ -50,12 +66,73 @@ def find_uffd(pid: int, start_time: int, inode: int) -> int:
     raise RecoveryError("uffd_lost", f"the workload (pid {pid}) no longer holds its uffd")
 
 
+SESSION_ID_RE = re.compile(r"^s-[0-9a-f]{16}$")
+STATES = ("awaiting_attach", "running", "paused", "completed", "failed", "cancelled")
+
+
+class BadRecord(ValueError):
+    pass
+
+
+def _number(value: Any, what: str, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise BadRecord(f"{what} is not a number")
+
+
+def _workload(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise BadRecord("workload is not an object")
+    for key in ("pid", "start_time", "uffd_inode"):
+        v = value.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise BadRecord(f"workload.{key} is not a positive integer")
+    regions = value.get("regions")
+    if not isinstance(regions, list) or not regions:
+        raise BadRecord("workload.regions is not a list of regions")
+    for r in regions:
+        if not isinstance(r, list) or len(r) != 4:
+            raise BadRecord("a region is not [base, size, offset, page_size]")
+
+
+def check_record(record: Any, path: Path) -> dict[str, Any]:
+    """The record if it has the shape this agent writes; BadRecord says what is wrong."""
+    if not isinstance(record, dict):
+        raise BadRecord("not a JSON object")
+    sid = record.get("id")
+    if not isinstance(sid, str) or not SESSION_ID_RE.match(sid) or path.stem != sid:
+        raise BadRecord(f"id {sid!r} is not a session id matching its file name")
+    if record.get("state") not in STATES:
+        raise BadRecord(f"state {record.get('state')!r} is not a session state")
+    _number(record.get("created_at"), "created_at")
+    _number(record.get("attached_at"), "attached_at", optional=True)
+    _number(record.get("completed_at"), "completed_at", optional=True)
+    error = record.get("error")
+    if error is not None and not (
+        isinstance(error, dict)
+        and isinstance(error.get("code"), str)
+        and isinstance(error.get("message"), str)
+    ):
+        raise BadRecord("error is not {code, message}")
+    source = record.get("source")
+    if source is not None and not (
+        isinstance(source, dict) and all(isinstance(v, str) for v in source.values())
+    ):
+        raise BadRecord("source is not an object of strings")
+    if not isinstance(record.get("request"), dict):
+        raise BadRecord("request is not an object")
+    _workload(record.get("workload"))
+    return record
+
+
 def load_record(path: Path) -> dict[str, Any] | None:
     try:
-        record: dict[str, Any] = json.loads(path.read_text())
-        return record
-    except (OSError, ValueError):
-        log.warning("unreadable session record %s", path)
+        return check_record(json.loads(path.read_text()), path)
+    except (OSError, ValueError) as exc:
+        log.warning("session record %s skipped: %s", path, exc)
         return None
 
 
@@ -69,12 +146,12 @@ class _Placeholder(PassiveSource):
         return self.source
 
 
-def _session_from(record: dict[str, Any], request: SessionRequest) -> Session:
+def _session_from(record: dict[str, Any], request: SessionRequest, socket_dir: Path) -> Session:
     session = Session(
         record["id"],
         request,
         _Placeholder(record.get("source") or {}),
-        Path(record["socket"]),
+        socket_dir / f"{record['id']}.sock",  # rebuilt, never taken from the record
         created_at=record["created_at"],
     )
     session.state = record["state"]
@@ -92,14 +169,73 @@ async def recover(manager: SessionManager) -> None:
         try:
             request = SessionRequest.model_validate(record["request"])
         except (KeyError, ValueError):
-            log.warning("session record %s has an invalid request; dropped", path)
+            log.warning("session record %s has an invalid request; skipped", path)
             continue
-        session = _session_from(record, request)
+        session = _session_from(record, request, manager.settings.socket_dir)
         manager.sessions[session.id] = session
         if session.state not in ACTIVE_STATES:
-            session.frozen_status = record.get("status")
+            session.frozen_status = _frozen_status(record, path)
             continue
-        await _take_back(manager, session, record)
+        try:
+            await _take_back(manager, session, record)
+        except Exception:  # one record must not stop the agent from starting
+            log.exception("taking back session %s failed", session.id)
+            if session.active:
+                manager._end(session, "failed", "recovery_failed", "taking it back failed")
+
+
+def _frozen_status(record: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """An ended session's last status, if it is one (else it is rebuilt from the record)."""
+    status = record.get("status")
+    try:
+        checked = SessionStatus.model_validate(status)
+    except ValidationError:
+        log.warning("session record %s: its status is malformed; rebuilt", path)
+        return None
+    if checked.id != record["id"] or not isinstance(status, dict):
+        return None
+    return status
+
+
+def _regions(workload: dict[str, Any], settings: Any, image_size: int | None) -> list[Region]:
+    """The recorded regions, checked like a handoff layout (and against the image)."""
+    items = [
+        {"base_host_virt_addr": b, "size": s, "offset": o, "page_size": p}
+        for b, s, o, p in workload["regions"]
+    ]
+    limits = Limits(settings.max_regions, settings.max_session_bytes, image_size)
+    regions = [parse_region(item, i) for i, item in enumerate(items)]
+    check_layout(regions, limits)
+    return regions
+
+
+def check_registered_now(pid: int, start_time: int, regions: list[Region]) -> None:
+    """The process is the recorded one and has every region registered with a uffd
+    (smaps 'um'); RecoveryError otherwise. Nothing is taken from it before this holds."""
+    try:
+        if process_start_time(pid) != start_time:
+            raise RecoveryError("workload_exited", f"pid {pid} is another process now")
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        raise RecoveryError("workload_exited", f"the workload (pid {pid}) is gone") from None
+    covered = []
+    start = end = 0
+    for line in text.splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            first, last = head.split("-")
+            start, end = int(first, 16), int(last, 16)
+        elif line.startswith("VmFlags:") and " um" in line:
+            covered.append((start, end))
+    for r in regions:
+        pos = r.base
+        for lo, hi in sorted(covered):
+            if lo <= pos < hi:
+                pos = hi
+        if pos < r.end:
+            raise RecoveryError(
+                "record_mismatch", f"region at 0x{r.base:x} is not registered in pid {pid}"
+            )
 
 
 async def _take_back(manager: SessionManager, session: Session, record: dict[str, Any]) -> None:
@@ -109,12 +245,31 @@ async def _take_back(manager: SessionManager, session: Session, record: dict[str
         session.state = "awaiting_attach"
         manager._end(session, "failed", "attach_lost", "the agent restarted before attach")
         return
+    pid, start_time = workload["pid"], workload["start_time"]
     try:
-        uffd = find_uffd(workload["pid"], workload["start_time"], workload["uffd_inode"])
+        regions = _regions(workload, manager.settings, None)
+        check_registered_now(pid, start_time, regions)
+    except LayoutError as exc:
+        manager._end(session, "failed", "record_mismatch", f"recorded regions: {exc}")
+        return
     except RecoveryError as exc:
         manager._end(session, "failed", exc.code, exc.message)
         return
-    regions = [Region(*r) for r in workload["regions"]]
+    source = await _reopen_source(manager, session)
+    if source is not None:
+        try:
+            _regions(workload, manager.settings, source.size)
+        except LayoutError as exc:
+            await source.stop()
+            manager._end(session, "failed", "record_mismatch", f"recorded regions: {exc}")
+            return
+    try:
+        uffd = find_uffd(pid, start_time, workload["uffd_inode"])
+    except RecoveryError as exc:
+        if source is not None:
+            await source.stop()
+        manager._end(session, "failed", exc.code, exc.message)
+        return
     handoff = Handoff(
         uffd=uffd,
         regions=regions,
@@ -125,7 +280,6 @@ async def _take_back(manager: SessionManager, session: Session, record: dict[str
         features=_uffd.uffd_features(uffd),
     )
     session.handoff = handoff
-    source = await _reopen_source(manager, session)
     if source is None:
         # policy: the missing pages are poisoned, never left hanging or zero-filled
         manager._start_engine(session, handoff, recovered=True)

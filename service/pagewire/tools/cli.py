@@ -115,6 +115,43 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
         {"action": "store_const", "const": True, "help": "JSON logs (PAGEWIRE_LOG_JSON)"},
     ),
     ("--log-level", {"help": "debug, info, warning (PAGEWIRE_LOG_LEVEL)"}),
+    (
+        "--max-exports",
+        {"type": int, "help": "exports held open at once (PAGEWIRE_MAX_EXPORTS, default 1024)"},
+    ),
+    (
+        "--max-snapshots",
+        {
+            "type": int,
+            "help": "snapshots awaiting attach or copying at once "
+            "(PAGEWIRE_MAX_SNAPSHOTS, default 16)",
+        },
+    ),
+    (
+        "--file-work-threads",
+        {
+            "type": int,
+            "help": "threads that open and hash files (PAGEWIRE_FILE_WORK_THREADS, default 4)",
+        },
+    ),
+    (
+        "--file-work-timeout-s",
+        {
+            "type": float,
+            "help": "seconds a request waits for opening or hashing a file "
+            "(PAGEWIRE_FILE_WORK_TIMEOUT_S, default 600)",
+        },
+    ),
+    (
+        "--live-export-uid",
+        {
+            "action": "append",
+            "type": int,
+            "dest": "live_export_uids",
+            "help": "uid whose processes may be frozen and exported live; repeatable; "
+            "none by default (PAGEWIRE_LIVE_EXPORT_UIDS)",
+        },
+    ),
 ]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -11,13 +10,14 @@ from pydantic import BaseModel
 from pagewire.control.errors import ApiError, ErrorResponse
 from pagewire.control.models import ExportRequest
 from pagewire.control.routes.deps import Agent, require_token
+from pagewire.core import filework
 from pagewire.exports.live import publish_process
 from pagewire.exports.registry import ExportError
 
 router = APIRouter(prefix="/v1/exports", tags=["exports"], dependencies=[Depends(require_token)])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 429, 503)
 }
 
 
@@ -53,12 +53,28 @@ def _api_error(exc: ExportError) -> ApiError:
 @router.post("", status_code=201, response_model=ExportStatus, responses=ERRORS)
 async def publish(body: ExportRequest, agent: Agent) -> dict[str, Any]:
     registry = _registry(agent)
+    pool = filework.pool()
+
+    def undo(exp: Any) -> None:
+        registry.withdraw(exp.name)
+
     try:
+        registry.precheck(body.name)
         if body.pid is not None:
             ranges = [(r.start, r.size) for r in body.ranges] if body.ranges else None
-            export = await asyncio.to_thread(publish_process, registry, body.name, body.pid, ranges)
+            export = await pool.run(
+                f"exporting process {body.pid}",
+                publish_process,
+                registry,
+                body.name,
+                body.pid,
+                ranges,
+                undo=undo,
+            )
         else:
-            export = await asyncio.to_thread(registry.publish, body.name, body.path)
+            export = await pool.run(
+                f"publishing {body.path!r}", registry.publish, body.name, body.path, undo=undo
+            )
     except ExportError as exc:
         raise _api_error(exc) from None
     result: dict[str, Any] = export.to_json()
