@@ -20,12 +20,8 @@ from pagewire.agent.settings import Settings
 from pagewire.control.errors import ApiError
 from pagewire.control.metrics import Retired
 from pagewire.control.models import ACTIVE_STATES, SessionRequest
-from pagewire.core.engine import EngineOptions, Histogram, histogram, open_engine
-from pagewire.core.handoff import (
-from pagewire import _uffd
 from pagewire.core import filework
 from pagewire.core.engine import EngineOptions, Histogram, histogram, open_engine
-from pagewire.control.errors import ApiError
 from pagewire.core.handoff import (
     Handoff,
     HandoffError,
@@ -36,11 +32,7 @@ from pagewire.core.handoff import (
     receive_handoff,
 )
 from pagewire.core.layout import SYSTEM_PAGE_SIZE, Limits
-from pagewire.core.layout import SYSTEM_PAGE_SIZE, Limits
-from pagewire.control.metrics import Retired
-from pagewire.control.models import ACTIVE_STATES, SessionRequest
 from pagewire.core.paths import open_beneath
-from pagewire.agent.settings import Settings
 
 log = logging.getLogger("pagewire.sessions")
 
