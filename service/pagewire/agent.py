@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 from collections.abc import Iterator
 
 import uvicorn
 
 from .app import create_app
+from .httpguard import ConnectionLimits, guarded_protocol
 from .settings import Settings, split_host_port
 from .state import AgentState
 
@@ -40,6 +42,8 @@ async def serve(settings: Settings) -> None:
         log_config=None,
         access_log=False,
         lifespan="off",
+        http=guarded_protocol(http_limits(settings)),
+        timeout_keep_alive=settings.http_idle_timeout_s,  # type: ignore[arg-type]
     )
     server = _Server(config)
     stopping = asyncio.Event()
@@ -79,6 +83,28 @@ async def _restrict_socket(server: uvicorn.Server, path: str) -> None:
         await asyncio.sleep(0.01)
     with contextlib.suppress(OSError):
         os.chmod(path, 0o600)
+
+
+def http_limits(settings: Settings) -> ConnectionLimits:
+    """The REST connection caps, kept under half the fd limit (raised to its hard limit
+    first) so a flood of connections never leaves the agent without fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    cap = settings.max_http_connections
+    if soft != resource.RLIM_INFINITY and cap > soft // 2:
+        cap = max(1, soft // 2)
+        log.warning(
+            "--max-http-connections %d lowered to %d: half the fd limit (%d)",
+            settings.max_http_connections,
+            cap,
+            soft,
+        )
+    return ConnectionLimits(
+        cap, settings.max_http_connections_per_client, settings.http_header_timeout_s
+    )
 
 
 def run(settings: Settings) -> None:
