@@ -8,12 +8,13 @@ import logging
 import os
 import resource
 import signal
+import socket
 from collections.abc import Iterator
 
 import uvicorn
 
 from .app import create_app
-from .httpguard import ConnectionLimits, guarded_protocol
+from .httpguard import ConnectionLimits, guarded_protocol, listen_tcp
 from .settings import Settings, split_host_port
 from .state import AgentState
 
@@ -29,21 +30,30 @@ class _Server(uvicorn.Server):
 
 
 async def serve(settings: Settings) -> None:
-    agent = AgentState(settings)
-    await agent.start()
+    limits = http_limits(settings)
+    sockets: list[socket.socket] | None = None
     if settings.http.startswith("unix:"):
         where: dict[str, object] = {"uds": settings.http[5:]}
     else:
         host, port = split_host_port(settings.http)
         where = {"host": host, "port": port}
+        try:
+            sockets = [listen_tcp(host, port, settings.http_backlog, limits)]
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            log.error("cannot listen on %s: %s", settings.http, reason)
+            raise SystemExit(1) from None
+    agent = AgentState(settings)
+    await agent.start()
     config = uvicorn.Config(
         create_app(agent),
         **where,  # type: ignore[arg-type]
         log_config=None,
         access_log=False,
         lifespan="off",
-        http=guarded_protocol(http_limits(settings)),
+        http=guarded_protocol(limits),
         timeout_keep_alive=settings.http_idle_timeout_s,  # type: ignore[arg-type]
+        backlog=settings.http_backlog,
     )
     server = _Server(config)
     stopping = asyncio.Event()
@@ -70,7 +80,7 @@ async def serve(settings: Settings) -> None:
     if "uds" in where:
         loop.create_task(_restrict_socket(server, str(where["uds"])))
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         if not stopping.is_set():
             await agent.stop()
@@ -86,8 +96,8 @@ async def _restrict_socket(server: uvicorn.Server, path: str) -> None:
 
 
 def http_limits(settings: Settings) -> ConnectionLimits:
-    """The REST connection caps, kept under half the fd limit (raised to its hard limit
-    first) so a flood of connections never leaves the agent without fds."""
+    """The REST connection caps, kept within half the fd limit (raised to its hard limit
+    first), so a flood of connections never leaves the agent without fds."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):

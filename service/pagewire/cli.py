@@ -159,6 +159,14 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
         },
     ),
     (
+        "--http-backlog",
+        {
+            "type": int,
+            "help": "REST listen backlog: connections the kernel queues for the agent "
+            "(PAGEWIRE_HTTP_BACKLOG, 1024)",
+        },
+    ),
+    (
         "--log-repeat-limit",
         {
             "type": int,

@@ -10,9 +10,11 @@ connection whose request headers do not arrive in time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -161,23 +163,76 @@ class ConnectionLimits:
         self.total = 0
         self.per_client: dict[str, int] = {}
         self.refusals = RateLimitedLog()
+        self.preadmitted: set[int] = set()  # fds counted in by the listener already
 
-    def admit(self, client: str) -> str | None:
-        """Count the connection in, or say why not."""
+    def refusal(self, client: str) -> str | None:
+        """Why a new connection from client would be refused, or None."""
         if self.total >= self.max_connections:
             return f"{self.total} connections open, at most {self.max_connections}"
         held = self.per_client.get(client, 0)
         if held >= self.max_per_client:
             return f"{client} holds {held} connections, at most {self.max_per_client}"
-        self.total += 1
-        self.per_client[client] = held + 1
         return None
+
+    def admit(self, client: str) -> str | None:
+        """Count the connection in, or say why not."""
+        refusal = self.refusal(client)
+        if refusal is None:
+            self.total += 1
+            self.per_client[client] = self.per_client.get(client, 0) + 1
+        return refusal
+
+    def refuse(self, refusal: str) -> bytes:
+        self.refusals.warning("cap", f"refusing HTTP connection: {refusal}")
+        return raw_response(503, "Service Unavailable", "too_many_connections", refusal)
 
     def release(self, client: str) -> None:
         self.total -= 1
         held = self.per_client.pop(client, 1) - 1
         if held > 0:
             self.per_client[client] = held
+
+
+class GuardedListener(socket.socket):
+    """The REST listening socket. asyncio's accept loop calls accept(); connections over a
+    cap are answered 503 and closed right here, before asyncio builds a transport and a
+    protocol for them, so a flood is shed cheaply and the accept queue keeps draining
+    (a /healthz probe queued behind the flood gets in). What it admits it counts, so the
+    fds held never pass the cap however many connections one accept batch brings."""
+
+    limits: ConnectionLimits
+    REFUSALS_PER_CALL = 512  # then the loop runs everything else before accepting more
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        for _ in range(self.REFUSALS_PER_CALL):
+            conn, addr = super().accept()
+            client = str(addr[0]) if isinstance(addr, tuple) and addr else "unix"
+            refusal = self.limits.admit(client)
+            if refusal is None:
+                self.limits.preadmitted.add(conn.fileno())
+                return conn, addr
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(self.limits.refuse(refusal))
+            conn.close()
+        raise BlockingIOError
+
+
+def listen_tcp(host: str, port: int, backlog: int, limits: ConnectionLimits) -> GuardedListener:
+    """Bind host:port (SO_REUSEADDR only: a port in use stops the agent)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = GuardedListener(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.limits = limits
+    return sock
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
@@ -190,12 +245,15 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             peer = transport.get_extra_info("peername")
             client = str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
-            refusal = limits.admit(client)
+            sock = transport.get_extra_info("socket")
+            fd = sock.fileno() if sock is not None else -1
+            if fd in limits.preadmitted:
+                limits.preadmitted.discard(fd)
+                refusal = None
+            else:  # a unix socket: no guarded listener in front
+                refusal = limits.admit(client)
             if refusal is not None:
-                limits.refusals.warning("cap", f"refusing HTTP connection: {refusal}")
-                transport.write(
-                    raw_response(503, "Service Unavailable", "too_many_connections", refusal)
-                )
+                transport.write(limits.refuse(refusal))
                 transport.close()
                 return
             self.counted_as = client

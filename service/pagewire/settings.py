@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     http_idle_timeout_s: float = Field(default=5.0, gt=0, le=3600)
     max_http_connections: int = Field(default=1024, ge=1, le=65536)
     max_http_connections_per_client: int = Field(default=256, ge=1, le=65536)
+    http_backlog: int = Field(default=1024, ge=1, le=65535)
     log_repeat_limit: int = Field(default=10, ge=0)
 
     @field_validator("export_roots", mode="before")

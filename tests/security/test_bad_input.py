@@ -5,7 +5,6 @@ a boolean or a number goes; and messages name the field as the user wrote it."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -8,7 +8,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.security.rest_util import AUTH, MiB, TOKEN, Watch, start_agent, status_of, stream_body
+from tests.security.rest_util import AUTH, TOKEN, MiB, Watch, start_agent, status_of, stream_body
 
 BIG = 300 * MiB
 
