@@ -57,6 +57,7 @@ class Watch:
         self.probes = 0
         self.failures: list[str] = []
         self.slowest_s = 0.0
+        self.longest_gap_s = 0.0  # between two answered probes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -70,12 +71,16 @@ class Watch:
 
     def _run(self) -> None:
         url = f"{self.agent.url}/healthz"
+        answered = time.monotonic()
         while not self._stop.is_set():
             began = time.monotonic()
             try:
                 r = httpx.get(url, timeout=self.timeout_s)
                 if r.status_code != 200:
                     self.failures.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    self.longest_gap_s = max(self.longest_gap_s, time.monotonic() - answered)
+                    answered = time.monotonic()
             except httpx.HTTPError as exc:
                 self.failures.append(repr(exc))
             self.probes += 1
@@ -100,7 +105,8 @@ class Watch:
         return (
             f"RSS {self.base_rss / MiB:.0f} -> peak {self.peak_rss / MiB:.0f} MiB, "
             f"peak fds {self.peak_fds}, {self.probes} /healthz probes, "
-            f"slowest {self.slowest_s:.2f} s, failures {len(self.failures)}"
+            f"slowest {self.slowest_s:.2f} s, longest gap {self.longest_gap_s:.2f} s, "
+            f"failures {len(self.failures)}"
         )
 
 

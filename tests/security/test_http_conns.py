@@ -19,7 +19,6 @@ from tests.security.rest_util import (
     MiB,
     Watch,
     connect,
-    fd_count,
     read_response,
     start_agent,
     status_of,
@@ -50,13 +49,15 @@ def test_two_floods_of_10000_slow_headers_leave_healthz_answering(tmp_path: Path
     assert agent.proc is not None
     log_before = agent.log_path.stat().st_size
     try:
-        with Watch(agent, every_s=0.25, timeout_s=5.0) as watch:
+        # a probe may wait for its SYN to be retried (1 s, 3 s, 7 s) while the accept queue
+        # is full of the flood: 10 s, as a kubelet probe may be given
+        with Watch(agent, every_s=0.25, timeout_s=10.0) as watch:
             floods = [slowloris(agent.http_port, f"127.0.0.{n}", 10_000, 25) for n in (2, 3)]
             seen = [json.loads(p.communicate(timeout=120)[0]) for p in floods]
         log_growth = agent.log_path.stat().st_size - log_before
         print("2 x 10,000 slow-header connections:", watch.figures(), f"log +{log_growth} B", seen)
         watch.assert_healthy(rss_growth=64 * MiB)
-        assert watch.probes >= 20  # one every 0.25 s plus its answer time, for 25 s
+        assert watch.probes >= 5 and watch.longest_gap_s < 15.0
         # 256 per client address by default: the rest were refused at once, with a reason
         assert watch.peak_fds < 2 * 256 + 150, watch.peak_fds
         for s in seen:
@@ -115,11 +116,9 @@ def test_connection_caps_overall_and_per_client(tmp_path: Path) -> None:
     )
     port = agent.http_port
     held: list[Any] = []
-    assert agent.proc is not None
-    base_fds = fd_count(agent.proc.pid)
     try:
         held += [connect(port, "127.0.0.2") for _ in range(16)]
-        wait_counted(agent, base_fds, len(held))
+        wait_accepted(agent)
         s = connect(port, "127.0.0.2")  # a 17th from one address
         response = read_response(s, timeout=5)
         assert status_of(response) == 503 and error_code(response) == "too_many_connections"
@@ -127,7 +126,7 @@ def test_connection_caps_overall_and_per_client(tmp_path: Path) -> None:
         assert agent.request("GET", "/healthz", timeout=5).status_code == 200  # others get in
         for source, n in (("127.0.0.3", 16), ("127.0.0.4", 8)):
             held += [connect(port, source) for _ in range(n)]
-            wait_counted(agent, base_fds, len(held))
+            wait_accepted(agent)
         s = connect(port, "127.0.0.5")  # a fresh address meets the overall cap
         response = read_response(s, timeout=5)
         assert status_of(response) == 503 and error_code(response) == "too_many_connections"
@@ -144,12 +143,20 @@ def test_connection_caps_overall_and_per_client(tmp_path: Path) -> None:
         agent.stop()
 
 
-def wait_counted(agent: LocalAgent, base_fds: int, n: int) -> None:
-    """Until the agent holds n more sockets than at rest (connections really accepted)."""
-    assert agent.proc is not None
+def accept_queue(port: int) -> int:
+    """Connections the kernel holds for the agent's listening socket, not yet accepted."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # LISTEN
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def wait_accepted(agent: LocalAgent) -> None:
+    """Until the agent has accepted (and so counted) every connection made so far."""
     deadline = time.monotonic() + 10
-    while fd_count(agent.proc.pid) < base_fds + n:
-        assert time.monotonic() < deadline, fd_count(agent.proc.pid)
+    while accept_queue(agent.http_port):
+        assert time.monotonic() < deadline
         time.sleep(0.02)
 
 
