@@ -109,11 +109,16 @@ def test_slow_headers_idle_and_silent_connections_are_closed(tmp_path: Path) -> 
 
 
 def test_connection_caps_overall_and_per_client(tmp_path: Path) -> None:
-    agent = start_agent(
+    """One cap from its flag, the other from its PAGEWIRE_* environment twin."""
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    agent = LocalAgent(
         tmp_path,
         "caps",
-        extra=["--max-http-connections", "40", "--max-http-connections-per-client", "16"],
-    )
+        [roots],
+        extra=["--max-http-connections", "40"],
+        env={"PAGEWIRE_MAX_HTTP_CONNECTIONS_PER_CLIENT": "16"},
+    ).start()
     port = agent.http_port
     held: list[Any] = []
     try:
