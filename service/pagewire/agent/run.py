@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import uvicorn
 from pagewire.agent.node import AgentState
 from pagewire.agent.settings import Settings, split_host_port
 from pagewire.control.app import create_app
+from pagewire.control.httpguard import ConnectionLimits, guarded_protocol, listen_tcp
 
 log = logging.getLogger("pagewire.agent")
 
@@ -31,19 +33,30 @@ class _Server(uvicorn.Server):
 
 
 async def serve(settings: Settings) -> None:
-    agent = AgentState(settings)
-    await agent.start()
+    limits = http_limits(settings)
+    sockets: list[socket.socket] | None = None
     if settings.http.startswith("unix:"):
         where: dict[str, object] = {"uds": settings.http[5:]}
     else:
         host, port = split_host_port(settings.http)
         where = {"host": host, "port": port}
+        try:
+            sockets = [listen_tcp(host, port, settings.http_backlog, limits)]
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            log.error("cannot listen on %s: %s", settings.http, reason)
+            raise SystemExit(1) from None
+    agent = AgentState(settings)
+    await agent.start()
     config = uvicorn.Config(
         create_app(agent),
         **where,  # type: ignore[arg-type]
         log_config=None,
         access_log=False,
         lifespan="off",
+        http=guarded_protocol(limits),
+        timeout_keep_alive=settings.http_idle_timeout_s,  # type: ignore[arg-type]
+        backlog=settings.http_backlog,
     )
     server = _Server(config)
     stopping = asyncio.Event()
@@ -70,7 +83,7 @@ async def serve(settings: Settings) -> None:
     if "uds" in where:
         loop.create_task(_restrict_socket(server, str(where["uds"])))
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         if not stopping.is_set():
             await agent.stop()
@@ -148,6 +161,24 @@ def check_startup(settings: Settings) -> None:
     check_private_dir(settings.socket_dir, "--socket-dir")
     check_private_dir(settings.state_dir, "--state-dir")
     raise_fd_limit(settings)
+
+
+def http_limits(settings: Settings) -> ConnectionLimits:
+    """The REST connection caps, kept within half the fd limit (raised to its hard limit
+    by check_startup), so a flood of connections never leaves the agent without fds."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = settings.max_http_connections
+    if soft != resource.RLIM_INFINITY and cap > soft // 2:
+        cap = max(1, soft // 2)
+        log.warning(
+            "--max-http-connections %d lowered to %d: half the fd limit (%d)",
+            settings.max_http_connections,
+            cap,
+            soft,
+        )
+    return ConnectionLimits(
+        cap, settings.max_http_connections_per_client, settings.http_header_timeout_s
+    )
 
 
 def run(settings: Settings) -> None:

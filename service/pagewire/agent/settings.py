@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     file_work_threads: int = Field(default=4, ge=1, le=64)
     file_work_timeout_s: float = Field(default=600.0, gt=0, le=86400)
     live_export_uids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    # the REST front door (httpguard.py): bounds a client meets before any route runs
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    http_body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    http_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    http_idle_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+    max_http_connections: int = Field(default=1024, ge=1, le=65536)
+    max_http_connections_per_client: int = Field(default=256, ge=1, le=65536)
+    http_backlog: int = Field(default=1024, ge=1, le=65535)
+    log_repeat_limit: int = Field(default=10, ge=0)
 
     @field_validator("export_roots", mode="before")
     @classmethod
@@ -111,6 +120,8 @@ class Settings(BaseSettings):
         for path in [p for p in tls if p] + ([self.token_file] if self.token_file else []):
             if not path.is_file():
                 raise ValueError(f"{path} does not exist")
+        if self.token_file is not None:
+            read_token(self.token_file)
         host, _ = split_host_port(self.grpc)
         if not any(tls) and not self.insecure_peers and not is_loopback(host):
             raise ValueError(
@@ -127,4 +138,19 @@ class Settings(BaseSettings):
     def token(self) -> str | None:
         if self.token_file is None:
             return None
-        return self.token_file.read_text().strip() or None
+        return read_token(self.token_file)
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in path; an empty or unreadable file stops the agent (never auth off)."""
+    try:
+        token = path.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"token file {path} cannot be read as UTF-8 text: {exc}") from None
+    if not token:
+        raise ValueError(
+            f"token file {path} is empty: put a token in it, or omit --token-file for no auth"
+        )
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError(f"token file {path}: the token must be one word of printable text")
+    return token

@@ -1,17 +1,15 @@
-"""The FastAPI application: routers per resource, one error shape, body size bound."""
+"""The FastAPI application: routers per resource, one error shape, and the request guard
+(token from the headers, then a bounded body) in front of every route."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from pagewire import __version__
 from pagewire.agent.node import AgentState
-from pagewire.control.errors import error_response, install_handlers
+from pagewire.control.errors import install_handlers
+from pagewire.control.httpguard import RequestGuard
 from pagewire.control.routes import admin, exports, health, info, metrics, sessions, snapshots
-
-MAX_BODY_BYTES = 1 << 20
 
 
 def create_app(agent: AgentState) -> FastAPI:
@@ -22,18 +20,15 @@ def create_app(agent: AgentState) -> FastAPI:
     )
     app.state.agent = agent
     install_handlers(app)
-
-    @app.middleware("http")
-    async def bound_body(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_response(
-                413, "body_too_large", f"bodies are at most {MAX_BODY_BYTES} bytes"
-            )
-        return await call_next(request)
-
+    s = agent.settings
+    # With a token, everything but /healthz, /readyz and /metrics needs it: the API, and
+    # /docs, /redoc and /openapi.json too (the schema tells an intruder what to try).
+    app.add_middleware(
+        RequestGuard,  # type: ignore[arg-type]
+        token=agent.token,
+        max_body=s.max_body_bytes,
+        body_timeout_s=s.http_body_timeout_s,
+    )
     for module in (health, metrics, info, exports, sessions, snapshots, admin):
         app.include_router(module.router)
     return app

@@ -45,16 +45,44 @@ BOUNDS_TYPES = {
 }
 
 
+# the session source is a tagged union: pydantic puts the tag in the error location
+# (source.path.peer); the user wrote source.peer
+SOURCE_TAGS = {"path", "peer", "node"}
+# errors raised with PydanticCustomError(code, ...) whose type is already the API code
+CUSTOM_CODES = {"invalid_path", "invalid_source"}
+HTTP_CODES = {
+    400: "malformed_body",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def field_name(loc: tuple[Any, ...]) -> str:
+    """The field as the user wrote it: no "body" prefix, no union tags."""
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "source" and parts[i + 1] in SOURCE_TAGS and i + 2 < len(parts):
+            del parts[i + 1]
+    return ".".join(str(p) for p in parts)
+
+
 def _describe(errors: list[Any]) -> tuple[int, str, str]:
     first = errors[0] if errors else {}
     kind = first.get("type", "")
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    text = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")
+    where = field_name(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        msg = "extra field not permitted"
+    text = f"{where}: {msg}" if where else msg
     if kind == "json_invalid":
         return 400, "malformed_json", f"the body is not valid JSON: {first.get('msg', '')}"
     if kind in BOUNDS_TYPES:
         return 422, "out_of_bounds", text
-    if first.get("loc") == ("body",) and kind in ("model_attributes_type", "dict_type"):
+    if first.get("loc") == ("body",) and kind in ("model_attributes_type", "dict_type", "missing"):
         return (
             400,
             "malformed_body",
@@ -62,6 +90,8 @@ def _describe(errors: list[Any]) -> tuple[int, str, str]:
         )
     if kind == "extra_forbidden":
         return 400, "unknown_field", text
+    if kind in CUSTOM_CODES:
+        return 400, kind, text
     return 400, "invalid_request", text
 
 
@@ -77,10 +107,11 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
-        return error_response(
-            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+        # FastAPI's 400 is a body it could not parse (e.g. JSON nested too deeply)
+        code = HTTP_CODES.get(
+            exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error"
         )
+        return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

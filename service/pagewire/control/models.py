@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -13,17 +14,29 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 SessionState = Literal["awaiting_attach", "running", "paused", "completed", "failed", "cancelled"]
 ACTIVE_STATES = ("awaiting_attach", "running", "paused")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields refused; no coercion ("yes" is not a boolean, "5" not a number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _no_nul(value: str) -> str:
+    if "\0" in value:
+        raise PydanticCustomError("invalid_path", "a path may not contain a NUL byte")
+    return value
+
+
+FilePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
 
 
 class PathSource(Strict):
-    path: str = Field(min_length=1, max_length=4096)
+    path: FilePath
 
 
 class PeerSource(Strict):
@@ -131,7 +144,7 @@ class ExportRequest(Strict):
     ({name, pid} for all its private writable memory, or with listed ranges)."""
 
     name: str = Field(min_length=1, max_length=63)
-    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    path: FilePath | None = None
     pid: int | None = Field(default=None, gt=0, le=1 << 22)
     ranges: list[ProcessRange] | None = Field(default=None, min_length=1, max_length=4096)
 
@@ -149,5 +162,5 @@ class SnapshotRequest(Strict):
     the export it becomes."""
 
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
-    path: str = Field(min_length=1, max_length=4096)
+    path: FilePath
     attach_timeout_s: float = Field(default=60.0, gt=0, le=86400)

@@ -242,6 +242,8 @@ class SessionManager:
         self.retired = Retired()
         self.shutting_down = False
         self.draining = False
+        self.reserved = 0  # creates under way: counted against max_sessions
+        self.reserved_remote = 0
         self.records_dir = settings.state_dir / "sessions"
 
     # ---- creation -------------------------------------------------------
@@ -270,7 +272,11 @@ class SessionManager:
         if self.remote_factory is None:
             raise ApiError(400, "unsupported_source", "this agent cannot reach peers")
         source: Source = await self.remote_factory(request)
-        await source.connect()  # before attach, so the first fault does not wait for it
+        try:
+            await source.connect()  # before attach, so the first fault does not wait for it
+        except BaseException:  # refused, or the client went away: no connection left open
+            await asyncio.shield(source.stop())
+            raise
         return source
 
     async def create(self, request: SessionRequest) -> Session:
@@ -278,15 +284,30 @@ class SessionManager:
             raise ApiError(503, "shutting_down", "the agent is shutting down")
         if self.draining:
             raise ApiError(503, "draining", "the node is being drained")
-        active = sum(1 for s in self.sessions.values() if s.active)
+        remote = not hasattr(request.source, "path")
+        # the slot is taken before the first await and given back on every way out, so
+        # concurrent creates can never pass the count together
+        self._reserve(remote)
+        try:
+            return await self._create(request)
+        finally:
+            self.reserved -= 1
+            self.reserved_remote -= remote
+
+    def _reserve(self, remote: bool) -> None:
+        active = sum(1 for s in self.sessions.values() if s.active) + self.reserved
         if active >= self.settings.max_sessions:
             raise ApiError(
                 429,
                 "too_many_sessions",
-                f"{active} sessions active, at most {self.settings.max_sessions}",
+                f"{active} sessions active or starting, at most {self.settings.max_sessions}",
             )
-        if not hasattr(request.source, "path"):
+        if remote:
             self._admit_remote()
+        self.reserved += 1
+        self.reserved_remote += remote
+
+    async def _create(self, request: SessionRequest) -> Session:
         source = await self.open_source(request)
         session_id = "s-" + secrets.token_hex(8)
         socket_path = self.settings.socket_dir / f"{session_id}.sock"
@@ -314,7 +335,7 @@ class SessionManager:
     def _admit_remote(self) -> None:
         from pagewire.sessions.remote import WINDOW_BYTES
 
-        remote = sum(
+        remote = self.reserved_remote + sum(
             1 for s in self.sessions.values() if s.active and not hasattr(s.request.source, "path")
         )
         if (remote + 1) * WINDOW_BYTES > self.settings.max_bytes_in_flight:

@@ -152,6 +152,65 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
             "none by default (PAGEWIRE_LIVE_EXPORT_UIDS)",
         },
     ),
+    (
+        "--max-body-bytes",
+        {"type": int, "help": "largest REST request body (PAGEWIRE_MAX_BODY_BYTES, 1 MiB)"},
+    ),
+    (
+        "--http-body-timeout-s",
+        {
+            "type": float,
+            "help": "seconds a REST body may take to arrive (PAGEWIRE_HTTP_BODY_TIMEOUT_S, 30)",
+        },
+    ),
+    (
+        "--http-header-timeout-s",
+        {
+            "type": float,
+            "help": "seconds a REST request's headers may take to arrive "
+            "(PAGEWIRE_HTTP_HEADER_TIMEOUT_S, 10)",
+        },
+    ),
+    (
+        "--http-idle-timeout-s",
+        {
+            "type": float,
+            "help": "seconds an idle keep-alive REST connection stays open "
+            "(PAGEWIRE_HTTP_IDLE_TIMEOUT_S, 5)",
+        },
+    ),
+    (
+        "--max-http-connections",
+        {
+            "type": int,
+            "help": "open REST connections, all clients together "
+            "(PAGEWIRE_MAX_HTTP_CONNECTIONS, 1024)",
+        },
+    ),
+    (
+        "--max-http-connections-per-client",
+        {
+            "type": int,
+            "help": "open REST connections from one client address "
+            "(PAGEWIRE_MAX_HTTP_CONNECTIONS_PER_CLIENT, 256)",
+        },
+    ),
+    (
+        "--http-backlog",
+        {
+            "type": int,
+            "help": "REST listen backlog: connections the kernel queues for the agent "
+            "(PAGEWIRE_HTTP_BACKLOG, 1024)",
+        },
+    ),
+    (
+        "--log-repeat-limit",
+        {
+            "type": int,
+            "help": "lines a minute one repeated log message may write, 0 for no limit "
+            "(PAGEWIRE_LOG_REPEAT_LIMIT, 10)",
+        },
+    ),
 ]
 
 
@@ -178,7 +237,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
             where = ".".join(str(p) for p in err["loc"]) or "settings"
             print(f"pagewire agent: {where}: {err['msg']}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_json, settings.log_level)  # type: ignore[attr-defined]
+    logs.configure(
+        settings.log_json,  # type: ignore[attr-defined]
+        settings.log_level,  # type: ignore[attr-defined]
+        repeat_limit=settings.log_repeat_limit,  # type: ignore[attr-defined]
+    )
     agent.run(settings)  # type: ignore[arg-type]
     return 0
 

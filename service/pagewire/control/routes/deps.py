@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from pagewire.agent.node import AgentState
 from pagewire.control.errors import ApiError
+from pagewire.control.httpguard import token_matches
 
 
 def agent_state(request: Request) -> AgentState:
@@ -20,10 +20,10 @@ Agent = Annotated[AgentState, Depends(agent_state)]
 
 
 def require_token(request: Request) -> None:
+    """The request guard has already checked; this keeps each router safe on its own."""
     token = agent_state(request).token
     if token is None:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+    header = dict(request.scope["headers"]).get(b"authorization", b"")
+    if not token_matches(header, token.encode()):
         raise ApiError(401, "unauthorized", "a valid bearer token is required")
