@@ -197,6 +197,8 @@ def test_the_connection_cap_stays_under_the_fd_limit(tmp_path: Path) -> None:
     extra = [
         "--max-http-connections", "5000", "--max-http-connections-per-client", "5000",
         "--log-repeat-limit", "3",
+        # the fd budget the agent checks at start must fit under 512
+        "--max-exports", "32", "--max-snapshots", "4", "--max-sessions", "8",
     ]  # fmt: skip
     agent = FdLimitedAgent(tmp_path, "fds", [roots], extra=extra).start()
     assert agent.proc is not None
