@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
 
 from . import __version__
 from .api import admin, exports, health, info, metrics, sessions, snapshots
@@ -15,7 +16,8 @@ MAX_BODY_BYTES = 1 << 20
 
 
 def create_app(agent: AgentState) -> FastAPI:
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc served by the agent itself (no CDN)
+    app = FastAPIOffline(
         title="pagewire agent",
         version=__version__,
         description="Post-copy memory over userfaultfd: exports, sessions, progress, metrics.",

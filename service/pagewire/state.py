@@ -153,7 +153,7 @@ class AgentState:
         return {
             "engine": True,
             "grpc": self.peer_server is not None,
-            "accepting": not self.sessions.shutting_down,
+            "accepting": not (self.sessions.shutting_down or self.sessions.draining),
         }
 
     def info(self) -> dict[str, Any]:

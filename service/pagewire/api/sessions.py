@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from ..errors import ErrorResponse
-from ..models import SessionList, SessionRequest, SessionState, SessionStatus
+from ..models import SessionList, SessionRequest, SessionState, SessionStatus, with_rfc3339
 from .deps import Agent, require_token
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)])
@@ -57,7 +57,7 @@ PROGRESS_INTERVAL_S = 1.0
 
 
 def sse_event(kind: str, status: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps(status)}\n\n"
+    return f"event: {kind}\ndata: {json.dumps(with_rfc3339(status))}\n\n"
 
 
 @router.get(
