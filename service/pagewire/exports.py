@@ -325,7 +325,7 @@ class Export(ChunkGeometry):
 
     def refresh_state(self) -> None:
         """Check identity on read, so a changed file shows stale before a peer tries it."""
-        if self.state == STATE_READY:
+        if self.state == STATE_READY and not self._closed:
             try:
                 self.check()
             except ExportStale:
