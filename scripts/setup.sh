@@ -11,6 +11,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v ip >/dev/null || need+=(iproute2)
     command -v tc >/dev/null || need+=(iproute2)
     command -v openssl >/dev/null || need+=(openssl)
+    command -v curl >/dev/null || need+=(curl)     # the docs' commands (tests/docs)
+    command -v jq >/dev/null || need+=(jq)
     command -v gcc >/dev/null || need+=(gcc)
     [ -e /usr/include/linux/userfaultfd.h ] || need+=(linux-libc-dev)
     python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
