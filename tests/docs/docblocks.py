@@ -45,6 +45,20 @@ class Block:
     def is_command(self) -> bool:
         return self.lang in SHELL_LANGS
 
+    @property
+    def commands(self) -> str:
+        """What to run: the text of a sh/bash/shell block; of a console block, the lines after
+        a `$ ` prompt (and their continuation lines), not the output shown."""
+        if self.lang != "console":
+            return self.text
+        kept: list[str] = []
+        continued = False
+        for line in self.text.splitlines():
+            if line.startswith("$ ") or continued:
+                kept.append(line[2:] if line.startswith("$ ") and not continued else line)
+                continued = line.endswith("\\")
+        return "\n".join(kept)
+
     def directive(self, name: str) -> str | None:
         return next((v for k, v in self.directives if k == name), None)
 

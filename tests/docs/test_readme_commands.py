@@ -83,7 +83,7 @@ def script_for(blocks: list[Block]) -> str:
                 parts.append(_step(f"{block.where} (stand-in)", stand_in, f"block-{i}.out"))
             continue
         parts.append(
-            _step(block.where, block.text, f"block-{i}.out", block.directive("background"))
+            _step(block.where, block.commands, f"block-{i}.out", block.directive("background"))
         )
     parts.append('echo done >"$DOCTEST/current"\n')
     return "".join(parts)
