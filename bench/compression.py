@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from common import LocalAgent, MiB, emit, wait_ended
+from pagewire.control.models import epoch_seconds
 from pagewire.tools.workload import command as workload_command
+
+
+def at(status: dict[str, Any], key: str) -> float:
+    """A status timestamp (RFC 3339) as epoch seconds."""
+    value = epoch_seconds(status[key])
+    assert value is not None, key
+    return value
 
 
 def text_image(path: Path, size: int) -> None:
@@ -45,7 +53,7 @@ def restore(src: LocalAgent, dst: LocalAgent, size: int, mode: str) -> dict[str,
     return {
         "bytes_on_wire": status["bytes_received"],
         "transport": status["transport"],
-        "attach_to_complete_s": round(status["completed_at"] - status["attached_at"], 4),
+        "attach_to_complete_s": round(at(status, "completed_at") - at(status, "attached_at"), 4),
         "wall_s": round(time.monotonic() - started, 4),
     }
 

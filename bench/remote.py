@@ -37,6 +37,7 @@ from typing import Any
 
 import net_baselines
 from common import LocalAgent, MiB, emit, median
+from pagewire.control.models import epoch_seconds
 from pagewire.tools.images import make_image
 
 GiB = 1 << 30
@@ -56,6 +57,13 @@ TARGETS = {
 
 
 # --- process accounting --------------------------------------------------------------
+
+
+def at(status: dict[str, Any], key: str) -> float:
+    """A status timestamp (RFC 3339) as epoch seconds."""
+    value = epoch_seconds(status[key])
+    assert value is not None, key
+    return value
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -169,7 +177,7 @@ def latency_run(
         "faults_zero": status["faults"]["zero"],
         "pages_prefetched": status["pages_prefetched"],
         "pages_background": status["pages_background"],
-        "attach_to_complete_s": status["completed_at"] - status["attached_at"],
+        "attach_to_complete_s": at(status, "completed_at") - at(status, "attached_at"),
         "verified": bool(seen["verified"]),
     }
 
@@ -188,7 +196,7 @@ def bulk_run(
     seen = finish_workload(proc)
     forget(dest, session["id"])
     require(status["state"] == "completed" and seen.get("verified"), "bulk run", (status, seen))
-    elapsed = status["completed_at"] - status["attached_at"]
+    elapsed = at(status, "completed_at") - at(status, "attached_at")
     page_size = status["page_size"] or 4096
     nonzero = (status["pages_total"] - status["pages_zero"]) * page_size
     return {
@@ -226,8 +234,8 @@ def restore_run(
     lat = status["fault_latency_seconds"]
     gib = size / GiB
     return {
-        "create_to_complete_s": round(status["completed_at"] - status["created_at"], 4),
-        "attach_to_complete_s": round(status["completed_at"] - status["attached_at"], 4),
+        "create_to_complete_s": round(at(status, "completed_at") - at(status, "created_at"), 4),
+        "attach_to_complete_s": round(at(status, "completed_at") - at(status, "attached_at"), 4),
         "client_wall_s": round(wall, 4),
         "workload_touch_s": seen["touch_s"],
         "engine_fault_p50_us": us(lat["p50"]),
@@ -275,13 +283,14 @@ def concurrent_run(
     states = [st["state"] for st in statuses]
     verified = [bool(w.get("verified")) for w in seen]
     require(all(st == "completed" for st in states) and all(verified), "concurrent", states)
-    durations = [st["completed_at"] - st["created_at"] for st in statuses]
+    durations = [at(st, "completed_at") - at(st, "created_at") for st in statuses]
     p50s = [st["fault_latency_seconds"]["p50"] or 0.0 for st in statuses]
     p99s = [st["fault_latency_seconds"]["p99"] or 0.0 for st in statuses]
     return {
         "sessions": count,
         "total_s": round(
-            max(st["completed_at"] for st in statuses) - min(st["created_at"] for st in statuses),
+            max(at(st, "completed_at") for st in statuses)
+            - min(at(st, "created_at") for st in statuses),
             4,
         ),
         "client_wall_s": round(wall, 4),

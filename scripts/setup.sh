@@ -3,6 +3,7 @@
 # root, then a virtualenv in .venv with pagewire and its test tools installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+say() { echo "setup: $*" >&2; }
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need=()
@@ -10,6 +11,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v ip >/dev/null || need+=(iproute2)
     command -v tc >/dev/null || need+=(iproute2)
     command -v openssl >/dev/null || need+=(openssl)
+    command -v curl >/dev/null || need+=(curl)     # the docs' commands (tests/docs)
+    command -v jq >/dev/null || need+=(jq)
     command -v gcc >/dev/null || need+=(gcc)
     [ -e /usr/include/linux/userfaultfd.h ] || need+=(linux-libc-dev)
     python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
@@ -18,6 +21,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v nft >/dev/null || need+=(nftables)
     command -v promtool >/dev/null || need+=(prometheus)
     if [ ${#need[@]} -gt 0 ]; then
+        say "installing Debian packages: ${need[*]}"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
@@ -25,7 +29,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
+    say "creating the virtualenv .venv"
     python3 -m venv .venv
 fi
+say "upgrading pip in .venv"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+say "installing pagewire (building its C extension) and the test tools into .venv (about a minute)"
 .venv/bin/python -m pip install -q '.[test]' -r tests/deploy/requirements.txt
+say "done: .venv/bin/pagewire ($(.venv/bin/pagewire --version))"

@@ -1,4 +1,4 @@
-"""The image recipe (no container engine here, so it is checked by reading it): multi-stage,
+"""The image recipe, read (test_image.py builds and runs it for real): multi-stage,
 the compiler only in the builder, a wheel built with `pip wheel`, an unprivileged default user."""
 
 from __future__ import annotations

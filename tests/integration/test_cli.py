@@ -223,12 +223,17 @@ def test_session_awaiting_attach_cancel_and_forget(agent: LocalAgent, image) -> 
 
     cancelled = cli_json(agent, "session", "cancel", s["id"])
     assert cancelled["id"] == s["id"] and cancelled["state"] == "cancelled"
+    assert cancelled["created_at"].endswith("+00:00")  # RFC 3339, UTC
     watch = cli(agent, "session", "watch", s["id"], "--json")
     assert watch.returncode == 1 and json.loads(watch.stdout)["state"] == "cancelled"
     assert "cancelled" in watch.stderr
 
+    human = cli(agent, "session", "list")
+    assert "ERROR" in human.stdout.splitlines()[0]
+    assert "cancelled: cancelled before attach" in human.stdout  # why it ended
     forgotten = cli(agent, "session", "cancel", s["id"])  # ended: forget it
     assert forgotten.returncode == 0, forgotten.stderr
+    assert forgotten.stdout.startswith(f"session {s['id']} forgotten"), forgotten.stdout
     r = cli(agent, "session", "show", s["id"])
     assert r.returncode == 1 and r.stderr.startswith("error: session_not_found: ")
 
@@ -349,3 +354,114 @@ def test_client_end_to_end(agent: LocalAgent, image) -> None:  # type: ignore[no
             api.get_session(s["id"])
         assert api.delete_export("img")["name"] == "img"
         assert api.list_exports() == []
+
+
+# -- the CLI explains itself
+
+
+def test_version_and_defaults_in_help() -> None:
+    from pagewire import __version__
+
+    r = cli(None, "--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"pagewire {__version__}"
+    agent_help = cli(None, "agent", "--help").stdout
+    assert "(default: 127.0.0.1:7070; env PAGEWIRE_HTTP)" in " ".join(agent_help.split())
+    demo_help = " ".join(cli(None, "demo", "--help").stdout.split())
+    for option in ("--size-mib", "--threads", "--workdir", "--quiet", "--json"):
+        assert option in demo_help
+    assert "size of the memory image (default: 256)" in demo_help
+    create_help = " ".join(cli(None, "session", "create", "--help").stdout.split())
+    assert "--compression {none,zstd}" in create_help
+    assert "--prefetch {none,around,working_set}" in create_help
+    assert "(default: 1.0)" in " ".join(cli(None, "session", "watch", "--help").stdout.split())
+
+
+def _options(help_text: str) -> list[tuple[str, str]]:
+    """(option, its help) for each option of an argparse --help."""
+    import re
+
+    body = help_text.split("options:", 1)[1]
+    entries = re.split(r"\n  (?=-)", "\n" + body)
+    return [(e.split()[0].rstrip(","), " ".join(e.split()[1:])) for e in entries if e.strip()]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["agent"],
+        ["demo"],
+        ["export", "create"],
+        ["session", "create"],
+        ["session", "list"],
+        ["session", "watch"],
+    ],
+)
+def test_every_option_is_described(command: list[str]) -> None:
+    text = cli(None, *command, "--help").stdout
+    for option, help_text in _options(text):
+        words = [w for w in help_text.split() if not w.isupper() and not w.startswith("{")]
+        assert words, f"{' '.join(command)} {option} has no description"
+
+
+def test_every_setting_has_a_flag() -> None:
+    from pagewire.agent.settings import Settings
+    from pagewire.tools.cli import setting_flags
+
+    text = " ".join(cli(None, "agent", "--help").stdout.split())
+    for name, field in Settings.model_fields.items():
+        flag = setting_flags(name, field)[0][0]
+        assert flag in text, name
+        assert f"PAGEWIRE_{name.upper()})" in text, name
+        assert field.description, f"setting {name} has no description"
+
+
+def test_old_flag_spellings_still_work(tmp_path: Path) -> None:
+    from pagewire.tools.cli import agent_settings, build_parser
+
+    roots = tmp_path / "r"
+    roots.mkdir()
+    args = build_parser().parse_args(
+        [
+            "agent",
+            "--export-root",
+            str(roots),
+            "--allowed-uid",
+            "5",
+            "--allowed-uid",
+            "6",
+            "--no-native-channel",
+            "--insecure-peers",
+            "--log-json",
+            "--max-sessions",
+            "3",
+            "--shutdown-policy",
+            "handover",
+            "--state-dir",
+            str(tmp_path),
+        ]
+    )
+    s: Any = agent_settings(args)
+    assert s.export_roots == [roots] and s.allowed_uids == [5, 6] and s.native_channel is False
+    assert s.insecure_peers and s.log_json and s.max_sessions == 3
+    assert s.shutdown_policy == "handover"
+
+
+def test_bad_settings_stop_the_agent_naming_the_flag(tmp_path: Path) -> None:
+    r = cli(None, "agent", "--export-root", str(tmp_path / "nonexistent"), timeout=30)
+    assert r.returncode == 2 and "is not a directory" in r.stderr, r.stderr
+    r = cli(None, "agent", "--chunk-size", "5000", timeout=30)
+    assert r.returncode == 2 and "--chunk-size (PAGEWIRE_CHUNK_SIZE)" in r.stderr, r.stderr
+    r = cli(None, "agent", env=clean_env(PAGEWIRE_MAX_SESSIONS="0"), timeout=30)
+    assert r.returncode == 2 and "--max-sessions (PAGEWIRE_MAX_SESSIONS)" in r.stderr, r.stderr
+
+
+def test_session_create_compression_and_prefetch(agent: LocalAgent) -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    r = cli(
+        agent, "session", "create", "--peer", nobody, "--export", "x",
+        "--compression", "zstd", "--prefetch", "working_set", "--json",
+    )  # fmt: skip
+    # no agent there: the request passed validation with both options and reached the peer
+    assert r.returncode == 1 and r.stderr.startswith("error: peer_unreachable"), r.stderr
+    r = cli(agent, "session", "create", "--peer", nobody, "--export", "x", "--compression", "lz4")
+    assert r.returncode == 2 and "invalid choice" in r.stderr

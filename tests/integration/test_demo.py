@@ -4,6 +4,7 @@ post-copy restore, and a passing byte-for-byte verification."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,4 +56,10 @@ def test_demo_human_report_and_progress_bar(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr.decode()
     text = out.stdout.decode()
     assert "verification          passed" in text and "time to first touch" in text
+    # figures rounded for people: "1.20 ms", never "1.1985999999999999 ms"
+    assert not re.search(r"\d\.\d{4,}", text), text
+    first = re.search(r"time to first touch\s+(\d+\.\d\d) ms", text)
+    assert first and float(first.group(1)) > 0.1, text  # process start + handoff + first page
+    assert re.search(r"fault latency\s+p50 \d+\.\d\d ms", text), text
+    assert "0/0 pages" not in out.stderr.decode()  # before attach it says it waits
     assert "100.0%" in out.stderr.decode()  # the live bar reached the end

@@ -119,7 +119,10 @@ def test_render_bar() -> None:
 
 
 def test_render_unknowns_and_bounds() -> None:
-    line = render(status(pages_total=0, pages_present=0, state="awaiting_attach"), None)
+    waiting = render(status(pages_total=0, pages_present=0, state="awaiting_attach"), None)
+    assert waiting.startswith("[" + "." * 30 + "] waiting for the workload to attach")
+    assert "0/0" not in waiting
+    line = render(status(pages_total=0, pages_present=0, state="running"), None)
     assert line.startswith("[" + "." * 30 + "]   0.0%  0/0 pages")
     assert " - " in line and "p50 - p99 -" in line
     done = render(status(pages_present=90, pages_removed=10, state="completed"), None, width=4)

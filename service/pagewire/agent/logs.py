@@ -43,7 +43,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update(_extras(record))
+        extras = _extras(record)
+        extras.pop("color_message", None)  # uvicorn's copy of msg with raw ANSI colour codes
+        entry.update(extras)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

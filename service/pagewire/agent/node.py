@@ -163,7 +163,7 @@ class AgentState:
         return {
             "engine": True,
             "grpc": self.peer_server is not None,
-            "accepting": not self.sessions.shutting_down,
+            "accepting": not (self.sessions.shutting_down or self.sessions.draining),
             "file_pool": filework.pool().healthy(),
         }
 

@@ -29,51 +29,98 @@ def is_loopback(host: str) -> bool:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PAGEWIRE_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="PAGEWIRE_", extra="forbid", use_attribute_docstrings=True
+    )
 
     http: str = "127.0.0.1:7070"
+    """HOST:PORT (or unix:/path) of the REST API"""
     grpc: str = "127.0.0.1:7071"
+    """HOST:PORT of the peer gRPC service"""
     advertise_grpc: str | None = None
+    """gRPC address peers should use to reach this agent"""
     socket_dir: Path = Path("/run/pagewire/sessions")
+    """directory of session sockets"""
     state_dir: Path = Path("/var/lib/pagewire")
+    """directory of export and session records"""
     export_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """directory exports and local sources must lie under; repeatable (the env twin is
+    colon-separated)"""
     token_file: Path | None = None
+    """file holding the REST bearer token"""
     tls_cert: Path | None = None
+    """PEM certificate for peer mTLS"""
     tls_key: Path | None = None
+    """PEM key for peer mTLS"""
     tls_ca: Path | None = None
+    """PEM CA bundle peers are checked against"""
     insecure_peers: bool = False
+    """allow plain-text gRPC off loopback"""
     node_name: str = Field(default_factory=socket.gethostname)
+    """this node's name"""
     peer_dns_pattern: str = "{node}:7071"
+    """how a node name becomes a gRPC address, e.g. '{node}.pagewire.pagewire.svc:7071'"""
     max_sessions: int = Field(default=64, ge=1, le=4096)
+    """concurrent sessions (429 too_many_sessions beyond)"""
     max_bytes_in_flight: int = Field(default=256 << 20, ge=1 << 20)
+    """bytes fetched from peers but not yet installed"""
     max_regions: int = Field(default=256, ge=1, le=4096)
+    """memory regions one handoff may carry"""
     max_session_bytes: int = Field(default=1 << 40, ge=1 << 20)
+    """bytes one session may restore"""
     native_channel: bool = True
+    """carry page data over the native data channel when the link is plain text (else gRPC only)"""
     cache_bytes: int = Field(default=256 << 20, ge=0)
+    """per-host chunk cache shared by sessions, 0 to turn it off"""
     cache_idle_s: float = Field(default=30.0, ge=0)
+    """seconds an unused cache entry is kept"""
     data_port: int = Field(default=0, ge=0, le=65535)
+    """TCP port of the native data channel, 0 for any; offered on plain-text links only"""
     chunk_size: int = Field(default=64 << 10, ge=4096, le=4 << 20)
+    """chunk size of new exports in bytes (a power of two)"""
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
+    """seconds running sessions get on SIGTERM"""
     shutdown_policy: Literal["fail", "handover"] = "fail"
+    """after the grace period: fail what is left (SIGBUS), or leave it registered for the next
+    agent to take back"""
     socket_group: int | None = Field(default=None, ge=0)
+    """gid allowed to enter the socket dir, then mode 0710"""
     retention_s: float = Field(default=3600.0, ge=0)
+    """seconds ended sessions are kept"""
     allowed_uids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    """uid allowed to hand over a uffd (SO_PEERCRED); repeatable (the env twin is
+    comma-separated)"""
     log_json: bool = False
+    """JSON logs, one object a line"""
     log_level: str = "info"
+    """debug, info or warning"""
     max_exports: int = Field(default=1024, ge=1, le=65536)
+    """exports held open at once; more answer 429 too_many_exports"""
     max_snapshots: int = Field(default=16, ge=1, le=4096)
+    """snapshots awaiting attach or copying at once; more answer 429 too_many_snapshots"""
     file_work_threads: int = Field(default=4, ge=1, le=64)
+    """threads that open and hash files under the export roots"""
     file_work_timeout_s: float = Field(default=600.0, gt=0, le=86400)
+    """seconds a request waits for opening or hashing a file (503 file_work_timeout)"""
     live_export_uids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    """uid whose processes may be frozen and exported live; repeatable; none by default"""
     # the REST front door (httpguard.py): bounds a client meets before any route runs
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    """largest REST request body (413 body_too_large)"""
     http_body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """seconds a REST body may take to arrive (408 body_timeout)"""
     http_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    """seconds a REST request's headers may take to arrive (408 header_timeout)"""
     http_idle_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+    """seconds an idle keep-alive REST connection stays open"""
     max_http_connections: int = Field(default=1024, ge=1, le=65536)
+    """open REST connections, all clients together (lowered to half the fd limit)"""
     max_http_connections_per_client: int = Field(default=256, ge=1, le=65536)
+    """open REST connections from one client address"""
     http_backlog: int = Field(default=1024, ge=1, le=65535)
+    """REST listen backlog: connections the kernel queues for the agent"""
     log_repeat_limit: int = Field(default=10, ge=0)
+    """lines a minute one repeated log message may write, 0 for no limit"""
 
     @field_validator("export_roots", mode="before")
     @classmethod
@@ -128,6 +175,9 @@ class Settings(BaseSettings):
                 f"plain-text gRPC on {self.grpc} is not loopback: give --tls-cert/--tls-key/"
                 "--tls-ca, or --insecure-peers"
             )
+        for root in self.export_roots:
+            if not root.is_dir():
+                raise ValueError(f"export root {root} is not a directory")
         self.export_roots = [Path(os.path.realpath(p)) for p in self.export_roots]
         return self
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from pagewire import __version__
 from pagewire.agent.node import AgentState
@@ -13,7 +14,8 @@ from pagewire.control.routes import admin, exports, health, info, metrics, sessi
 
 
 def create_app(agent: AgentState) -> FastAPI:
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc served by the agent itself (no CDN)
+    app = FastAPIOffline(
         title="pagewire agent",
         version=__version__,
         description="Post-copy memory over userfaultfd: exports, sessions, progress, metrics.",

@@ -135,7 +135,9 @@ class AgentCollector(Collector):
         )
         counts = dict.fromkeys(STATES, 0)
         remaining = GaugeMetricFamily(
-            "pagewire_session_pages_remaining", "Pages a session still misses.", labels=["session"]
+            "pagewire_session_pages_remaining",
+            "Pages a session still misses; absent while it awaits attach (its layout unknown).",
+            labels=["session"],
         )
         paused = GaugeMetricFamily(
             "pagewire_session_paused_seconds",
@@ -145,8 +147,9 @@ class AgentCollector(Collector):
         now = time.monotonic()
         for s in sessions:
             counts[s.state] = counts.get(s.state, 0) + 1
-            if s.active:
+            if s.active and s.state != "awaiting_attach":
                 remaining.add_metric([s.id], s.stats().get("pages_missing", 0))
+            if s.active:
                 since = s.paused_since
                 paused.add_metric([s.id], now - since if since is not None else 0.0)
         for state, n in counts.items():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -18,6 +20,43 @@ from pydantic_core import PydanticCustomError
 
 SessionState = Literal["awaiting_attach", "running", "paused", "completed", "failed", "cancelled"]
 ACTIVE_STATES = ("awaiting_attach", "running", "paused")
+# export names: what ExportRegistry accepts (400 export_invalid otherwise)
+EXPORT_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+EXPORT_NAME_RULE = "1-63 of a-z 0-9 . _ -, starting with a letter or digit (no upper case)"
+TIMESTAMP_FIELDS = ("created_at", "attached_at", "completed_at")
+
+
+def rfc3339(value: object) -> object:
+    """Epoch seconds as an RFC 3339 UTC string (the one timestamp style of the API)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec="microseconds")
+    return value
+
+
+def epoch_seconds(value: object) -> float | None:
+    """An RFC 3339 timestamp (or epoch seconds) as epoch seconds; None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+def with_rfc3339(status: dict[str, Any]) -> dict[str, Any]:
+    """A status dict with its epoch-second timestamps as RFC 3339 strings."""
+    return {k: rfc3339(v) if k in TIMESTAMP_FIELDS else v for k, v in status.items()}
+
+
+Timestamp = Annotated[str, BeforeValidator(rfc3339)]
+ExportName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=63,
+        description=f"export name: {EXPORT_NAME_RULE}",
+        json_schema_extra={"pattern": EXPORT_NAME_PATTERN},
+    ),
+]
 
 
 class Strict(BaseModel):
@@ -41,12 +80,12 @@ class PathSource(Strict):
 
 class PeerSource(Strict):
     peer: str = Field(min_length=3, max_length=512, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
-    export: str = Field(min_length=1, max_length=63)
+    export: ExportName
 
 
 class NodeSource(Strict):
     node: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9]([A-Za-z0-9.\-]*)$")
-    export: str = Field(min_length=1, max_length=63)
+    export: ExportName
 
 
 class SocketOptions(Strict):
@@ -121,9 +160,9 @@ class SessionStatus(BaseModel):
     pages_background: int
     bytes_received: int
     fault_latency_seconds: Latency
-    created_at: float
-    attached_at: float | None
-    completed_at: float | None
+    created_at: Timestamp
+    attached_at: Timestamp | None
+    completed_at: Timestamp | None
     error: ErrorInfo | None
     workload_pid: int | None = None
     page_size: int | None = None
@@ -143,7 +182,7 @@ class ExportRequest(Strict):
     """A file under an export root ({name, path}), or a running process's memory
     ({name, pid} for all its private writable memory, or with listed ranges)."""
 
-    name: str = Field(min_length=1, max_length=63)
+    name: ExportName
     path: FilePath | None = None
     pid: int | None = Field(default=None, gt=0, le=1 << 22)
     ranges: list[ProcessRange] | None = Field(default=None, min_length=1, max_length=4096)

@@ -299,6 +299,7 @@ class Export(ChunkGeometry):
         return self.identity.generation(self.name)
 
     def to_json(self) -> dict[str, Any]:
+        self.refresh_state()
         return {
             "name": self.name,
             "path": self.path,
@@ -324,6 +325,14 @@ class Export(ChunkGeometry):
         if FileIdentity.of(os.fstat(self._fd)) != self.identity:
             self.mark_stale()
             raise ExportStale(f"export {self.name!r} is stale: its file changed")
+
+    def refresh_state(self) -> None:
+        """Check identity on read, so a changed file shows stale before a peer tries it."""
+        if self.state == STATE_READY and not self._closed:
+            try:
+                self.check()
+            except ExportStale:
+                pass
 
     def mark_stale(self) -> None:
         with self._lock:

@@ -174,7 +174,7 @@ class Session:
         return {
             "id": self.id,
             "state": self.state,
-            "source": self.source.describe(),
+            "source": {**self.request.source.model_dump(), **self.source.describe()},
             "socket": str(self.socket_path),
             "pages_total": s.get("pages_total", 0),
             "pages_present": s.get("pages_present", 0),

@@ -132,6 +132,7 @@ class RemoteSource:
         """Demand faults and bulk go over the engine's own TCP channel when the peer
         offers one (connected before the engine starts, so no fault goes the slow way);
         gRPC stays the fallback. Huge pages larger than a chunk are gathered in Python."""
+        self.session = session  # so the channel's log lines carry the session id
         regions = session.handoff.regions if session.handoff else []
         page = max((r.page_size for r in regions), default=0)
         self.unit_chunks = max(1, page // self.remote.chunk_size)

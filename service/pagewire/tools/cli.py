@@ -4,226 +4,101 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
-    ("--http", {"help": "HOST:PORT of the REST API (PAGEWIRE_HTTP)"}),
-    ("--grpc", {"help": "HOST:PORT of the peer gRPC service (PAGEWIRE_GRPC)"}),
-    ("--advertise-grpc", {"help": "gRPC address peers should use (PAGEWIRE_ADVERTISE_GRPC)"}),
-    ("--socket-dir", {"help": "directory of session sockets (PAGEWIRE_SOCKET_DIR)"}),
-    ("--state-dir", {"help": "directory of export and session records (PAGEWIRE_STATE_DIR)"}),
-    (
-        "--export-root",
-        {
-            "action": "append",
-            "dest": "export_roots",
-            "help": "directory exports and local sources must lie under; repeatable "
-            "(PAGEWIRE_EXPORT_ROOTS, colon-separated)",
-        },
-    ),
-    ("--token-file", {"help": "file holding the REST bearer token (PAGEWIRE_TOKEN_FILE)"}),
-    ("--tls-cert", {"help": "PEM certificate for peer mTLS (PAGEWIRE_TLS_CERT)"}),
-    ("--tls-key", {"help": "PEM key for peer mTLS (PAGEWIRE_TLS_KEY)"}),
-    ("--tls-ca", {"help": "PEM CA bundle peers are checked against (PAGEWIRE_TLS_CA)"}),
-    (
-        "--insecure-peers",
-        {
-            "action": "store_const",
-            "const": True,
-            "help": "allow plain-text gRPC off loopback (PAGEWIRE_INSECURE_PEERS)",
-        },
-    ),
-    ("--node-name", {"help": "this node's name (PAGEWIRE_NODE_NAME)"}),
-    (
-        "--peer-dns-pattern",
-        {
-            "help": "how a node name becomes a gRPC address, e.g. "
-            "'{node}.pagewire.pagewire.svc:7071' (PAGEWIRE_PEER_DNS_PATTERN)"
-        },
-    ),
-    ("--max-sessions", {"type": int, "help": "concurrent sessions (PAGEWIRE_MAX_SESSIONS)"}),
-    (
-        "--max-bytes-in-flight",
-        {"type": int, "help": "bytes fetched but not installed (PAGEWIRE_MAX_BYTES_IN_FLIGHT)"},
-    ),
-    ("--chunk-size", {"type": int, "help": "chunk size of new exports (PAGEWIRE_CHUNK_SIZE)"}),
-    (
-        "--shutdown-grace-s",
-        {
-            "type": float,
-            "help": "seconds running sessions get on SIGTERM (PAGEWIRE_SHUTDOWN_GRACE_S)",
-        },
-    ),
-    (
-        "--no-native-channel",
-        {
-            "action": "store_const",
-            "const": False,
-            "dest": "native_channel",
-            "help": "carry page data over gRPC only (PAGEWIRE_NATIVE_CHANNEL=false)",
-        },
-    ),
-    (
-        "--cache-bytes",
-        {
-            "type": int,
-            "help": "per-host chunk cache shared by sessions, 0 to turn it off "
-            "(PAGEWIRE_CACHE_BYTES, default 256 MiB)",
-        },
-    ),
-    (
-        "--data-port",
-        {
-            "type": int,
-            "help": "TCP port of the native data channel, 0 for any "
-            "(PAGEWIRE_DATA_PORT); offered on plain-text links only",
-        },
-    ),
-    (
-        "--shutdown-policy",
-        {
-            "choices": ["fail", "handover"],
-            "help": "after the grace period: fail what is left (SIGBUS) or leave it registered "
-            "for the next agent to take back (PAGEWIRE_SHUTDOWN_POLICY)",
-        },
-    ),
-    (
-        "--socket-group",
-        {
-            "type": int,
-            "help": "gid allowed to enter the socket dir, then 0710 (PAGEWIRE_SOCKET_GROUP)",
-        },
-    ),
-    (
-        "--allowed-uid",
-        {
-            "action": "append",
-            "type": int,
-            "dest": "allowed_uids",
-            "help": "uid allowed to hand over a uffd (SO_PEERCRED); repeatable "
-            "(PAGEWIRE_ALLOWED_UIDS)",
-        },
-    ),
-    (
-        "--retention-s",
-        {"type": float, "help": "seconds ended sessions are kept (PAGEWIRE_RETENTION_S)"},
-    ),
-    (
-        "--log-json",
-        {"action": "store_const", "const": True, "help": "JSON logs (PAGEWIRE_LOG_JSON)"},
-    ),
-    ("--log-level", {"help": "debug, info, warning (PAGEWIRE_LOG_LEVEL)"}),
-    (
-        "--max-exports",
-        {"type": int, "help": "exports held open at once (PAGEWIRE_MAX_EXPORTS, default 1024)"},
-    ),
-    (
-        "--max-snapshots",
-        {
-            "type": int,
-            "help": "snapshots awaiting attach or copying at once "
-            "(PAGEWIRE_MAX_SNAPSHOTS, default 16)",
-        },
-    ),
-    (
-        "--file-work-threads",
-        {
-            "type": int,
-            "help": "threads that open and hash files (PAGEWIRE_FILE_WORK_THREADS, default 4)",
-        },
-    ),
-    (
-        "--file-work-timeout-s",
-        {
-            "type": float,
-            "help": "seconds a request waits for opening or hashing a file "
-            "(PAGEWIRE_FILE_WORK_TIMEOUT_S, default 600)",
-        },
-    ),
-    (
-        "--live-export-uid",
-        {
-            "action": "append",
-            "type": int,
-            "dest": "live_export_uids",
-            "help": "uid whose processes may be frozen and exported live; repeatable; "
-            "none by default (PAGEWIRE_LIVE_EXPORT_UIDS)",
-        },
-    ),
-    (
-        "--max-body-bytes",
-        {"type": int, "help": "largest REST request body (PAGEWIRE_MAX_BODY_BYTES, 1 MiB)"},
-    ),
-    (
-        "--http-body-timeout-s",
-        {
-            "type": float,
-            "help": "seconds a REST body may take to arrive (PAGEWIRE_HTTP_BODY_TIMEOUT_S, 30)",
-        },
-    ),
-    (
-        "--http-header-timeout-s",
-        {
-            "type": float,
-            "help": "seconds a REST request's headers may take to arrive "
-            "(PAGEWIRE_HTTP_HEADER_TIMEOUT_S, 10)",
-        },
-    ),
-    (
-        "--http-idle-timeout-s",
-        {
-            "type": float,
-            "help": "seconds an idle keep-alive REST connection stays open "
-            "(PAGEWIRE_HTTP_IDLE_TIMEOUT_S, 5)",
-        },
-    ),
-    (
-        "--max-http-connections",
-        {
-            "type": int,
-            "help": "open REST connections, all clients together "
-            "(PAGEWIRE_MAX_HTTP_CONNECTIONS, 1024)",
-        },
-    ),
-    (
-        "--max-http-connections-per-client",
-        {
-            "type": int,
-            "help": "open REST connections from one client address "
-            "(PAGEWIRE_MAX_HTTP_CONNECTIONS_PER_CLIENT, 256)",
-        },
-    ),
-    (
-        "--http-backlog",
-        {
-            "type": int,
-            "help": "REST listen backlog: connections the kernel queues for the agent "
-            "(PAGEWIRE_HTTP_BACKLOG, 1024)",
-        },
-    ),
-    (
-        "--log-repeat-limit",
-        {
-            "type": int,
-            "help": "lines a minute one repeated log message may write, 0 for no limit "
-            "(PAGEWIRE_LOG_REPEAT_LIMIT, 10)",
-        },
-    ),
-]
+from pagewire import __version__
+from pagewire.tools.cli_api import HelpFormatter, add_api_commands
+
+# Flag spellings that differ from the setting's name (kept so old command lines work).
+FLAG_NAMES = {
+    "export_roots": "--export-root",
+    "allowed_uids": "--allowed-uid",
+    "live_export_uids": "--live-export-uid",
+}
+DEFAULT_TEXT = {"node_name": "this host's name", "advertise_grpc": "the --grpc address"}
+
+
+def _unwrap(annotation: Any) -> Any:
+    """list[int] | None -> list[int]; Annotated[X, ...] -> X."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return annotation
+
+
+def _default_text(name: str, field: FieldInfo) -> str:
+    if name in DEFAULT_TEXT:
+        return DEFAULT_TEXT[name]
+    if field.default_factory is not None:
+        value = field.default_factory()  # type: ignore[call-arg]
+    else:
+        value = field.default
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def setting_flags(name: str, field: FieldInfo) -> tuple[list[str], dict[str, Any]]:
+    """The argparse flag(s) and options of one Settings field: its description is the help,
+    its default and environment twin are shown, its type and choices are checked."""
+    flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    kind = _unwrap(field.annotation)
+    description = " ".join((field.description or "").split())
+    env = "PAGEWIRE_" + name.upper()
+    opts: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+    if kind is bool:
+        opts["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        opts.update(action="append", type=_unwrap(item), metavar=name[:-1].upper())
+    elif typing.get_origin(kind) is typing.Literal:
+        opts["choices"] = list(typing.get_args(kind))
+    else:
+        opts["type"] = kind if kind in (int, float) else str
+        opts["metavar"] = name.upper()
+    opts["help"] = f"{description} (default: {_default_text(name, field)}; env {env})".replace(
+        "%", "%%"
+    )
+    return [flag], opts
+
+
+def add_agent_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, so a setting can never lack its flag."""
+    from pagewire.agent.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        flags, opts = setting_flags(name, field)
+        parser.add_argument(*flags, **opts)
 
 
 def agent_settings(args: argparse.Namespace) -> object:
     from pagewire.agent.settings import Settings
 
-    given = {}
-    for flag, opts in AGENT_FLAGS:
-        dest = str(opts.get("dest", flag[2:].replace("-", "_")))
-        value = getattr(args, dest, None)
-        if value is not None:
-            given[dest] = value
+    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
     return Settings(**given)
+
+
+def describe_setting_error(err: Any) -> str:
+    """A settings error named by the flag the user wrote (`--chunk-size: ...`)."""
+    from pagewire.agent.settings import Settings
+
+    name = str(err["loc"][0]) if err["loc"] else ""
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if name in Settings.model_fields:
+        flag = setting_flags(name, Settings.model_fields[name])[0][0]
+        return f"{flag} (PAGEWIRE_{name.upper()}): {message}"
+    return message
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -234,8 +109,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         settings = agent_settings(args)
     except ValidationError as exc:
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            print(f"pagewire agent: {where}: {err['msg']}", file=sys.stderr)
+            print(f"pagewire agent: {describe_setting_error(err)}", file=sys.stderr)
         return 2
     logs.configure(
         settings.log_json,  # type: ignore[attr-defined]
@@ -259,21 +133,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagewire", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    agent = sub.add_parser("agent", help="run the per-host agent")
-    for flag, opts in AGENT_FLAGS:
-        agent.add_argument(flag, **opts)  # type: ignore[arg-type]
+    parser = argparse.ArgumentParser(
+        prog="pagewire", description=__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"pagewire {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    agent = sub.add_parser(
+        "agent",
+        help="run the per-host agent",
+        description="Run the per-host agent. Every flag has a PAGEWIRE_* environment twin; "
+        "a flag wins over its twin. Bad settings stop the agent with a message (exit 2).",
+        formatter_class=HelpFormatter,
+    )
+    add_agent_flags(agent)
     agent.set_defaults(func=cmd_agent)
-    demo = sub.add_parser("demo", help="two agents, a generated image, a post-copy restore")
-    demo.add_argument("--size-mib", type=int, default=256)
-    demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--workdir", type=Path, default=None)
+    demo = sub.add_parser(
+        "demo",
+        help="two agents, a generated image, a post-copy restore",
+        description="Start two agents on this machine, publish a generated memory image on "
+        "one, restore it post-copy into a workload process on the other, and report.",
+        formatter_class=HelpFormatter,
+    )
+    demo.add_argument("--size-mib", type=int, default=256, help="size of the memory image")
+    demo.add_argument("--threads", type=int, default=2, help="workload threads touching pages")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="directory for the image, sockets and agent state (kept); default: a temporary "
+        "directory, removed at the end",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(func=cmd_demo)
-    from pagewire.tools.cli_api import add_api_commands
-
     add_api_commands(sub)
     return parser
 

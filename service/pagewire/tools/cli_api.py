@@ -15,11 +15,21 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from pagewire.control.models import ACTIVE_STATES, EXPORT_NAME_RULE, epoch_seconds
 from pagewire.tools.progress import RateMeter, fmt_rate, fmt_seconds, render
 from pagewire.tools.rest_client import DEFAULT_URL, ApiError, PagewireClient
 
 Handler = Callable[[PagewireClient, argparse.Namespace], int]
 MiB = 1 << 20
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default; options without one (None, False) say nothing more."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class UsageError(Exception):
@@ -131,10 +141,14 @@ def fmt_time(value: object) -> str | None:
     return str(value)
 
 
+def fmt_error(err: dict[str, Any] | None) -> str:
+    return f"{err.get('code')}: {err.get('message')}" if err else "-"
+
+
 def fmt_source(source: dict[str, Any]) -> str:
     if "path" in source:
         return str(source["path"])
-    where = source.get("peer") or source.get("node") or "?"
+    where = source.get("node") or source.get("peer") or "?"
     return f"{source.get('export', '?')}@{where}"
 
 
@@ -186,7 +200,7 @@ def session_fields(s: dict[str, Any], extra: list[tuple[str, object]] | None = N
         ("created_at", fmt_time(s.get("created_at"))),
         ("attached_at", fmt_time(s.get("attached_at"))),
         ("completed_at", fmt_time(s.get("completed_at"))),
-        ("error", f"{err.get('code')}: {err.get('message')}" if err else None),
+        ("error", fmt_error(err) if err else None),
     ]
     return fields(pairs + (extra or []))
 
@@ -260,6 +274,7 @@ def session_create(api: PagewireClient, args: argparse.Namespace) -> int:
     body = api.create_session(
         source,
         prefetch=args.prefetch,
+        compression=args.compression,
         background=args.background,
         on_source_lost=args.on_source_lost,
         pause_timeout_s=args.pause_timeout_s,
@@ -286,13 +301,16 @@ def session_list(api: PagewireClient, args: argparse.Namespace) -> int:
             [
                 str(s.get("id")),
                 str(s.get("state")),
-                f"{s.get('pages_present')}/{s.get('pages_total')}",
+                "-"
+                if s.get("state") == "awaiting_attach"
+                else f"{s.get('pages_present')}/{s.get('pages_total')}",
                 str(sum(int(v or 0) for v in faults.values())),
                 fmt_seconds(lat.get("p99")),
                 fmt_source(s.get("source") or {}),
+                fmt_error(s.get("error")),
             ]
         )
-    print(table(["ID", "STATE", "PAGES", "FAULTS", "P99", "SOURCE"], rows))
+    print(table(["ID", "STATE", "PAGES", "FAULTS", "P99", "SOURCE", "ERROR"], rows))
     return 0
 
 
@@ -303,8 +321,11 @@ def session_show(api: PagewireClient, args: argparse.Namespace) -> int:
 
 
 def session_cancel(api: PagewireClient, args: argparse.Namespace) -> int:
+    """Cancels a running session; an ended one is forgotten (its record dropped)."""
+    was_active = api.get_session(args.id).get("state") in ACTIVE_STATES
     body = api.cancel_session(args.id)
-    output(args, body, session_fields)
+    verb = "cancelled" if was_active else "forgotten (it had ended; its record is dropped)"
+    output(args, body, lambda b: f"session {b.get('id')} {verb}\n" + session_fields(b))
     return 0
 
 
@@ -339,9 +360,10 @@ def session_watch(api: PagewireClient, args: argparse.Namespace) -> int:
 
 def mean_rate(status: dict[str, Any]) -> float | None:
     """Bytes present per second from attach to the end, None if unknown."""
-    start, end = status.get("attached_at"), status.get("completed_at")
+    start = epoch_seconds(status.get("attached_at"))
+    end = epoch_seconds(status.get("completed_at"))
     page_size = status.get("page_size")
-    if not (isinstance(start, int | float) and isinstance(end, int | float) and page_size):
+    if start is None or end is None or not page_size:
         return None
     if end <= start:
         return None
@@ -357,21 +379,30 @@ def add_api_commands(sub: Any) -> None:
 
     def leaf(group: Any, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = group.add_parser(
-            name, parents=[common], help=help_text, description=help_text
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text,
+            formatter_class=HelpFormatter,
         )
         p.set_defaults(func=_command(p, handler))
         return p
 
-    export = sub.add_parser("export", help="publish files for peers: create, list, show, delete")
+    export = sub.add_parser(
+        "export",
+        help="publish files for peers: create, list, show, delete",
+        description="Publish files for peers: create, list, show, delete.",
+    )
     ex = export.add_subparsers(dest="export_command", required=True, metavar="COMMAND")
+    name_help = f"the export's name: {EXPORT_NAME_RULE}"
     p = leaf(ex, "create", export_create, "publish a file under an export root")
-    p.add_argument("name")
-    p.add_argument("path")
+    p.add_argument("name", help=name_help)
+    p.add_argument("path", help="the file, under one of the agent's export roots")
     leaf(ex, "list", export_list, "list exports")
     p = leaf(ex, "show", export_show, "show one export")
-    p.add_argument("name")
+    p.add_argument("name", help="the export's name")
     p = leaf(ex, "delete", export_delete, "withdraw an export")
-    p.add_argument("name")
+    p.add_argument("name", help="the export's name")
 
     session = sub.add_parser(
         "session", help="post-copy sessions: create, list, show, cancel, watch"
@@ -386,8 +417,14 @@ def add_api_commands(sub: Any) -> None:
     src.add_argument("--export", metavar="NAME", help="the export, with --peer or --node")
     p.add_argument(
         "--prefetch",
-        choices=["around", "none", "working_set"],
-        help="what a fault brings in besides its page (agent default: around)",
+        choices=["none", "around", "working_set"],
+        help="what a fault brings in besides its page: nothing, the aligned window around "
+        "it, or the pages the source recorded as the working set (agent default: around)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=["none", "zstd"],
+        help="compress page data on the wire from a peer (agent default: none)",
     )
     p.add_argument(
         "--no-background",
@@ -402,27 +439,39 @@ def add_api_commands(sub: Any) -> None:
         choices=["wait", "sigbus"],
         help="when the source goes away: pause and wait, or SIGBUS (agent default: wait)",
     )
-    p.add_argument("--pause-timeout-s", type=float, metavar="S", help="agent default: 30")
-    p.add_argument("--attach-timeout-s", type=float, metavar="S", help="agent default: 60")
+    p.add_argument(
+        "--pause-timeout-s",
+        type=float,
+        metavar="S",
+        help="seconds a session paused for a lost source waits before --on-source-lost "
+        "applies (agent default: 30)",
+    )
+    p.add_argument(
+        "--attach-timeout-s",
+        type=float,
+        metavar="S",
+        help="seconds the workload has to connect and hand over (agent default: 60)",
+    )
     p.add_argument("--socket-uid", type=int, metavar="UID", help="owner of the session socket")
     p.add_argument("--socket-gid", type=int, metavar="GID", help="group of the session socket")
     p.add_argument("--socket-mode", metavar="MODE", help="octal, e.g. 0660 (agent default 0600)")
-    p = leaf(ss, "list", session_list, "list sessions")
+    p = leaf(ss, "list", session_list, "list sessions (ERROR says why one failed)")
     p.add_argument(
         "--state",
         choices=["awaiting_attach", "running", "paused", "completed", "failed", "cancelled"],
+        help="only sessions in this state",
     )
     p = leaf(ss, "show", session_show, "show one session's status")
-    p.add_argument("id")
+    p.add_argument("id", help="the session id (s-...)")
     p = leaf(ss, "cancel", session_cancel, "cancel a running session or forget an ended one")
-    p.add_argument("id")
+    p.add_argument("id", help="the session id (s-...)")
     p = leaf(
         ss,
         "watch",
         session_watch,
         "a live progress bar until the session ends; exit 0 if it completed, 1 otherwise",
     )
-    p.add_argument("id")
+    p.add_argument("id", help="the session id (s-...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the final status")
     p.add_argument(
         "--interval",
@@ -433,4 +482,4 @@ def add_api_commands(sub: Any) -> None:
     )
 
 
-__all__ = ["UsageError", "add_api_commands", "resolve_token", "resolve_url"]
+__all__ = ["HelpFormatter", "UsageError", "add_api_commands", "resolve_token", "resolve_url"]

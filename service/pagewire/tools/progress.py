@@ -37,6 +37,8 @@ def render(status: dict[str, Any], rate_bytes_s: float | None, width: int = 30) 
     "[##########....................]  33.3%  1365/4096 pages    12.5 MiB/s  p50 35us p99 1.20ms
     running". rate_bytes_s is the install rate the caller measured (RateMeter), None if unknown.
     """
+    if status.get("state") == "awaiting_attach":
+        return f"[{'.' * width}] waiting for the workload to attach  awaiting_attach"
     frac = fraction(status)
     filled = int(frac * width)
     bar = "#" * filled + "." * (width - filled)

@@ -17,7 +17,7 @@ from pagewire.exports.registry import ExportError
 router = APIRouter(prefix="/v1/exports", tags=["exports"], dependencies=[Depends(require_token)])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
 
 

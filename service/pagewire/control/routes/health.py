@@ -17,8 +17,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "not ready"}})
 async def readyz(agent: Agent) -> JSONResponse:
+    """503 until the engine and gRPC are up, and once shutdown begins. A drained agent stays
+    ready (it still serves its exports to peers) but reports "accepting": false."""
     checks = agent.readiness()
-    ready = all(checks.values())
+    shutting_down = agent.sessions.shutting_down
+    ready = checks["engine"] and checks["grpc"] and not shutting_down
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,

@@ -12,13 +12,19 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from pagewire.control.errors import ErrorResponse
-from pagewire.control.models import SessionList, SessionRequest, SessionState, SessionStatus
+from pagewire.control.models import (
+    SessionList,
+    SessionRequest,
+    SessionState,
+    SessionStatus,
+    with_rfc3339,
+)
 from pagewire.control.routes.deps import Agent, require_token
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 502, 503)
 }
 
 
@@ -57,7 +63,7 @@ PROGRESS_INTERVAL_S = 1.0
 
 
 def sse_event(kind: str, status: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps(status)}\n\n"
+    return f"event: {kind}\ndata: {json.dumps(with_rfc3339(status))}\n\n"
 
 
 @router.get(

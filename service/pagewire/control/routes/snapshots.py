@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from pagewire.control.errors import ApiError, ErrorResponse
-from pagewire.control.models import SnapshotRequest
+from pagewire.control.models import SnapshotRequest, with_rfc3339
 from pagewire.control.routes.deps import Agent, require_token
 from pagewire.control.routes.sessions import PROGRESS_INTERVAL_S
 from pagewire.control.routes.sessions import sse_event as sse
@@ -37,19 +37,17 @@ async def create_snapshot(body: SnapshotRequest, agent: Agent) -> dict[str, Any]
     (pagewire.client.attach_for_snapshot). The snapshot is the memory at the instant the
     agent protects it; the finished file becomes the export `name`."""
     snap = await _manager(agent).create(body)
-    result: dict[str, Any] = snap.status()
-    return result
+    return with_rfc3339(snap.status())
 
 
 @router.get("", responses=ERRORS)
 async def list_snapshots(agent: Agent) -> dict[str, Any]:
-    return {"snapshots": [s.status() for s in _manager(agent).snapshots.values()]}
+    return {"snapshots": [with_rfc3339(s.status()) for s in _manager(agent).snapshots.values()]}
 
 
 @router.get("/{snapshot_id}", responses=ERRORS)
 async def get_snapshot(snapshot_id: str, agent: Agent) -> dict[str, Any]:
-    result: dict[str, Any] = _manager(agent).get(snapshot_id).status()
-    return result
+    return with_rfc3339(_manager(agent).get(snapshot_id).status())
 
 
 @router.get(

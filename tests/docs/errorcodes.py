@@ -1,0 +1,72 @@
+"""The (HTTP status, error code) pairs the agent's source can answer with, found by reading it
+(AST): `ApiError(404, "x", ...)`-like calls, `(502, "x")` tuples, `{404: "x"}` dicts, and
+exception classes holding both a `code = "x"` and an `http_status = 409`."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from .docblocks import ROOT
+
+PACKAGE = ROOT / "service" / "pagewire"
+CLIENT_SIDE = {"api_client.py", "cli_api.py", "cli.py"}
+CODE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+
+
+def _status(node: ast.AST) -> int | None:
+    if isinstance(node, ast.Constant) and type(node.value) is int and 400 <= node.value < 600:
+        return node.value
+    return None
+
+
+def _code(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and CODE.match(node.value):
+        return node.value
+    return None
+
+
+def _pairs_in(tree: ast.AST) -> set[tuple[int, str]]:
+    found: set[tuple[int, str]] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and len(node.args) >= 2:
+            pair = (_status(node.args[0]), _code(node.args[1]))
+        elif isinstance(node, ast.Tuple) and len(node.elts) >= 2:
+            pair = (_status(node.elts[0]), _code(node.elts[1]))
+        elif isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values, strict=True):
+                if key is not None and _status(key) and _code(value):
+                    found.add((_status(key), _code(value)))  # type: ignore[arg-type]
+            continue
+        elif isinstance(node, ast.ClassDef):
+            attrs = {
+                t.id: stmt.value
+                for stmt in node.body
+                if isinstance(stmt, ast.Assign)
+                for t in stmt.targets
+                if isinstance(t, ast.Name)
+            }
+            status_node = attrs.get("http_status") or attrs.get("status")
+            pair = (
+                _status(status_node) if status_node else None,
+                _code(attrs["code"]) if "code" in attrs else None,
+            )
+        else:
+            continue
+        if pair[0] is not None and pair[1] is not None:
+            found.add(pair)  # type: ignore[arg-type]
+    return found
+
+
+def emitted_pairs() -> set[tuple[int, str]]:
+    pairs: set[tuple[int, str]] = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name in CLIENT_SIDE or "proto" in path.parts:
+            continue
+        pairs |= _pairs_in(ast.parse(path.read_text()))
+    return pairs
+
+
+def documented_pairs(text: str) -> set[tuple[int, str]]:
+    """Every `NNN `code`` in a doc: an HTTP status followed by a backticked error code."""
+    return {(int(s), c) for s, c in re.findall(r"\b([45]\d\d)\s+`([a-z][a-z0-9_]*)`", text)}
