@@ -115,6 +115,42 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
         {"action": "store_const", "const": True, "help": "JSON logs (PAGEWIRE_LOG_JSON)"},
     ),
     ("--log-level", {"help": "debug, info, warning (PAGEWIRE_LOG_LEVEL)"}),
+    *[
+        (flag, {"type": kind, "help": f"{text} (PAGEWIRE_{flag[2:].upper().replace('-', '_')})"})
+        for flag, kind, text in [
+            ("--serve-stream-bytes", int, "page bytes one peer stream may have unsent"),
+            ("--serve-peer-bytes", int, "page bytes in flight to one peer"),
+            ("--serve-bytes", int, "page bytes in flight to all peers"),
+            ("--serve-peer-streams", int, "concurrent Bulk/Urgent streams per peer"),
+            ("--serve-wait-s", float, "seconds a stream waits for the budget, then refused"),
+            ("--channel-max-conns", int, "native data channel connections in all"),
+            ("--channel-peer-conns", int, "native data channel connections per peer address"),
+            ("--channel-pending-per-peer", int, "connections per peer awaiting their hello"),
+            ("--channel-hello-timeout-s", float, "seconds a data connection has to say hello"),
+            ("--channel-grants", int, "unused native channel grants in all"),
+            ("--channel-peer-grants", int, "unused native channel grants per peer"),
+            ("--channel-grant-ttl-s", float, "seconds a native channel grant lives"),
+            ("--working-set-interval-s", float, "seconds between working-set uploads per export"),
+        ]
+    ],
+    (
+        "--peer-allow",
+        {
+            "action": "append",
+            "dest": "peer_allow",
+            "help": "certificate SAN (DNS name, IP, URI; * wildcards) allowed to read exports "
+            "over mTLS; repeatable (PAGEWIRE_PEER_ALLOW, comma-separated)",
+        },
+    ),
+    (
+        "--peer-anonymous-loopback",
+        {
+            "action": "store_const",
+            "const": True,
+            "help": "with --token-file, still let loopback peers read without the token "
+            "(PAGEWIRE_PEER_ANONYMOUS_LOOPBACK)",
+        },
+    ),
 ]
 
 
@@ -141,7 +177,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
             print(f"pagewire agent: {where}: {err['msg']}", file=sys.stderr)
         return 2
     logs.configure(settings.log_json, settings.log_level)  # type: ignore[attr-defined]
-    agent.run(settings)  # type: ignore[arg-type]
+    try:
+        agent.run(settings)  # type: ignore[arg-type]
+    except OSError as exc:  # a port that is taken, as uvicorn does for the HTTP port
+        print(f"pagewire agent: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -60,6 +60,25 @@ class Settings(BaseSettings):
     allowed_uids: Annotated[list[int], NoDecode] = Field(default_factory=list)
     log_json: bool = False
     log_level: str = "info"
+    # peer service (gRPC) limits: page bytes read for peers and not yet sent, per stream,
+    # per peer and for the agent; concurrent streams per peer; how long a taker waits
+    serve_stream_bytes: int = Field(default=16 << 20, ge=1 << 20)
+    serve_peer_bytes: int = Field(default=128 << 20, ge=1 << 20)
+    serve_bytes: int = Field(default=512 << 20, ge=1 << 20)
+    serve_peer_streams: int = Field(default=64, ge=1, le=65536)
+    serve_wait_s: float = Field(default=10.0, gt=0, le=3600)
+    # native data channel (source side): connections, hello deadline, grants
+    channel_max_conns: int = Field(default=256, ge=2, le=1024)
+    channel_peer_conns: int = Field(default=128, ge=2, le=1024)
+    channel_pending_per_peer: int = Field(default=16, ge=1, le=1024)
+    channel_hello_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    channel_grants: int = Field(default=4096, ge=1, le=1 << 20)
+    channel_peer_grants: int = Field(default=256, ge=1, le=1 << 20)
+    channel_grant_ttl_s: float = Field(default=60.0, gt=0, le=3600)
+    # who may read: certificate SANs allowed (mTLS), anonymous loopback reads (no token)
+    peer_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    peer_anonymous_loopback: bool = False
+    working_set_interval_s: float = Field(default=10.0, ge=0, le=86400)
 
     @field_validator("export_roots", mode="before")
     @classmethod
@@ -73,6 +92,13 @@ class Settings(BaseSettings):
     def _split_uids(cls, value: object) -> object:
         if isinstance(value, str):
             return [int(u) for u in value.replace(",", " ").split()]
+        return value
+
+    @field_validator("peer_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.replace(",", " ").split()
         return value
 
     @field_validator("http")
@@ -112,6 +138,8 @@ class Settings(BaseSettings):
                 f"plain-text gRPC on {self.grpc} is not loopback: give --tls-cert/--tls-key/"
                 "--tls-ca, or --insecure-peers"
             )
+        if self.peer_allow and not any(tls):
+            raise ValueError("--peer-allow names certificate SANs: it needs mTLS (--tls-*)")
         self.export_roots = [Path(os.path.realpath(p)) for p in self.export_roots]
         return self
 

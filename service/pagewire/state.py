@@ -10,13 +10,13 @@ from typing import Any
 import grpc
 
 from . import __version__, _uffd
-from .channel import ChannelServer
+from .channel import ChannelLimits, ChannelServer
 from .errors import ApiError
 from .exports import ExportRegistry
 from .metrics import create_registry
 from .models import NodeSource, PeerSource, SessionRequest
 from .peer_client import PeerClient, PeerError
-from .peer_server import PageServicer, PeerServer, serve_peers
+from .peer_server import PageServicer, PeerLimits, PeerServer, serve_peers
 from .recovery import recover
 from .remote import RemoteSource
 from .sessions import SessionManager
@@ -55,7 +55,7 @@ class AgentState:
         self.exports.load()
         host, _ = split_host_port(s.grpc)
         if s.native_channel and not s.tls_enabled:
-            self.channel = ChannelServer(host, s.data_port)
+            self.channel = ChannelServer(host, s.data_port, channel_limits(s))
         self.peer_server = await serve_peers(
             self.exports,
             s.grpc,
@@ -63,7 +63,7 @@ class AgentState:
             tls_key=s.tls_key,
             tls_ca=s.tls_ca,
             insecure_peers=s.insecure_peers,
-            servicer=PageServicer(self.exports, self.channel),
+            servicer=PageServicer(self.exports, self.channel, PeerLimits.from_settings(s)),
         )
         if s.advertise_grpc is None:
             host, _ = split_host_port(s.grpc)
@@ -97,6 +97,7 @@ class AgentState:
             tls_key=s.tls_key,
             tls_ca=s.tls_ca,
             insecure_peers=s.insecure_peers,
+            token=self.token,
         )
 
     async def remote_source(self, request: SessionRequest) -> RemoteSource:
@@ -175,3 +176,15 @@ class AgentState:
             "draining": self.sessions.draining,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
+
+
+def channel_limits(s: Settings) -> ChannelLimits:
+    return ChannelLimits(
+        max_conns=s.channel_max_conns,
+        peer_conns=s.channel_peer_conns,
+        pending_per_peer=s.channel_pending_per_peer,
+        hello_timeout_s=s.channel_hello_timeout_s,
+        grants=s.channel_grants,
+        peer_grants=s.channel_peer_grants,
+        grant_ttl_s=s.channel_grant_ttl_s,
+    )
