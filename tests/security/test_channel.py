@@ -1,0 +1,143 @@
+"""The native data channel under attack (issue 14, items 9, 13 and 23): idle connections,
+connection floods from one peer, grants that outlive a withdraw, and grant floods. Real
+agents, real TCP, real workloads; each test checks the refusal, the source's RSS, that a
+real session stays byte-exact, and /healthz throughout."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
+
+from tests.peers import publish, start_pair, stop_pair
+from tests.security.peer_attacks import (
+    CHAN_BUSY,
+    CHAN_DENIED,
+    CHAN_OK,
+    MiB,
+    Watch,
+    closed_by_peer,
+    fd_targets,
+    fetch_chunk,
+    grant,
+    hello,
+    restore,
+    stub,
+    wait_for,
+)
+
+pytestmark = pytest.mark.usefixtures("require_uffd")
+
+
+def test_idle_connections_neither_hold_the_channel_nor_stop_a_session(
+    tmp_path: Path, image
+) -> None:
+    """Item 9: 300 connections that never say hello. Each is dropped after the hello
+    deadline (2 s), at most 16 per peer wait at once, and a real session still gets the
+    native channel."""
+    p = start_pair(tmp_path, isolated=False)
+    try:
+        img = image(16 * MiB)
+        publish(p, img)
+        port, _ = grant(p.source.grpc)
+        with Watch(p.source, p.dest) as watch:
+            idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+            seen, status = restore(p.source, p.dest, img)
+            assert seen["verified"] and status["state"] == "completed", status
+            assert status["transport"] == "native", status
+            # every idle connection is closed by the source within the deadline (+ slack)
+            for sock in idle:
+                assert closed_by_peer(sock, 5.0)
+                sock.close()
+        watch.assert_healthy()
+        assert watch.growth_mib(p.source) < 64, watch.peak_kib
+    finally:
+        stop_pair(p)
+
+
+def test_a_peer_over_its_connection_limit_is_refused_and_the_session_says_why(
+    tmp_path: Path, image
+) -> None:
+    """Item 9: --channel-peer-conns bounds one peer's connections; the refused hello gets
+    CHAN_BUSY, and a session that falls back to gRPC logs the cause."""
+    p = start_pair(tmp_path, extra_src=["--channel-peer-conns", "4"], isolated=False)
+    try:
+        img = image(8 * MiB)
+        publish(p, img)
+        held = []
+        for _ in range(2):
+            port, token = grant(p.source.grpc)
+            for kind in (1, 2):
+                sock, status = hello(port, token, kind)
+                assert status == CHAN_OK
+                held.append(sock)
+        port, token = grant(p.source.grpc)
+        sock, status = hello(port, token, 1)
+        assert status == CHAN_BUSY
+        sock.close()
+        with Watch(p.source) as watch:
+            seen, status = restore(p.source, p.dest, img)
+        assert seen["verified"] and status["state"] == "completed", status
+        assert status["transport"] == "grpc"
+        assert "connection limit" in p.dest.log_path.read_text()
+        watch.assert_healthy()
+        for sock in held:  # the held connections still serve
+            assert len(fetch_chunk(sock, 1)) > 0
+            sock.close()
+    finally:
+        stop_pair(p)
+
+
+def test_withdraw_revokes_grants_drops_connections_and_closes_the_file(
+    tmp_path: Path, image
+) -> None:
+    """Item 13: after DELETE /v1/exports/{name} the export's grants are refused, its live
+    channel connections are closed, and no fd of the agent still holds its file, so a
+    removed file's space is freed; 300 publish/OpenChannel/withdraw cycles leak no fd."""
+    p = start_pair(tmp_path, isolated=False)
+    try:
+        img = image(32 * MiB)
+        other = image(8 * MiB, seed=2, name="other.bin")
+        publish(p, other, "other")
+        publish(p, img, "img")
+        pid = p.source.proc.pid  # type: ignore[union-attr]
+        port, token = grant(p.source.grpc, "img")
+        live, status = hello(port, token, 1)
+        assert status == CHAN_OK and len(fetch_chunk(live, 0)) > 0
+        unused_port, unused = grant(p.source.grpc, "img")
+        assert p.source.request("DELETE", "/v1/exports/img").status_code == 200
+        assert closed_by_peer(live, 5.0)
+        live.close()
+        for kind in (1, 2):
+            sock, status = hello(unused_port, unused, kind)
+            assert status == CHAN_DENIED
+            sock.close()
+        channel, s = stub(p.source.grpc)
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            s.Describe(pb.DescribeRequest(export="img"), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        os.unlink(img)
+        wait_for(
+            lambda: not [t for t in fd_targets(pid) if str(img) in t],
+            5.0,
+            "the agent to close the withdrawn file",
+        )
+        # fds do not grow over many cycles
+        before = len(fd_targets(pid))
+        cycle = image(1 * MiB, seed=3, name="cycle.bin")
+        with Watch(p.source) as watch:
+            for _ in range(300):
+                publish(p, cycle, "cycle")
+                grant(p.source.grpc, "cycle")
+                assert p.source.request("DELETE", "/v1/exports/cycle").status_code == 200
+        watch.assert_healthy()
+        assert len(fd_targets(pid)) <= before + 4, (before, fd_targets(pid))
+        # the other export was never touched
+        seen, status = restore(p.source, p.dest, other, "other")
+        assert seen["verified"] and status["transport"] == "native", status
+    finally:
+        stop_pair(p)
