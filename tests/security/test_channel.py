@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -139,5 +140,73 @@ def test_withdraw_revokes_grants_drops_connections_and_closes_the_file(
         # the other export was never touched
         seen, status = restore(p.source, p.dest, other, "other")
         assert seen["verified"] and status["transport"] == "native", status
+    finally:
+        stop_pair(p)
+
+
+def _open_channel_status(s, export: str = "img") -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    try:
+        s.OpenChannel(pb.OpenChannelRequest(export=export), timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    ("flags", "limit", "flag"),
+    [
+        (["--channel-peer-grants", "200"], 200, "--channel-peer-grants"),
+        (["--channel-grants", "150"], 150, "--channel-grants"),
+    ],
+    ids=["per-peer", "overall"],
+)
+def test_grants_are_bounded_short_lived_and_single_use(
+    tmp_path: Path, image, flags: list[str], limit: int, flag: str
+) -> None:
+    """Item 23: a flood of OpenChannel calls is refused with RESOURCE_EXHAUSTED past the
+    bound (naming the flag), grants expire after --channel-grant-ttl-s, each serves one
+    urgent and one bulk connection, and the agent's memory does not grow with the flood."""
+    ttl = 3.0
+    p = start_pair(tmp_path, extra_src=[*flags, "--channel-grant-ttl-s", str(ttl)], isolated=False)
+    try:
+        img = image(8 * MiB)
+        publish(p, img)
+        channel, s = stub(p.source.grpc)
+        with channel, Watch(p.source) as watch:
+            port, token = grant(p.source.grpc)
+            started = time.monotonic()
+            codes = [_open_channel_status(s) for _ in range(5000)]
+            elapsed = time.monotonic() - started
+            assert codes[: limit - 1] == [grpc.StatusCode.OK] * (limit - 1)
+            assert codes[limit - 1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # grants given back only as others expire
+            assert codes.count(grpc.StatusCode.OK) <= limit * (elapsed / ttl + 1)
+            try:
+                s.OpenChannel(pb.OpenChannelRequest(export="img"), timeout=10)
+            except grpc.RpcError as exc:
+                assert flag in (exc.details() or ""), exc.details()
+            # grants come back once the flood's have expired
+            flood_end = time.monotonic()
+            wait_for(lambda: time.monotonic() > flood_end + ttl, ttl + 1, "the flood's expiry")
+            port, token = grant(p.source.grpc)
+            unused_port, unused = grant(p.source.grpc)
+            granted_at = time.monotonic()
+            # single use per kind
+            sock, status = hello(port, token, 1)
+            assert status == CHAN_OK
+            again, status = hello(port, token, 1)
+            assert status == CHAN_DENIED
+            again.close()
+            # after its lifetime an unused grant is refused
+            wait_for(lambda: time.monotonic() > granted_at + ttl, ttl + 1, "the lifetime")
+            late, status = hello(unused_port, unused, 1)
+            assert status == CHAN_DENIED
+            late.close()
+            assert len(fetch_chunk(sock, 0)) > 0  # a connection made in time keeps serving
+            sock.close()
+            seen, status = restore(p.source, p.dest, img)
+            assert seen["verified"] and status["transport"] == "native", status
+        watch.assert_healthy()
+        assert watch.growth_mib(p.source) < 32, watch.peak_kib
     finally:
         stop_pair(p)
