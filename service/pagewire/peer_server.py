@@ -338,36 +338,34 @@ class PageServicer(pb_grpc.PageServiceServicer):
     ) -> NoReturn:
         code, message = _status(exc)
         self._count(method, code)
-        _audit(method, peer or context.peer(), export, code)
+        _audit(method, peer or _identity(context), export, code)
         await context.abort(code, message)
         raise AssertionError("unreachable")  # abort always raises
 
     # --- who is asking ---
 
     def _identify(self, context: grpc.aio.ServicerContext) -> str:
-        """The peer's identity (its certificate SANs under mTLS, else its address), once
-        it is authenticated and allowed; raises UNAUTHENTICATED or PERMISSION_DENIED."""
-        auth = context.auth_context()
-        if auth.get("transport_security_type") == [b"ssl"]:
-            sans = [
-                v.decode(errors="replace") for v in auth.get("x509_subject_alternative_name", [])
-            ]
+        """The peer's identity once it is authenticated and allowed; raises
+        UNAUTHENTICATED or PERMISSION_DENIED."""
+        identity = _identity(context)
+        if identity.startswith("san:"):
+            sans = identity[4:].split(",")
             allow = self.limits.allow
             if allow and not any(fnmatch.fnmatchcase(n, p) for n in sans for p in allow):
                 raise _Abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"peer certificate {sans} matches no --peer-allow entry",
                 )
-            return "san:" + ",".join(sans)
-        host = _peer_host(context.peer())
+            return identity
         token = self.limits.token
-        if token is not None and not (self.limits.anonymous_loopback and is_loopback(host)):
+        loopback = is_loopback(identity[3:])
+        if token is not None and not (self.limits.anonymous_loopback and loopback):
             if not _bearer_ok(context.invocation_metadata(), token):
                 raise _Abort(
                     grpc.StatusCode.UNAUTHENTICATED,
                     "this agent has a token: peers send it as 'authorization: Bearer <token>'",
                 )
-        return "ip:" + host
+        return identity
 
     @contextlib.contextmanager
     def _stream(self, peer: str) -> Iterator[_Flow]:
@@ -605,12 +603,15 @@ class PageServicer(pb_grpc.PageServiceServicer):
         flow's budget); answers are written as they are ready. A reader that stops reading
         stops this stream reading requests, and holds at most its budget."""
         peer, export_name, chunks_sent, bytes_sent = "", "", 0, 0
+        ended = "CANCELLED"  # a destination ends its urgent stream by cancelling it
         try:
             peer = self._identify(context)
             with self._stream(peer) as flow:
                 out: asyncio.Queue[Any] = asyncio.Queue()
                 window = asyncio.Semaphore(URGENT_WINDOW)
-                pump = asyncio.create_task(self._urgent_pump(request_iterator, out, window, flow))
+                pump = asyncio.create_task(
+                    self._urgent_pump(request_iterator, out, window, flow, peer)
+                )
                 try:
                     while True:
                         item = await out.get()
@@ -629,9 +630,13 @@ class PageServicer(pb_grpc.PageServiceServicer):
                     pump.cancel()
                     with contextlib.suppress(BaseException):
                         await pump
+            ended = "OK"
         except Exception as exc:
+            ended = ""  # _fail writes the audit line
             await self._fail("Urgent", context, exc, peer, export_name)
-        _audit("Urgent", peer, export_name, grpc.StatusCode.OK, chunks_sent, bytes_sent)
+        finally:
+            if ended:
+                _audit("Urgent", peer, export_name, ended, chunks_sent, bytes_sent)
 
     async def _urgent_pump(
         self,
@@ -639,12 +644,16 @@ class PageServicer(pb_grpc.PageServiceServicer):
         out: asyncio.Queue[Any],
         window: asyncio.Semaphore,
         flow: _Flow,
+        peer: str,
     ) -> None:
         """Reads requests and serves each in its own task; None on out marks the end."""
         workers: set[asyncio.Task[None]] = set()
         try:
             export: Export | None = None
             async for request in requests:
+                if export is None:
+                    export = self._urgent_export(export, request)
+                    _audit("Urgent", peer, export.name, "OPEN")
                 export = self._urgent_export(export, request)
                 self._check_urgent(export, request)
                 await window.acquire()
@@ -711,6 +720,16 @@ class PageServicer(pb_grpc.PageServiceServicer):
             out.put_nowait(exc)
 
 
+def _identity(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling: "san:" and its certificate's SANs under mTLS, else "ip:" and its
+    address (not yet checked: see PageServicer._identify)."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") == [b"ssl"]:
+        sans = auth.get("x509_subject_alternative_name", [])
+        return "san:" + ",".join(v.decode(errors="replace") for v in sans)
+    return "ip:" + _peer_host(context.peer())
+
+
 def _bearer_ok(metadata: Any, token: str) -> bool:
     expected = f"Bearer {token}".encode()
     for key, value in metadata or ():
@@ -724,13 +743,13 @@ def _audit(
     method: str,
     peer: str,
     export: str,
-    code: grpc.StatusCode | None,
+    status: grpc.StatusCode | str,
     chunks: int | None = None,
     nbytes: int | None = None,
 ) -> None:
-    """One line per peer call: who read (or wrote) what, and how it ended."""
+    """One line per peer call (and one when a stream opens): who read or wrote what."""
     extra: dict[str, Any] = {"peer": peer, "export": export, "rpc": method}
-    extra["status"] = code.name if code is not None else "CANCELLED"
+    extra["status"] = status if isinstance(status, str) else status.name
     if chunks is not None:
         extra["chunks"] = chunks
     if nbytes is not None:
@@ -789,6 +808,8 @@ async def serve_peers(
             f"gRPC cannot listen on {address}: the port is taken (or the address is not "
             "this host's)",
         )
+    if material is not None and not servicer.limits.allow:
+        log.warning("mTLS without --peer-allow: every certificate of the CA may read every export")
     await server.start()
     for name in (SERVICE_NAME, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
