@@ -115,8 +115,8 @@ class PeerLimits:
     """What peers may do here; the defaults are the agent's (settings.py)."""
 
     stream_bytes: int = 16 << 20  # page bytes one stream may have read and not yet sent
-    peer_bytes: int = 128 << 20  # ... all streams of one peer
-    total_bytes: int = 512 << 20  # ... all peers
+    peer_bytes: int = 64 << 20  # ... all streams of one peer
+    total_bytes: int = 256 << 20  # ... all peers
     peer_streams: int = 64  # Bulk and Urgent streams open per peer
     wait_s: float = 10.0  # how long a stream waits for the peer or agent budget
     working_set_interval_s: float = 10.0  # per export
@@ -196,23 +196,36 @@ class _Peer:
     streams: int = 0
 
 
+Lease = tuple[int, int, int]  # bytes taken from the stream's, the peer's and the agent's budget
+
+
 @dataclass
 class _Flow:
-    """One stream's share: its own budget, its peer's and the agent's. A lease is what one
-    message holds until gRPC has sent it."""
+    """One stream's share of its own budget, its peer's and the agent's. A message holds
+    its lease while it is read and written; once written, gRPC may still hold it (one
+    message per stream, until the reader makes room), so its peer and agent share is
+    kept until the next write of the stream completes."""
 
     stream: ByteBudget
     peer: ByteBudget
     agent: ByteBudget
     wait_s: float
-    held: list[tuple[int, int, int]] = field(default_factory=list)
+    held: list[Lease] = field(default_factory=list)
+    in_grpc: Lease = (0, 0, 0)
 
-    def try_take(self, n: int) -> tuple[int, int, int] | None:
+    def _shares(self, n: int) -> tuple[int, int]:
+        """What a message of n bytes takes from the peer and agent budgets: never more
+        than they can give beside this stream's message in gRPC (no self-deadlock)."""
+        _, b, c = self.in_grpc
+        return min(n, self.peer.capacity - b), min(n, self.agent.capacity - c)
+
+    def try_take(self, n: int) -> Lease | None:
+        nb, nc = self._shares(n)
         a = self.stream.try_take(n)
         if a is None:
             return None
-        b = self.peer.try_take(n)
-        c = self.agent.try_take(n) if b is not None else None
+        b = self.peer.try_take(nb)
+        c = self.agent.try_take(nc) if b is not None else None
         if b is None or c is None:
             self.stream.give(a)
             if b is not None:
@@ -221,33 +234,46 @@ class _Flow:
         self.held.append((a, b, c))
         return a, b, c
 
-    async def take(self, n: int) -> tuple[int, int, int]:
+    async def take(self, n: int) -> Lease:
         """Waits for the reader (the stream budget) as long as it takes, and for the peer
         and agent budgets up to wait_s: then RESOURCE_EXHAUSTED."""
+        nb, nc = self._shares(n)
         a = await self.stream.take(n)
-        b = c = 0
+        b: int | None = None
         try:
-            b = await asyncio.wait_for(self.peer.take(n), self.wait_s)
-            c = await asyncio.wait_for(self.agent.take(n), self.wait_s)
-        except TimeoutError:
+            b = await asyncio.wait_for(self.peer.take(nb), self.wait_s)
+            c = await asyncio.wait_for(self.agent.take(nc), self.wait_s)
+        except BaseException as exc:
             self.stream.give(a)
-            if b:
+            if b is not None:
                 self.peer.give(b)
-            which = "this peer's (--serve-peer-bytes)" if not b else "the agent's (--serve-bytes)"
+            if not isinstance(exc, TimeoutError):
+                raise
+            which = (
+                "this peer's (--serve-peer-bytes)" if b is None else "the agent's (--serve-bytes)"
+            )
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"page data in flight is at {which} limit for {self.wait_s:g} s; retry later",
             ) from None
-        except BaseException:
-            self.stream.give(a)
-            if b:
-                self.peer.give(b)
-            raise
         self.held.append((a, b, c))
         return a, b, c
 
-    def give(self, lease: tuple[int, int, int]) -> None:
+    def give(self, lease: Lease) -> None:
+        """A message that was not written after all."""
         self.held.remove(lease)
+        self._give(lease)
+
+    def written(self, lease: Lease) -> None:
+        """gRPC took the message: the stream's share is free, the peer's and agent's move
+        to the message in gRPC (the one before it has left)."""
+        self.held.remove(lease)
+        a, b, c = lease
+        self.stream.give(a)
+        self._give(self.in_grpc)
+        self.in_grpc = (0, b, c)
+
+    def _give(self, lease: Lease) -> None:
         a, b, c = lease
         self.stream.give(a)
         self.peer.give(b)
@@ -256,6 +282,8 @@ class _Flow:
     def close(self) -> None:
         while self.held:
             self.give(self.held[-1])
+        self._give(self.in_grpc)
+        self.in_grpc = (0, 0, 0)
 
 
 def _peer_host(peer: str) -> str:
@@ -555,7 +583,7 @@ class PageServicer(pb_grpc.PageServiceServicer):
                     if ahead is not None:
                         start(following, ahead)
                 yield pb.ChunkBatch(chunks=chunks)
-                flow.give(lease)
+                flow.written(lease)
                 if following is not None and ahead is None:
                     start(following, await flow.take(self._batch_bytes(export, following)))
         finally:
@@ -621,7 +649,7 @@ class PageServicer(pb_grpc.PageServiceServicer):
                             raise item
                         batch, lease, export_name = item
                         await context.write(batch)
-                        flow.give(lease)
+                        flow.written(lease)
                         window.release()
                         chunks_sent += len(batch.chunks)
                         bytes_sent += self._sent(batch)

@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     # peer service (gRPC) limits: page bytes read for peers and not yet sent, per stream,
     # per peer and for the agent; concurrent streams per peer; how long a taker waits
     serve_stream_bytes: int = Field(default=16 << 20, ge=1 << 20)
-    serve_peer_bytes: int = Field(default=128 << 20, ge=1 << 20)
-    serve_bytes: int = Field(default=512 << 20, ge=1 << 20)
+    serve_peer_bytes: int = Field(default=64 << 20, ge=1 << 20)
+    serve_bytes: int = Field(default=256 << 20, ge=1 << 20)
     serve_peer_streams: int = Field(default=64, ge=1, le=65536)
     serve_wait_s: float = Field(default=10.0, gt=0, le=3600)
     # native data channel (source side): connections, hello deadline, grants

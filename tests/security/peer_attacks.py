@@ -49,6 +49,7 @@ class Watch:
         self.base_kib = {a.name: rss_kib(self.pid(a)) for a in agents}
         self.health_failures: list[str] = []
         self.health_checks = 0
+        self.started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
