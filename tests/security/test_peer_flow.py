@@ -18,9 +18,14 @@ from tests.peers import publish, start_pair, stop_pair
 from tests.security.peer_attacks import MiB, Watch, restore, stub, wait_for
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
-# One byte in flight costs up to ~3 bytes of RSS: the bytes read, the protobuf message
-# and its serialized form; the bound allows that and the allocator's slack.
+# A byte in flight costs up to ~3 bytes of RSS (the bytes read, the protobuf message, its
+# serialized form); the budget counts each stream's message in gRPC, except one message
+# that does not fit beside it. Bound: RSS_FACTOR x (budget + largest message).
 RSS_FACTOR = 4
+
+
+def rss_bound_mib(budget_mib: int, message_mib: int) -> int:
+    return RSS_FACTOR * (budget_mib + message_mib)
 
 
 def _codes(calls: list) -> dict[str, int]:  # type: ignore[type-arg]
@@ -61,8 +66,9 @@ def test_urgent_streams_that_never_read_hold_at_most_the_peer_budget(tmp_path: P
             for call in calls:
                 call.cancel()
         watch.assert_healthy()
-        budget_mib = 64  # --serve-peer-bytes default
-        assert watch.growth_mib(p.source) < RSS_FACTOR * budget_mib, watch.peak_kib
+        # --serve-peer-bytes default; an urgent answer of 768 chunks is at most 48 MiB
+        print(f"urgent flood: source RSS +{watch.growth_mib(p.source):.0f} MiB")
+        assert watch.growth_mib(p.source) < rss_bound_mib(64, 48), watch.peak_kib
         # the budget came back with the cancelled streams
         assert _read_everything(p.source.grpc, 1024) > 0
         for channel, _ in channels:
@@ -109,7 +115,8 @@ def test_bulk_streams_that_never_read_are_bounded_and_refused(
             for call in calls:
                 call.cancel()
         watch.assert_healthy()
-        assert watch.growth_mib(p.source) < RSS_FACTOR * budget_mib, watch.peak_kib
+        print(f"bulk flood ({named}): source RSS +{watch.growth_mib(p.source):.0f} MiB")
+        assert watch.growth_mib(p.source) < rss_bound_mib(budget_mib, 8), watch.peak_kib
         assert _read_everything(p.source.grpc, 1024) > 0
         for channel, _ in channels:
             channel.close()
