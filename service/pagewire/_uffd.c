@@ -2542,7 +2542,7 @@ typedef struct grant {
 #define CLOSING_MAX 64
 
 typedef struct {
-    int fd, active, hello_done, evicted;
+    int fd, active, hello_done;
     uint64_t accepted_ns;
     uint8_t peer[16]; /* the peer's address: connection limits are per peer */
     dexport_t *ex;    /* set while the connection holds a reference on it */
@@ -2867,7 +2867,6 @@ static void peer_key(int fd, uint8_t key[16])
 /* Accept thread only: end a connection still waiting for its hello, and free its slot. */
 static void evict(DataServer *s, conn_t *c)
 {
-    c->evicted = 1;
     shutdown(c->fd, SHUT_RDWR);
     pthread_join(c->thread, NULL);
     close(c->fd);
@@ -2982,7 +2981,6 @@ static void *accept_thread(void *arg)
         slot->fd = fd;
         slot->server = s;
         slot->hello_done = 0;
-        slot->evicted = 0;
         slot->ex = NULL;
         slot->accepted_ns = now_ns();
         memcpy(slot->peer, peer, 16);

@@ -55,6 +55,7 @@ def test_idle_connections_neither_hold_the_channel_nor_stop_a_session(
                 assert closed_by_peer(sock, 5.0)
                 sock.close()
         watch.assert_healthy()
+        print(f"300 idle data connections: source RSS +{watch.growth_mib(p.source):.0f} MiB")
         assert watch.growth_mib(p.source) < 64, watch.peak_kib
     finally:
         stop_pair(p)
@@ -136,7 +137,9 @@ def test_withdraw_revokes_grants_drops_connections_and_closes_the_file(
                 grant(p.source.grpc, "cycle")
                 assert p.source.request("DELETE", "/v1/exports/cycle").status_code == 200
         watch.assert_healthy()
-        assert len(fd_targets(pid)) <= before + 4, (before, fd_targets(pid))
+        after = len(fd_targets(pid))
+        print(f"300 publish/OpenChannel/withdraw cycles: fds {before} -> {after}")
+        assert after <= before + 4, (before, fd_targets(pid))
         # the other export was never touched
         seen, status = restore(p.source, p.dest, other, "other")
         assert seen["verified"] and status["transport"] == "native", status
@@ -207,6 +210,9 @@ def test_grants_are_bounded_short_lived_and_single_use(
             seen, status = restore(p.source, p.dest, img)
             assert seen["verified"] and status["transport"] == "native", status
         watch.assert_healthy()
+        print(
+            f"5000 OpenChannel ({flag} {limit}): source RSS +{watch.growth_mib(p.source):.0f} MiB"
+        )
         assert watch.growth_mib(p.source) < 32, watch.peak_kib
     finally:
         stop_pair(p)
