@@ -239,10 +239,13 @@ class _Flow:
         and agent budgets up to wait_s: then RESOURCE_EXHAUSTED."""
         nb, nc = self._shares(n)
         a = await self.stream.take(n)
-        b: int | None = None
+        b = self.peer.try_take(nb)  # the usual case, without a timer task
+        c = self.agent.try_take(nc) if b is not None else None
         try:
-            b = await asyncio.wait_for(self.peer.take(nb), self.wait_s)
-            c = await asyncio.wait_for(self.agent.take(nc), self.wait_s)
+            if b is None:
+                b = await asyncio.wait_for(self.peer.take(nb), self.wait_s)
+            if c is None:
+                c = await asyncio.wait_for(self.agent.take(nc), self.wait_s)
         except BaseException as exc:
             self.stream.give(a)
             if b is not None:
