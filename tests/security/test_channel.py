@@ -54,6 +54,11 @@ def test_idle_connections_neither_hold_the_channel_nor_stop_a_session(
             for sock in idle:
                 assert closed_by_peer(sock, 5.0)
                 sock.close()
+            # one idle connection alone lasts the hello deadline (2 s), not longer
+            opened = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                assert closed_by_peer(sock, 6.0)
+            assert 1.5 < time.monotonic() - opened < 4.0
         watch.assert_healthy()
         print(f"300 idle data connections: source RSS +{watch.growth_mib(p.source):.0f} MiB")
         assert watch.growth_mib(p.source) < 64, watch.peak_kib
