@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ class ChannelServer:
         self._by_expiry: deque[tuple[float, bytes]] = deque()
         self._by_peer: Counter[str] = Counter()
         self._by_export: dict[str, set[bytes]] = {}
+        # grant runs on the event loop, withdraw wherever the registry's caller runs
+        self._lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -103,18 +106,19 @@ class ChannelServer:
     def grant(self, export: Export, peer: str = "") -> tuple[int, bytes]:
         if export.path.startswith("pid:"):
             raise ExportInvalid("a live process export is served over gRPC only")
-        now = time.monotonic()
-        self._expire(now)
-        self._check_room(peer)
         export.check()
-        export_id = self._register(export)
-        token = secrets.token_bytes(16)
-        self.server.grant(token, export_id, self.limits.grant_ttl_s)
-        expires = now + self.limits.grant_ttl_s
-        self.grants[token] = _Grant(expires, peer, export.name)
-        self._by_expiry.append((expires, token))
-        self._by_peer[peer] += 1
-        self._by_export.setdefault(export.name, set()).add(token)
+        with self._lock:
+            now = time.monotonic()
+            self._expire(now)
+            self._check_room(peer)
+            export_id = self._register(export)
+            token = secrets.token_bytes(16)
+            self.server.grant(token, export_id, self.limits.grant_ttl_s)
+            expires = now + self.limits.grant_ttl_s
+            self.grants[token] = _Grant(expires, peer, export.name)
+            self._by_expiry.append((expires, token))
+            self._by_peer[peer] += 1
+            self._by_export.setdefault(export.name, set()).add(token)
         return self.port, token
 
     def _check_room(self, peer: str) -> None:
@@ -152,12 +156,13 @@ class ChannelServer:
     def withdraw(self, export: Export) -> None:
         """The export is withdrawn: its fd closes, its grants are revoked and its live
         connections dropped (the C server does all three for each registered id)."""
-        for key in [k for k in self.ids if k[0] == export.name]:
-            export_id = self.ids.pop(key)
-            self.server.remove_export(export_id)
-            self._free_ids.append(export_id)
-        for token in list(self._by_export.get(export.name, ())):
-            self._forget(token)
+        with self._lock:
+            for key in [k for k in self.ids if k[0] == export.name]:
+                export_id = self.ids.pop(key)
+                self.server.remove_export(export_id)
+                self._free_ids.append(export_id)
+            for token in list(self._by_export.get(export.name, ())):
+                self._forget(token)
 
     def bytes_sent(self) -> int:
         return self.server.stats()["bytes_sent"]
