@@ -140,6 +140,7 @@ static uint64_t now_ns(void)
 #define CHAN_STALE 1
 #define CHAN_RANGE 2
 #define CHAN_DENIED 3
+#define CHAN_BUSY 4 /* hello refused: the source's connection limit (per peer or total) */
 #define CHAN_ZSTD (1u << 16) /* answer flag: data is zstd; hello kind flag: please compress */
 
 typedef unsigned char *(*sha256_fn_t)(const unsigned char *, size_t, unsigned char *);
@@ -1711,11 +1712,22 @@ static int chan_connect(const char *host, int port, const uint8_t token[16], uin
     } reply;
     if (write_full(fd, &hello, sizeof hello) < 0 || read_full(fd, &reply, sizeof reply) < 0 ||
         memcmp(reply.ok, "PWOK", 4) != 0 || reply.status != CHAN_OK) {
+        int busy = memcmp(reply.ok, "PWOK", 4) == 0 && reply.status == CHAN_BUSY;
         close(fd);
-        errno = EACCES;
+        errno = busy ? EBUSY : EACCES;
         return -1;
     }
     return fd;
+}
+
+/* Why the source refused a channel connection, for the log line of the fallback. */
+static const char *chan_refusal(int err)
+{
+    if (err == EACCES)
+        return "the source refused the token (unknown, expired, already used or revoked)";
+    if (err == EBUSY)
+        return "the source's data channel is at its connection limit (per peer or total)";
+    return strerror(err);
 }
 
 /* The channel failed: every page it owed goes back to Python's queue (gRPC takes over). */
@@ -2126,7 +2138,7 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         if (ufd >= 0)
             close(ufd);
         PyErr_Format(PyExc_ConnectionError, "native channel to %s:%d: %s", host, port,
-                     strerror(errno));
+                     chan_refusal(errno));
         goto out;
     }
     struct chan *c = calloc(1, sizeof *c);
@@ -2508,7 +2520,7 @@ static PyTypeObject EngineType = {
 /* ---- native data channel: the source's server ---------------------------- */
 
 typedef struct {
-    int fd, stale, removed;
+    int fd, stale, removed, refs; /* refs: connections serving it; freed at 0 once removed */
     uint64_t size, page_size, chunk_size, npages, nchunks;
     uint8_t *zero_map; /* one byte per page */
     dev_t dev;
@@ -2516,15 +2528,24 @@ typedef struct {
     struct timespec mtime;
 } dexport_t;
 
-typedef struct {
+/* A grant serves one urgent and one bulk connection (one each), until it expires. Grants
+ * are chained in a hash table on their (random) token, so taking or revoking one is O(1). */
+typedef struct grant {
     uint8_t token[16];
-    int export_id, uses_left; /* one urgent and one bulk connection per session */
+    int export_id, kinds_left; /* bit 1: urgent, bit 2: bulk */
+    uint64_t expires_ns;
+    struct grant *next;
 } grant_t;
 
-#define MAX_CONNS 256
+#define GRANT_BUCKETS 4096
+#define MAX_CONNS 1024 /* slots; the limit in force is max_conns (set_limits) */
+#define CLOSING_MAX 64
 
 typedef struct {
-    int fd, active;
+    int fd, active, hello_done;
+    uint64_t accepted_ns;
+    uint8_t peer[16]; /* the peer's address: connection limits are per peer */
+    dexport_t *ex;    /* set while the connection holds a reference on it */
     pthread_t thread;
     struct DataServer *server;
 } conn_t;
@@ -2536,27 +2557,133 @@ typedef struct DataServer {
     pthread_mutex_t lock;
     dexport_t **exports;
     int nexports;
-    grant_t *grants;
+    grant_t **grants; /* GRANT_BUCKETS chains */
     int ngrants;
     conn_t conns[MAX_CONNS];
     uint64_t bytes_sent, chunks_sent, refused;
+    /* limits (0: the default) and what they refused */
+    int max_conns, per_peer, pending_per_peer, hello_ms;
+    uint64_t refused_busy, refused_token, hello_timeouts, evicted;
+    int closing[CLOSING_MAX]; /* refused connections, closed once their reply was read */
+    uint64_t closing_ns[CLOSING_MAX];
+    int nclosing;
 } DataServer;
 
-static dexport_t *server_export_for(DataServer *s, const uint8_t token[16])
+#define LIMIT_OR(v, d) ((v) > 0 ? (v) : (d))
+#define SRV_MAX_CONNS(s) (LIMIT_OR((s)->max_conns, 256) > MAX_CONNS ? MAX_CONNS : LIMIT_OR((s)->max_conns, 256))
+
+/* ---- data server: grants (hash on the token), export references ---- */
+
+static unsigned grant_bucket(const uint8_t token[16])
+{
+    uint32_t h;
+    memcpy(&h, token, 4);
+    return h % GRANT_BUCKETS;
+}
+
+static void grant_unlink(DataServer *s, grant_t **at)
+{
+    grant_t *g = *at;
+    *at = g->next;
+    free(g);
+    s->ngrants--;
+}
+
+/* The export id a grant gives a connection of this kind, or -1; uses the grant up. */
+static int grant_take(DataServer *s, const uint8_t token[16], uint32_t kind)
+{
+    if (!s->grants || (kind != 1 && kind != 2))
+        return -1;
+    for (grant_t **at = &s->grants[grant_bucket(token)]; *at; at = &(*at)->next) {
+        grant_t *g = *at;
+        if (memcmp(g->token, token, 16) != 0)
+            continue;
+        int id = -1;
+        if (now_ns() < g->expires_ns && (g->kinds_left & (int)kind)) {
+            id = g->export_id;
+            g->kinds_left &= ~(int)kind;
+        }
+        if (id < 0 || g->kinds_left == 0)
+            grant_unlink(s, at);
+        return id;
+    }
+    return -1;
+}
+
+static void grants_drop_export(DataServer *s, int id)
+{
+    for (int b = 0; s->grants && b < GRANT_BUCKETS; b++)
+        for (grant_t **at = &s->grants[b]; *at;)
+            if ((*at)->export_id == id)
+                grant_unlink(s, at);
+            else
+                at = &(*at)->next;
+}
+
+static void grants_free(DataServer *s)
+{
+    for (int b = 0; s->grants && b < GRANT_BUCKETS; b++)
+        while (s->grants[b])
+            grant_unlink(s, &s->grants[b]);
+    free(s->grants);
+    s->grants = NULL;
+}
+
+static void export_free(dexport_t *ex)
+{
+    close(ex->fd);
+    free(ex->zero_map);
+    free(ex);
+}
+
+/* Lock held: the export stops serving; its fd closes once no connection holds it, and
+ * the connections that do are shut down now. */
+static void export_remove_locked(DataServer *s, dexport_t *ex)
+{
+    ex->removed = 1;
+    for (int i = 0; i < MAX_CONNS; i++)
+        if (s->conns[i].ex == ex && __atomic_load_n(&s->conns[i].active, __ATOMIC_ACQUIRE) == 1)
+            shutdown(s->conns[i].fd, SHUT_RDWR);
+    if (ex->refs == 0)
+        export_free(ex);
+}
+
+static void export_put(DataServer *s, conn_t *c)
+{
+    pthread_mutex_lock(&s->lock);
+    dexport_t *ex = c->ex;
+    c->ex = NULL;
+    if (ex && --ex->refs == 0 && ex->removed)
+        export_free(ex);
+    pthread_mutex_unlock(&s->lock);
+}
+
+static dexport_t *server_export_for(DataServer *s, conn_t *c, const uint8_t token[16],
+                                    uint32_t kind)
 {
     dexport_t *ex = NULL;
     pthread_mutex_lock(&s->lock);
-    for (int i = 0; i < s->ngrants; i++)
-        if (memcmp(s->grants[i].token, token, 16) == 0) {
-            int id = s->grants[i].export_id;
-            if (id >= 0 && id < s->nexports && s->exports[id] && !s->exports[id]->removed)
-                ex = s->exports[id];
-            if (--s->grants[i].uses_left <= 0)
-                s->grants[i] = s->grants[--s->ngrants];
-            break;
-        }
+    int id = grant_take(s, token, kind);
+    if (id >= 0 && id < s->nexports && s->exports[id] && !s->exports[id]->removed) {
+        ex = s->exports[id];
+        ex->refs++;
+        c->ex = ex;
+    }
     pthread_mutex_unlock(&s->lock);
     return ex;
+}
+
+/* The hello must come within hello_ms; after it, reads block again. */
+static int read_hello(DataServer *s, int fd, void *hello, size_t len)
+{
+    int ms = LIMIT_OR(s->hello_ms, 2000);
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000}, none = {0, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int rc = read_full(fd, hello, len);
+    if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        __atomic_add_fetch(&s->hello_timeouts, 1, __ATOMIC_RELAXED);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+    return rc;
 }
 
 static int export_unchanged(dexport_t *ex)
@@ -2665,12 +2792,14 @@ static void *conn_thread(void *arg)
     } reply = {{'P', 'W', 'O', 'K'}, CHAN_OK};
     uint64_t *idx = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
     dexport_t *ex = NULL;
-    if (idx && read_full(c->fd, &hello, sizeof hello) == 0 &&
+    if (idx && read_hello(s, c->fd, &hello, sizeof hello) == 0 &&
         memcmp(hello.magic, CHAN_MAGIC, 8) == 0)
-        ex = server_export_for(s, hello.token);
+        ex = server_export_for(s, c, hello.token, hello.kind & 0xff);
+    __atomic_store_n(&c->hello_done, 1, __ATOMIC_RELEASE);
     if (!ex) {
         reply.status = CHAN_DENIED;
         __atomic_add_fetch(&s->refused, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&s->refused_token, 1, __ATOMIC_RELAXED);
     }
     uint8_t *raw = NULL, *packed = NULL;
     if (ex && (hello.kind & CHAN_ZSTD) && zstd_compress_fn) {
@@ -2698,6 +2827,7 @@ static void *conn_thread(void *arg)
     free(raw);
     free(packed);
     shutdown(c->fd, SHUT_RDWR);
+    export_put(s, c);
     __atomic_store_n(&c->active, 2, __ATOMIC_RELEASE); /* finished, waiting to be joined */
     return NULL;
 }
@@ -2717,12 +2847,121 @@ static void server_reap(DataServer *s, int all)
     }
 }
 
+/* ---- data server: admission (hello deadline, per-peer limits, busy refusals) ---- */
+
+static void peer_key(int fd, uint8_t key[16])
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    memset(key, 0, 16);
+    if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
+        return;
+    if (ss.ss_family == AF_INET6)
+        memcpy(key, &((struct sockaddr_in6 *)&ss)->sin6_addr, 16);
+    else if (ss.ss_family == AF_INET) {
+        key[10] = key[11] = 0xff; /* the v4-mapped form, so both families compare */
+        memcpy(key + 12, &((struct sockaddr_in *)&ss)->sin_addr, 4);
+    }
+}
+
+/* Accept thread only: end a connection still waiting for its hello, and free its slot. */
+static void evict(DataServer *s, conn_t *c)
+{
+    shutdown(c->fd, SHUT_RDWR);
+    pthread_join(c->thread, NULL);
+    close(c->fd);
+    c->active = 0;
+    __atomic_add_fetch(&s->evicted, 1, __ATOMIC_RELAXED);
+}
+
+/* A free slot for a new connection from peer, or NULL (refuse it as busy). Connections
+ * that have not said hello are capped per peer, the oldest giving way to a newcomer, so
+ * idle connections can neither hold the slots nor lock out a real session. */
+static conn_t *server_admit(DataServer *s, const uint8_t peer[16])
+{
+    int max = SRV_MAX_CONNS(s), per_peer = LIMIT_OR(s->per_peer, 128);
+    int pending_cap = LIMIT_OR(s->pending_per_peer, 16);
+    int from_peer = 0, pending = 0;
+    conn_t *free_slot = NULL, *oldest_peer = NULL, *oldest_any = NULL;
+    for (int i = 0; i < max; i++) {
+        conn_t *c = &s->conns[i];
+        if (c->active == 0) {
+            free_slot = free_slot ? free_slot : c;
+            continue;
+        }
+        int waiting = c->active == 1 && !__atomic_load_n(&c->hello_done, __ATOMIC_ACQUIRE);
+        if (waiting && (!oldest_any || c->accepted_ns < oldest_any->accepted_ns))
+            oldest_any = c;
+        if (memcmp(c->peer, peer, 16) != 0)
+            continue;
+        from_peer++;
+        if (waiting) {
+            pending++;
+            if (!oldest_peer || c->accepted_ns < oldest_peer->accepted_ns)
+                oldest_peer = c;
+        }
+    }
+    if (pending >= pending_cap && oldest_peer) {
+        evict(s, oldest_peer);
+        from_peer--;
+        free_slot = free_slot ? free_slot : oldest_peer;
+        if (oldest_any == oldest_peer)
+            oldest_any = NULL;
+    }
+    if (from_peer >= per_peer)
+        return NULL;
+    if (!free_slot && oldest_any) {
+        evict(s, oldest_any);
+        free_slot = oldest_any;
+    }
+    return free_slot;
+}
+
+/* Close refused connections older than a second (all of them when forced). */
+static void closing_sweep(DataServer *s, int all)
+{
+    uint64_t now = now_ns();
+    int kept = 0;
+    for (int i = 0; i < s->nclosing; i++) {
+        if (all || now - s->closing_ns[i] > 1000000000ULL) {
+            close(s->closing[i]);
+        } else {
+            s->closing[kept] = s->closing[i];
+            s->closing_ns[kept++] = s->closing_ns[i];
+        }
+    }
+    s->nclosing = kept;
+}
+
+/* The refused side reads PWOK/CHAN_BUSY and names the cause; its fd is kept a moment so
+ * the reply is read before the close. */
+static void refuse_busy(DataServer *s, int fd)
+{
+    struct {
+        char ok[4];
+        uint32_t status;
+    } reply = {{'P', 'W', 'O', 'K'}, CHAN_BUSY};
+    __atomic_add_fetch(&s->refused, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&s->refused_busy, 1, __ATOMIC_RELAXED);
+    if (send(fd, &reply, sizeof reply, MSG_DONTWAIT | MSG_NOSIGNAL) != (ssize_t)sizeof reply) {
+        close(fd);
+        return;
+    }
+    shutdown(fd, SHUT_WR);
+    if (s->nclosing == CLOSING_MAX)
+        closing_sweep(s, 1);
+    s->closing[s->nclosing] = fd;
+    s->closing_ns[s->nclosing++] = now_ns();
+}
+
 static void *accept_thread(void *arg)
 {
     DataServer *s = arg;
     struct pollfd fds[2] = {{s->listen_fd, POLLIN, 0}, {s->stop_fd, POLLIN, 0}};
     for (;;) {
-        if (poll(fds, 2, -1) < 0 && errno != EINTR)
+        int ready = poll(fds, 2, 250);
+        closing_sweep(s, 0);
+        if (ready < 0 && errno != EINTR)
             break;
         if (fds[1].revents)
             break;
@@ -2732,16 +2971,19 @@ static void *accept_thread(void *arg)
         if (fd < 0)
             continue;
         server_reap(s, 0);
-        conn_t *slot = NULL;
-        for (int i = 0; i < MAX_CONNS && !slot; i++)
-            if (s->conns[i].active == 0)
-                slot = &s->conns[i];
+        uint8_t peer[16];
+        peer_key(fd, peer);
+        conn_t *slot = server_admit(s, peer);
         if (!slot) {
-            close(fd);
+            refuse_busy(s, fd);
             continue;
         }
         slot->fd = fd;
         slot->server = s;
+        slot->hello_done = 0;
+        slot->ex = NULL;
+        slot->accepted_ns = now_ns();
+        memcpy(slot->peer, peer, 16);
         slot->active = 1;
         if (pthread_create(&slot->thread, NULL, conn_thread, slot) != 0) {
             slot->active = 0;
@@ -2804,6 +3046,7 @@ static void server_stop(DataServer *s)
     signal_fd(s->stop_fd);
     Py_BEGIN_ALLOW_THREADS pthread_join(s->thread, NULL);
     server_reap(s, 1);
+    closing_sweep(s, 1);
     Py_END_ALLOW_THREADS close(s->listen_fd);
     close(s->stop_fd);
 }
@@ -2812,15 +3055,14 @@ static void DataServer_dealloc(DataServer *s)
 {
     server_stop(s);
     for (int i = 0; i < s->nexports; i++)
-        if (s->exports[i]) {
-            close(s->exports[i]->fd);
-            free(s->exports[i]->zero_map);
-            free(s->exports[i]);
-        }
+        if (s->exports[i])
+            export_free(s->exports[i]);
     free(s->exports);
-    free(s->grants);
+    grants_free(s);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
+
+static void server_remove_export_locked(DataServer *s, int id);
 
 static PyObject *DataServer_add_export(DataServer *s, PyObject *args)
 {
@@ -2850,11 +3092,21 @@ static PyObject *DataServer_add_export(DataServer *s, PyObject *args)
             s->exports[i] = NULL;
         s->nexports = id + 1;
     }
-    if (s->exports[id]) /* replaced: old connections finish on the old description */
-        s->exports[id]->removed = 1;
+    if (s->exports[id]) /* replaced: its grants and connections end with it */
+        server_remove_export_locked(s, (int)id);
     s->exports[id] = ex;
     pthread_mutex_unlock(&s->lock);
     Py_RETURN_NONE;
+}
+
+/* Lock held: withdraw an export id: its grants are revoked, its live connections shut
+ * down, and its fd closed (now, or when the last connection lets go). */
+static void server_remove_export_locked(DataServer *s, int id)
+{
+    dexport_t *ex = s->exports[id];
+    s->exports[id] = NULL;
+    grants_drop_export(s, id);
+    export_remove_locked(s, ex);
 }
 
 static PyObject *DataServer_remove_export(DataServer *s, PyObject *arg)
@@ -2862,31 +3114,38 @@ static PyObject *DataServer_remove_export(DataServer *s, PyObject *arg)
     long id = PyLong_AsLong(arg);
     if (id < 0 && PyErr_Occurred())
         return NULL;
-    pthread_mutex_lock(&s->lock);
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&s->lock);
     if (id >= 0 && id < s->nexports && s->exports[id])
-        s->exports[id]->removed = 1;
+        server_remove_export_locked(s, (int)id);
     pthread_mutex_unlock(&s->lock);
-    Py_RETURN_NONE;
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 static PyObject *DataServer_grant(DataServer *s, PyObject *args)
 {
     Py_buffer tok;
     int id;
-    if (!PyArg_ParseTuple(args, "y*i", &tok, &id))
+    double ttl_s = 60.0;
+    if (!PyArg_ParseTuple(args, "y*i|d", &tok, &id, &ttl_s))
         return NULL;
-    if (tok.len != 16) {
+    if (tok.len != 16 || !(ttl_s > 0)) {
         PyBuffer_Release(&tok);
-        return PyErr_Format(PyExc_ValueError, "tokens are 16 bytes");
+        return PyErr_Format(PyExc_ValueError, "tokens are 16 bytes, lifetimes positive");
     }
+    grant_t *g = calloc(1, sizeof *g);
+    memcpy(g->token, tok.buf, 16);
+    PyBuffer_Release(&tok);
+    g->export_id = id;
+    g->kinds_left = 1 | 2;
+    g->expires_ns = now_ns() + (uint64_t)(ttl_s * 1e9);
     pthread_mutex_lock(&s->lock);
-    s->grants = realloc(s->grants, (size_t)(s->ngrants + 1) * sizeof *s->grants);
-    memcpy(s->grants[s->ngrants].token, tok.buf, 16);
-    s->grants[s->ngrants].export_id = id;
-    s->grants[s->ngrants].uses_left = 2;
+    if (!s->grants)
+        s->grants = calloc(GRANT_BUCKETS, sizeof *s->grants);
+    unsigned b = grant_bucket(g->token);
+    g->next = s->grants[b];
+    s->grants[b] = g;
     s->ngrants++;
     pthread_mutex_unlock(&s->lock);
-    PyBuffer_Release(&tok);
     Py_RETURN_NONE;
 }
 
@@ -2896,14 +3155,51 @@ static PyObject *DataServer_revoke(DataServer *s, PyObject *arg)
     if (PyObject_GetBuffer(arg, &tok, PyBUF_SIMPLE) < 0)
         return NULL;
     pthread_mutex_lock(&s->lock);
-    for (int i = 0; i < s->ngrants; i++)
-        if (tok.len == 16 && memcmp(s->grants[i].token, tok.buf, 16) == 0) {
-            s->grants[i] = s->grants[--s->ngrants];
-            break;
-        }
+    if (tok.len == 16 && s->grants)
+        for (grant_t **at = &s->grants[grant_bucket(tok.buf)]; *at; at = &(*at)->next)
+            if (memcmp((*at)->token, tok.buf, 16) == 0) {
+                grant_unlink(s, at);
+                break;
+            }
     pthread_mutex_unlock(&s->lock);
     PyBuffer_Release(&tok);
     Py_RETURN_NONE;
+}
+
+static PyObject *DataServer_set_limits(DataServer *s, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"max_conns", "per_peer", "pending_per_peer", "hello_timeout_ms",
+                             NULL};
+    int max_conns = 0, per_peer = 0, pending = 0, hello_ms = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iiii", kwlist, &max_conns, &per_peer,
+                                     &pending, &hello_ms))
+        return NULL;
+    if (max_conns < 0 || max_conns > MAX_CONNS || per_peer < 0 || pending < 0 || hello_ms < 0)
+        return PyErr_Format(PyExc_ValueError, "limits are >= 0 and max_conns <= %d",
+                            MAX_CONNS);
+    s->max_conns = max_conns, s->per_peer = per_peer;
+    s->pending_per_peer = pending, s->hello_ms = hello_ms;
+    Py_RETURN_NONE;
+}
+
+static PyObject *DataServer_limit_stats(DataServer *s, PyObject *unused)
+{
+    int conns = 0, grants, exports = 0;
+    pthread_mutex_lock(&s->lock);
+    for (int i = 0; i < MAX_CONNS; i++)
+        conns += __atomic_load_n(&s->conns[i].active, __ATOMIC_ACQUIRE) == 1;
+    grants = s->ngrants;
+    for (int i = 0; i < s->nexports; i++)
+        exports += s->exports[i] != NULL;
+    pthread_mutex_unlock(&s->lock);
+    return Py_BuildValue(
+        "{sKsKsKsKsisisi}", "refused_busy",
+        (unsigned long long)__atomic_load_n(&s->refused_busy, __ATOMIC_RELAXED), "refused_token",
+        (unsigned long long)__atomic_load_n(&s->refused_token, __ATOMIC_RELAXED),
+        "hello_timeouts",
+        (unsigned long long)__atomic_load_n(&s->hello_timeouts, __ATOMIC_RELAXED), "evicted",
+        (unsigned long long)__atomic_load_n(&s->evicted, __ATOMIC_RELAXED), "connections", conns,
+        "grants", grants, "exports", exports);
 }
 
 static PyObject *DataServer_stats(DataServer *s, PyObject *unused)
@@ -2930,6 +3226,10 @@ static PyMethodDef DataServer_methods[] = {
     {"remove_export", (PyCFunction)DataServer_remove_export, METH_O, "Stop serving an export."},
     {"grant", (PyCFunction)DataServer_grant, METH_VARARGS, "grant(token16, export_id)"},
     {"revoke", (PyCFunction)DataServer_revoke, METH_O, "Revoke a token."},
+    {"set_limits", (PyCFunction)(void (*)(void))DataServer_set_limits, METH_VARARGS | METH_KEYWORDS,
+     "set_limits(max_conns, per_peer, pending_per_peer, hello_timeout_ms); 0 keeps the default"},
+    {"limit_stats", (PyCFunction)DataServer_limit_stats, METH_NOARGS,
+     "Refusals by cause, live connections, grants and exports."},
     {"stats", (PyCFunction)DataServer_stats, METH_NOARGS, "Counters."},
     {"close", (PyCFunction)DataServer_close, METH_NOARGS, "Stop serving."},
     {NULL, NULL, 0, NULL}};

@@ -17,9 +17,9 @@ from pagewire.control.models import NodeSource, PeerSource, SessionRequest
 from pagewire.core import filework
 from pagewire.exports.registry import ExportRegistry
 from pagewire.exports.snapshots import SnapshotManager
-from pagewire.peer.channel import ChannelServer
+from pagewire.peer.channel import ChannelLimits, ChannelServer
 from pagewire.peer.client import PeerClient, PeerError
-from pagewire.peer.server import PageServicer, PeerServer, serve_peers
+from pagewire.peer.server import PageServicer, PeerLimits, PeerServer, serve_peers
 from pagewire.sessions.manager import SessionManager
 from pagewire.sessions.recovery import recover
 from pagewire.sessions.remote import RemoteSource
@@ -63,7 +63,7 @@ class AgentState:
         self.exports.load()
         host, _ = split_host_port(s.grpc)
         if s.native_channel and not s.tls_enabled:
-            self.channel = ChannelServer(host, s.data_port)
+            self.channel = ChannelServer(host, s.data_port, channel_limits(s))
         self.peer_server = await serve_peers(
             self.exports,
             s.grpc,
@@ -71,7 +71,7 @@ class AgentState:
             tls_key=s.tls_key,
             tls_ca=s.tls_ca,
             insecure_peers=s.insecure_peers,
-            servicer=PageServicer(self.exports, self.channel),
+            servicer=PageServicer(self.exports, self.channel, PeerLimits.from_settings(s)),
         )
         if s.advertise_grpc is None:
             host, _ = split_host_port(s.grpc)
@@ -107,6 +107,7 @@ class AgentState:
             tls_key=s.tls_key,
             tls_ca=s.tls_ca,
             insecure_peers=s.insecure_peers,
+            token=self.token,
         )
 
     async def remote_source(self, request: SessionRequest) -> RemoteSource:
@@ -186,3 +187,15 @@ class AgentState:
             "draining": self.sessions.draining,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
+
+
+def channel_limits(s: Settings) -> ChannelLimits:
+    return ChannelLimits(
+        max_conns=s.channel_max_conns,
+        peer_conns=s.channel_peer_conns,
+        pending_per_peer=s.channel_pending_per_peer,
+        hello_timeout_s=s.channel_hello_timeout_s,
+        grants=s.channel_grants,
+        peer_grants=s.channel_peer_grants,
+        grant_ttl_s=s.channel_grant_ttl_s,
+    )

@@ -121,6 +121,41 @@ class Settings(BaseSettings):
     """REST listen backlog: connections the kernel queues for the agent"""
     log_repeat_limit: int = Field(default=10, ge=0)
     """lines a minute one repeated log message may write, 0 for no limit"""
+    # peer service (gRPC): page bytes read for peers and not yet sent, per stream, per peer
+    # and for the agent; concurrent streams per peer; how long a taker waits
+    serve_stream_bytes: int = Field(default=16 << 20, ge=1 << 20)
+    """page bytes one peer stream may have read and not yet sent"""
+    serve_peer_bytes: int = Field(default=64 << 20, ge=1 << 20)
+    """page bytes in flight to one peer"""
+    serve_bytes: int = Field(default=256 << 20, ge=1 << 20)
+    """page bytes in flight to all peers"""
+    serve_peer_streams: int = Field(default=64, ge=1, le=65536)
+    """concurrent Bulk and Urgent streams per peer (RESOURCE_EXHAUSTED beyond)"""
+    serve_wait_s: float = Field(default=10.0, gt=0, le=3600)
+    """seconds a stream waits for the peer or agent budget, then RESOURCE_EXHAUSTED"""
+    # native data channel (source side): connections, hello deadline, grants
+    channel_max_conns: int = Field(default=256, ge=2, le=1024)
+    """native data channel connections in all"""
+    channel_peer_conns: int = Field(default=128, ge=2, le=1024)
+    """native data channel connections per peer address"""
+    channel_pending_per_peer: int = Field(default=16, ge=1, le=1024)
+    """data connections per peer address still waiting to say hello"""
+    channel_hello_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """seconds a data connection has to say hello"""
+    channel_grants: int = Field(default=4096, ge=1, le=1 << 20)
+    """unused native channel grants in all"""
+    channel_peer_grants: int = Field(default=256, ge=1, le=1 << 20)
+    """unused native channel grants per peer"""
+    channel_grant_ttl_s: float = Field(default=60.0, gt=0, le=3600)
+    """seconds a native channel grant lives"""
+    # who may read: certificate SANs allowed (mTLS), anonymous loopback reads (no token)
+    peer_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """certificate SAN (DNS name, IP, URI; * wildcards) allowed to read exports over mTLS;
+    repeatable; any certificate of the CA when empty"""
+    peer_anonymous_loopback: bool = False
+    """with --token-file, still let loopback peers read without the token"""
+    working_set_interval_s: float = Field(default=10.0, ge=0, le=86400)
+    """seconds between working-set changes accepted per export"""
 
     @field_validator("export_roots", mode="before")
     @classmethod
@@ -134,6 +169,13 @@ class Settings(BaseSettings):
     def _split_uids(cls, value: object) -> object:
         if isinstance(value, str):
             return [int(u) for u in value.replace(",", " ").split()]
+        return value
+
+    @field_validator("peer_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.replace(",", " ").split()
         return value
 
     @field_validator("http")
@@ -178,6 +220,8 @@ class Settings(BaseSettings):
         for root in self.export_roots:
             if not root.is_dir():
                 raise ValueError(f"export root {root} is not a directory")
+        if self.peer_allow and not any(tls):
+            raise ValueError("--peer-allow names certificate SANs: it needs mTLS (--tls-*)")
         self.export_roots = [Path(os.path.realpath(p)) for p in self.export_roots]
         return self
 

@@ -502,6 +502,8 @@ class ExportRegistry:
         self._publishing: set[str] = set()
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
+        # called with each withdrawn export (the native channel revokes its grants)
+        self.withdraw_hooks: builtins.list[Callable[[Export], None]] = []
 
     # --- queries ---
 
@@ -567,6 +569,8 @@ class ExportRegistry:
         if exp is None:
             raise ExportNotFound(f"no export named {name!r}")
         exp.close()
+        for hook in self.withdraw_hooks:
+            hook(exp)
         self._record_path(name).unlink(missing_ok=True)  # a live export has none
         log.info("withdrew export %s", name)
         return exp

@@ -194,6 +194,34 @@ class LatencyHistogram:
 # --- the client ---------------------------------------------------------------------
 
 
+class _BearerToken(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Sends this agent's token to peers that ask for one (peer_server._identify)."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self.header)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+
 class PeerClient:
     """A channel to one peer agent; cheap to share between sessions."""
 
@@ -205,18 +233,24 @@ class PeerClient:
         tls_key: str | Path | None = None,
         tls_ca: str | Path | None = None,
         insecure_peers: bool = False,
+        token: str | None = None,
     ) -> None:
         material = tls_material(tls_cert, tls_key, tls_ca)
         self.address = address
+        interceptors = [_BearerToken(token)] if token else None
         if material is None:
             require_secure_or_loopback(address, insecure_peers)
-            self.channel = grpc.aio.insecure_channel(address, options=COMMON_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(
+                address, options=COMMON_OPTIONS, interceptors=interceptors
+            )
         else:
             cert, key, ca = material
             creds = grpc.ssl_channel_credentials(
                 root_certificates=ca, private_key=key, certificate_chain=cert
             )
-            self.channel = grpc.aio.secure_channel(address, creds, options=COMMON_OPTIONS)
+            self.channel = grpc.aio.secure_channel(
+                address, creds, options=COMMON_OPTIONS, interceptors=interceptors
+            )
         self.stub = pb_grpc.PageServiceStub(self.channel)
         self.bytes_received = 0
         self.integrity_failures = 0

@@ -116,7 +116,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         settings.log_level,  # type: ignore[attr-defined]
         repeat_limit=settings.log_repeat_limit,  # type: ignore[attr-defined]
     )
-    agent.run(settings)  # type: ignore[arg-type]
+    try:
+        agent.run(settings)  # type: ignore[arg-type]
+    except OSError as exc:  # a port that is taken, as uvicorn does for the HTTP port
+        print(f"pagewire agent: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
