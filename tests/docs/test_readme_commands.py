@@ -46,7 +46,7 @@ PRELUDE = """set -euo pipefail
 cd {root}
 ip link set lo up
 for d in /srv /run/pagewire /var/lib/pagewire /etc/pagewire; do
-    mkdir -p "$d" && mount -t tmpfs doctest "$d"
+    mkdir -p "$d" && mount -t tmpfs -o mode=0755 doctest "$d"
 done
 {{ cat /etc/hosts; echo "127.0.0.2 node-a src"; echo "127.0.0.3 node-b dst"; }} >"$DOCTEST/hosts"
 mount --bind "$DOCTEST/hosts" /etc/hosts

@@ -238,3 +238,52 @@ def test_symlink_inside_the_root_to_a_file_inside_still_works(tmp_path: Path, la
         assert time.monotonic() - t0 < 5
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("kind", ["exports", "snapshots"])
+def test_exports_and_snapshots_under_the_same_swap(tmp_path: Path, layout, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """Item 2 for the other two users of the one function: published files are always
+    the inside one, snapshot files are always created inside."""
+    roots, outside = layout
+    (roots / "d").mkdir()
+    make_image(roots / "d" / "img", 256 * 1024, seed=1)
+    make_image(outside / "img", 256 * 1024, seed=2)
+    os.symlink(outside, roots / "l")
+    before = tree(outside)
+    agent = LocalAgent(tmp_path, "agent", [roots]).start()
+    stop = threading.Event()
+
+    def swapper() -> None:
+        while not stop.is_set():
+            exchange(roots / "d", roots / "l")
+
+    swap = threading.Thread(target=swapper, daemon=True)
+    created = 0
+    try:
+        with Watch(agent) as watch, agent.client() as client:
+            swap.start()
+            for i in range(300):
+                if kind == "exports":
+                    body = {"name": f"e{i}", "path": str(roots / "d" / "img")}
+                else:
+                    body = {"name": f"s{i}", "path": str(roots / "d" / f"new{i}")}
+                r = client.post(f"/v1/{kind}", json=body)
+                if r.status_code == 201:
+                    created += 1
+                    if kind == "exports":
+                        assert not r.json()["path"].startswith(str(outside)), r.text
+                    if created >= 12:
+                        break
+                else:
+                    assert r.status_code == 403, r.text
+                    assert r.json()["error"]["code"] == "outside_export_roots"
+            stop.set()
+            swap.join()
+            assert created, "no request won the race at all"
+            assert tree(outside) == before
+            assert agent.proc is not None
+            assert not any(p.startswith(str(outside)) for p in open_fds(agent.proc.pid))
+        watch.assert_healthy(MAX_RSS)
+    finally:
+        stop.set()
+        agent.stop()

@@ -132,6 +132,8 @@ def test_persisted_and_reloaded(registry: ExportRegistry, tmp_path: Path, root: 
     again = ExportRegistry(tmp_path / "state", [root], chunk_size=CHUNK)
     try:
         (loaded,) = again.load()
+        assert loaded.state in ("verifying", "ready")  # digests computed again, off the load
+        again.wait_verified(30)
         assert loaded.name == "img" and loaded.state == "ready"
         assert loaded.zero_map == exp.zero_map and loaded.digests == exp.digests
         assert loaded.generation == exp.generation
@@ -277,3 +279,27 @@ def test_holes_are_not_read(
     registry.publish("img", root / "img")
     hole = (50 * PS, 60 * PS)  # pages 45..78 were never written
     assert reads and not [r for r in reads if r[0] < hole[1] and r[1] > hole[0]]
+
+
+def test_reloaded_digests_are_computed_again(
+    registry: ExportRegistry, tmp_path: Path, root: Path
+) -> None:
+    """A record whose digests are not the file's (a bug or a planted record) is stale."""
+    make_image(root / "img")
+    registry.publish("img", root / "img")
+    registry.close()
+    path = tmp_path / "state" / "exports" / "img.json"
+    record = json.loads(path.read_text())
+    record["digests"][0] = bytes(32).hex()
+    path.write_text(json.dumps(record))
+    again = ExportRegistry(tmp_path / "state", [root], chunk_size=CHUNK)
+    try:
+        (loaded,) = again.load()
+        with pytest.raises(ExportStale) as info:
+            loaded.read_chunk(0)
+        assert info.value.code in ("export_verifying", "export_stale")
+        again.wait_verified(30)
+        assert loaded.state == "stale"
+        assert json.loads(path.read_text())["state"] == "stale"
+    finally:
+        again.close()

@@ -125,9 +125,7 @@ def check_private_dir(path: Path, flag: str) -> None:
         if pst.st_uid not in (0, uid):
             raise StartupError(f"{flag} {path}: its parent {parent} is owned by uid {pst.st_uid}")
         if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
-            raise StartupError(
-                f"{flag} {path}: its parent {parent} is writable by group or others"
-            )
+            raise StartupError(f"{flag} {path}: its parent {parent} is writable by group or others")
 
 
 FDS_PER_SESSION = 8  # listener, uffd, eventfd, source, peer connections

@@ -26,6 +26,9 @@ _RESOLVE_BENEATH = 0x08
 _RESOLVE = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+# beneath a root, RESOLVE_NO_SYMLINKS refuses a symlink (ELOOP) where O_NOFOLLOW would
+# open the link itself and fail as "not a directory"
+_PARENT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _CREATE_FLAGS = (
     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
 )
@@ -195,7 +198,7 @@ def open_beneath(roots: list[Path], path: str | Path, *, create: bool = False) -
 
 def _create(root: Path, root_fd: int, rel: str, text: str) -> BeneathFile:
     parent, name = os.path.split(rel)
-    dir_fd = _openat2(root_fd, parent, _DIR_FLAGS) if parent else os.dup(root_fd)
+    dir_fd = _openat2(root_fd, parent, _PARENT_FLAGS) if parent else os.dup(root_fd)
     try:
         fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
     except BaseException:

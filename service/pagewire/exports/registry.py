@@ -38,6 +38,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 RECORD_VERSION = 1
 STATE_READY = "ready"
 STATE_STALE = "stale"
+STATE_VERIFYING = "verifying"  # reloaded after a restart, its digests being computed again
 
 
 class ExportError(Exception):
@@ -74,6 +75,11 @@ class ExportInvalid(ExportError, ValueError):
 class ExportStale(ExportError):
     code = "export_stale"
     http_status = 409
+
+
+class ExportVerifying(ExportStale):
+    code = "export_verifying"
+    http_status = 503
 
 
 class ChunkOutOfRange(ExportError, IndexError):
@@ -317,6 +323,8 @@ class Export(ChunkGeometry):
 
     def check(self) -> None:
         """Raise ExportStale unless the open file is still the published one."""
+        if self.state == STATE_VERIFYING:
+            raise ExportVerifying(f"export {self.name!r} is being verified after a restart")
         if self.state != STATE_READY:
             raise ExportStale(f"export {self.name!r} is stale: its file changed")
         if self._fd is None:
@@ -504,6 +512,7 @@ class ExportRegistry:
         self._save_lock = threading.Lock()
         # called with each withdrawn export (the native channel revokes its grants)
         self.withdraw_hooks: builtins.list[Callable[[Export], None]] = []
+        self._verifier: threading.Thread | None = None
 
     # --- queries ---
 
@@ -672,6 +681,7 @@ class ExportRegistry:
     def load(self) -> builtins.list[Export]:
         """Reload every record from the state dir (agent start); returns what was loaded."""
         loaded = []
+        to_verify = []
         for rec_path in sorted(self.dir.glob("*.json")):
             exp = self._read_record(rec_path)
             if exp is None:
@@ -685,15 +695,52 @@ class ExportRegistry:
                 self._exports[exp.name] = exp
             if old is not None:
                 old.close()
-            if exp.state == STATE_STALE:
-                self._save(exp)  # found stale on reload: say so in its record too
-            elif exp.state == STATE_READY:
+            if exp.state == STATE_READY:
                 try:
                     exp.check()  # marks and persists stale if the file changed meanwhile
+                    exp.state = STATE_VERIFYING
+                    to_verify.append(exp)
                 except ExportStale:
                     pass
             loaded.append(exp)
+        if to_verify:
+            self._verifier = threading.Thread(
+                target=self._verify, args=(to_verify,), name="pagewire-verify", daemon=True
+            )
+            self._verifier.start()
         return loaded
+
+    def wait_verified(self, timeout: float | None = None) -> None:
+        """Block until the exports reloaded by load() are verified (for tests and tools)."""
+        if self._verifier is not None:
+            self._verifier.join(timeout)
+
+    def _verify(self, exports: builtins.list[Export]) -> None:
+        """Hash reloaded exports again, one after another, off the start path: a record is
+        data the agent wrote, but the digests it serves must be the file's own. Until
+        then an export answers export_verifying; a mismatch makes it stale."""
+        for exp in exports:
+            try:
+                fd = exp._acquire()
+            except ExportNotFound:
+                continue  # withdrawn meanwhile
+            try:
+                zero_map, digests = scan_file(fd, exp.size, exp.page_size, exp.chunk_size)
+                same = zero_map == exp.zero_map and digests == exp.digests
+                same = same and FileIdentity.of(os.fstat(fd)) == exp.identity
+            except (OSError, ExportError) as exc:
+                log.warning("export %s: rehashing %s failed: %s", exp.name, exp.path, exc)
+                same = False
+            finally:
+                exp._release()
+            if same:
+                with exp._lock:
+                    if exp.state == STATE_VERIFYING:
+                        exp.state = STATE_READY
+                log.info("export %s verified after restart", exp.name)
+            else:
+                log.warning("export %s: %s does not match its record; stale", exp.name, exp.path)
+                exp.mark_stale()
 
     def _read_record(self, rec_path: Path) -> Export | None:
         try:
@@ -702,6 +749,8 @@ class ExportRegistry:
                 raise ValueError("the record is not a JSON object")
             exp = Export.from_record(rec)
             _check_name(exp.name)
+            if exp.state == STATE_VERIFYING:
+                exp.state = STATE_READY
             if exp.state not in (STATE_READY, STATE_STALE):
                 raise ValueError(f"unknown state {exp.state!r}")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ExportError) as exc:
@@ -713,27 +762,11 @@ class ExportRegistry:
         return exp
 
     def _reopen(self, exp: Export) -> int | None:
-        """The record's file, opened beneath a root and hashed again: a record is data
-        the agent wrote, but the digests it serves must be the file's own."""
+        """The record's file, opened beneath an export root (paths.open_beneath)."""
         try:
             opened = open_beneath(self.roots, exp.path)
         except (OSError, ApiError) as exc:
             log.warning("export %s: cannot open %s: %s", exp.name, exp.path, exc)
             return None
-        fd = opened.fd
         exp.path = str(opened.path)
-        if exp.state != STATE_READY:
-            return fd
-        try:
-            st = os.fstat(fd)
-            same = FileIdentity.of(st) == exp.identity
-            if same:
-                zero_map, digests = scan_file(fd, st.st_size, exp.page_size, exp.chunk_size)
-                same = zero_map == exp.zero_map and digests == exp.digests
-        except (OSError, ValueError, ExportError) as exc:
-            log.warning("export %s: rehashing %s failed: %s", exp.name, exp.path, exc)
-            same = False
-        if not same:
-            log.warning("export %s: %s does not match its record; stale", exp.name, exp.path)
-            exp.state = STATE_STALE
-        return fd
+        return opened.fd

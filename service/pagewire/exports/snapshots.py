@@ -83,6 +83,10 @@ class SnapshotManager:
         self.snapshots: dict[str, Snapshot] = {}
         self._creating = 0
 
+    def _withdraw(self, exp: Any) -> None:
+        with contextlib.suppress(ExportError):  # withdrawn meanwhile
+            self.exports.withdraw(exp.name)
+
     def expire(self, now: float) -> int:
         """Forget snapshots that ended more than retention_s ago."""
         old = [
@@ -197,7 +201,7 @@ class SnapshotManager:
             self.exports.publish_fd,
             snap.request.name,
             image,
-            undo=lambda exp: self.exports.withdraw(exp.name),
+            undo=self._withdraw,
         )
         self._end(snap, "completed")
 

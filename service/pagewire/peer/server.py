@@ -32,6 +32,7 @@ from pagewire.exports.registry import (
     ExportNotFound,
     ExportRegistry,
     ExportStale,
+    ExportVerifying,
     bitmap_len,
     unpack_bits,
 )
@@ -317,6 +318,8 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, exc.message
     if isinstance(exc, ChunkOutOfRange):
         return grpc.StatusCode.OUT_OF_RANGE, exc.message
+    if isinstance(exc, ExportVerifying):  # reloaded after a restart: retry shortly
+        return grpc.StatusCode.UNAVAILABLE, exc.message
     if isinstance(exc, ExportStale):
         return grpc.StatusCode.FAILED_PRECONDITION, exc.message
     if isinstance(exc, ExportInvalid):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -56,7 +57,8 @@ async def publish(body: ExportRequest, agent: Agent) -> dict[str, Any]:
     pool = filework.pool()
 
     def undo(exp: Any) -> None:
-        registry.withdraw(exp.name)
+        with contextlib.suppress(ExportError):  # withdrawn meanwhile
+            registry.withdraw(exp.name)
 
     try:
         registry.precheck(body.name)
