@@ -21,7 +21,8 @@ async def readyz(agent: Agent) -> JSONResponse:
     ready (it still serves its exports to peers) but reports "accepting": false."""
     checks = agent.readiness()
     shutting_down = agent.sessions.shutting_down
-    ready = checks["engine"] and checks["grpc"] and not shutting_down
+    # every check but "accepting" (a drained agent still serves its exports) must hold
+    ready = all(ok for name, ok in checks.items() if name != "accepting") and not shutting_down
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
