@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pagewire.core import errors as domain
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -95,7 +97,33 @@ def _describe(errors: list[Any]) -> tuple[int, str, str]:
     return 400, "invalid_request", text
 
 
+# the one place a domain error becomes an HTTP status
+STATUS_OF: list[tuple[type[domain.PagewireError], int]] = [
+    (domain.InvalidRequest, 400),
+    (domain.Forbidden, 403),
+    (domain.NotFound, 404),
+    (domain.Conflict, 409),
+    (domain.TooLarge, 413),
+    (domain.OutOfBounds, 422),
+    (domain.LimitReached, 429),
+    (domain.PeerUnavailable, 502),
+    (domain.Unavailable, 503),
+    (domain.StorageFull, 507),
+]
+
+
+def status_of(exc: domain.PagewireError) -> int:
+    for kind, status in STATUS_OF:
+        if isinstance(exc, kind):
+            return status
+    return 400
+
+
 def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(domain.PagewireError)
+    async def _domain_error(_: Request, exc: domain.PagewireError) -> JSONResponse:
+        return error_response(status_of(exc), exc.code, exc.message)
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message)

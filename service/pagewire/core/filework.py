@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pagewire.control.errors import ApiError
+from pagewire.core.errors import Unavailable
 
 log = logging.getLogger("pagewire.core.filework")
 T = TypeVar("T")
@@ -41,8 +41,8 @@ class FilePool:
     ) -> T:
         with self._lock:
             if self._pending >= self.max_pending:
-                raise ApiError(
-                    503, "file_pool_busy", f"{self._pending} file operations are pending already"
+                raise Unavailable(
+                    "file_pool_busy", f"{self._pending} file operations are pending already"
                 )
             self._pending += 1
         work_id = next(self._ids)
@@ -57,8 +57,7 @@ class FilePool:
         except TimeoutError:
             log.warning("%s did not finish in %.1f s; undone when it ends", what, self.timeout_s)
             future.add_done_callback(lambda f: _undo(f, undo, what))
-            raise ApiError(
-                503, "file_work_timeout", f"{what} did not finish in {self.timeout_s:g} s"
+            raise Unavailable("file_work_timeout", f"{what} did not finish in {self.timeout_s:g} s"
             ) from None
 
     def _call(self, work_id: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:

@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagewire.control.errors import ApiError
+from pagewire.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, PagewireError
 
 _SYS_OPENAT2 = 437  # the same number on every architecture
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -34,34 +34,33 @@ _CREATE_FLAGS = (
 )
 
 
-class PathError(ApiError):
-    """A path refused: every kind answers 4xx with its own documented code."""
+class PathError(PagewireError):
+    """A path refused: every kind has its own documented code."""
+
+    code = "invalid_path"
 
     def __init__(self, message: str) -> None:
-        super().__init__(self.http_status, self.code, message)
+        super().__init__(type(self).code, message)
 
-    http_status = 400
+
+class InvalidPath(PathError, InvalidRequest, ValueError):
     code = "invalid_path"
 
 
-class InvalidPath(PathError, ValueError):
-    http_status, code = 400, "invalid_path"
+class OutsideExportRoots(PathError, Forbidden, PermissionError):
+    code = "outside_export_roots"
 
 
-class OutsideExportRoots(PathError, PermissionError):
-    http_status, code = 403, "outside_export_roots"
+class PathNotFound(PathError, NotFound, FileNotFoundError):
+    code = "not_found"
 
 
-class PathNotFound(PathError, FileNotFoundError):
-    http_status, code = 404, "not_found"
+class NotRegularFile(PathError, InvalidRequest, ValueError):
+    code = "not_regular_file"
 
 
-class NotRegularFile(PathError, ValueError):
-    http_status, code = 400, "not_regular_file"
-
-
-class PathExists(PathError, FileExistsError):
-    http_status, code = 409, "file_exists"
+class PathExists(PathError, Conflict, FileExistsError):
+    code = "file_exists"
 
 
 class _OpenHow(ctypes.Structure):

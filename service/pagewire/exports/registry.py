@@ -26,8 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pagewire.control.errors import ApiError
-from pagewire.core.paths import BeneathFile, open_beneath
+from pagewire.core.paths import BeneathFile, PathError, open_beneath
 
 log = logging.getLogger(__name__)
 
@@ -765,7 +764,7 @@ class ExportRegistry:
         """The record's file, opened beneath an export root (paths.open_beneath)."""
         try:
             opened = open_beneath(self.roots, exp.path)
-        except (OSError, ApiError) as exc:
+        except (OSError, PathError) as exc:
             log.warning("export %s: cannot open %s: %s", exp.name, exp.path, exc)
             return None
         exp.path = str(opened.path)

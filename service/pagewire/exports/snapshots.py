@@ -22,6 +22,7 @@ from pagewire.agent.settings import Settings
 from pagewire.control.errors import ApiError
 from pagewire.control.models import SnapshotRequest
 from pagewire.core import filework
+from pagewire.core.errors import PagewireError
 from pagewire.core.handoff import Handoff, HandoffError, SocketSpec, listen, receive_handoff
 from pagewire.core.layout import Limits
 from pagewire.core.paths import BeneathFile, open_beneath, reopen_read_only
@@ -162,7 +163,7 @@ class SnapshotManager:
             await self._copy(snap)
         except HandoffError as exc:
             self._end(snap, "failed", exc.code, exc.message)
-        except ApiError as exc:
+        except (ApiError, PagewireError) as exc:
             self._end(snap, "failed", exc.code, exc.message)
         except (OSError, ExportError) as exc:
             self._end(snap, "failed", "snapshot_failed", str(exc))

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from pagewire import _uffd
 from pagewire.control.errors import ApiError
 from pagewire.control.models import ACTIVE_STATES, SessionRequest, SessionStatus
+from pagewire.core.errors import PagewireError, PeerUnavailable, Unavailable
 from pagewire.core.handoff import Handoff, is_uffd, process_start_time
 from pagewire.core.layout import LayoutError, Limits, Region, check_layout, parse_region
 from pagewire.sessions.manager import PassiveSource, Session, SessionManager
@@ -304,9 +305,12 @@ async def _reopen_source(manager: SessionManager, session: Session) -> Any:
     while True:
         try:
             return await manager.open_source(request)
-        except (ApiError, OSError) as exc:
-            message = exc.message if isinstance(exc, ApiError) else str(exc)
-            permanent = isinstance(exc, ApiError) and exc.status < 500
+        except (ApiError, PagewireError, OSError) as exc:
+            message = exc.message if isinstance(exc, (ApiError, PagewireError)) else str(exc)
+            permanent = (isinstance(exc, ApiError) and exc.status < 500) or (
+                isinstance(exc, PagewireError)
+                and not isinstance(exc, (PeerUnavailable, Unavailable))
+            )
             if permanent or (request.on_source_lost == "sigbus" and loop.time() >= deadline):
                 log.warning(
                     "source of a recovered session lost: %s", message, extra={"session": session.id}
