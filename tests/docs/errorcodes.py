@@ -10,7 +10,7 @@ import re
 from .docblocks import ROOT
 
 PACKAGE = ROOT / "service" / "pagewire"
-CLIENT_SIDE = {"api_client.py", "cli_api.py", "cli.py"}
+CLIENT_SIDE = {"rest_client.py", "cli_api.py", "cli.py", "cli_format.py"}
 CODE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
@@ -58,13 +58,65 @@ def _pairs_in(tree: ast.AST) -> set[tuple[int, str]]:
     return found
 
 
+def _name(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return None
+
+
+def _domain_pairs(trees: list[ast.AST]) -> set[tuple[int, str]]:
+    """Domain errors (core/errors.py): `NotFound("code", ...)` calls and classes with a
+    `code = "x"` below a domain kind; control/errors.py's STATUS_OF gives the status."""
+    from pagewire.control.errors import STATUS_OF
+
+    status_of_kind = {kind.__name__: status for kind, status in STATUS_OF}
+    classes: dict[str, tuple[list[str], str | None]] = {}
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                code = None
+                for stmt in node.body:
+                    if isinstance(stmt, ast.Assign) and any(
+                        isinstance(t, ast.Name) and t.id == "code" for t in stmt.targets
+                    ):
+                        code = _code(stmt.value)
+                bases = [b for b in map(_name, node.bases) if b]
+                classes[node.name] = (bases, code)
+
+    def status(name: str, seen: frozenset[str] = frozenset()) -> int | None:
+        if name in status_of_kind:
+            return status_of_kind[name]
+        for base in classes.get(name, ([], None))[0]:
+            if base not in seen and (found := status(base, seen | {name})):
+                return found
+        return None
+
+    found = {
+        (st, code)
+        for name, (_, code) in classes.items()
+        if code and (st := status(name)) and name not in status_of_kind
+    }
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and node.args and (name := _name(node.func)):
+                st, code = status(name), _code(node.args[0])
+                if st and code:
+                    found.add((st, code))
+    return found
+
+
 def emitted_pairs() -> set[tuple[int, str]]:
     pairs: set[tuple[int, str]] = set()
+    trees = []
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.name in CLIENT_SIDE or "proto" in path.parts:
             continue
-        pairs |= _pairs_in(ast.parse(path.read_text()))
-    return pairs
+        tree = ast.parse(path.read_text())
+        trees.append(tree)
+        pairs |= _pairs_in(tree)
+    return pairs | _domain_pairs(trees)
 
 
 def documented_pairs(text: str) -> set[tuple[int, str]]:
