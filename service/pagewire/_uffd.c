@@ -128,6 +128,9 @@ static uint64_t now_ns(void)
  */
 
 #include <dlfcn.h>
+/* XXH3 from libxxhash-dev, compiled in (the runtime image needs no extra library) */
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -208,6 +211,15 @@ static void sha256(const uint8_t *data, size_t len, uint8_t out[32])
         libcrypto_sha256(data, len, out);
     else
         sha256_portable(data, len, out);
+}
+
+/* The per-chunk check on the hot path: XXH3-128 (libxxhash) runs near memory speed.
+ * SHA-256 stays the export's identity and the cache key; see README "Integrity". */
+static void fast_digest(const uint8_t *data, size_t len, uint8_t out[16])
+{
+    XXH128_canonical_t canon;
+    XXH128_canonicalFromHash(&canon, XXH3_128bits(data, len));
+    memcpy(out, canon.digest, 16);
 }
 
 static void load_libcrypto(void)
@@ -292,14 +304,17 @@ typedef struct {
  * Verified chunks keyed by their SHA-256 (content addressing: the same digest is the
  * same bytes, whichever export it came from), shared by every session on this host,
  * bounded in bytes with LRU eviction. An entry is PENDING while one session's bulk
- * fetches it, so concurrent sessions of one image fetch each chunk once. Every hit is
- * verified against its digest again before it is installed.
+ * fetches it, so concurrent sessions of one image fetch each chunk once. A chunk enters
+ * only if its SHA-256 matches its key (sessions verify wire data with the fast digest of
+ * their own export, which does not make a content address shared across peers); every hit
+ * is checked against the fast digest taken at fill before it is installed.
  */
 
 #define CACHE_BUCKETS 8192
 
 typedef struct centry {
     uint8_t digest[32];
+    uint8_t fast[16]; /* XXH3-128 of data, taken when it was filled (after SHA-256 passed) */
     uint8_t *data;
     uint32_t len;
     int pending;
@@ -394,19 +409,21 @@ static int cache_take(ChunkCache *c, const uint8_t d[32], uint8_t *dst, uint32_t
     pthread_mutex_lock(&c->lock);
     centry_t *x = cache_find(c, d);
     int result = CACHE_ABSENT;
+    uint8_t want[16];
     if (x && x->pending) {
         result = x->owner == owner ? CACHE_ABSENT : CACHE_PENDING;
     } else if (x && x->len == len) {
         memcpy(dst, x->data, len);
+        memcpy(want, x->fast, 16);
         lru_unlink(c, x);
         lru_push(c, x);
         result = CACHE_READY;
     }
     pthread_mutex_unlock(&c->lock);
     if (result == CACHE_READY) {
-        uint8_t check[32];
-        sha256(dst, len, check);
-        if (memcmp(check, d, 32) != 0) {
+        uint8_t check[16];
+        fast_digest(dst, len, check);
+        if (memcmp(check, want, 16) != 0) {
             pthread_mutex_lock(&c->lock);
             if ((x = cache_find(c, d)) && !x->pending)
                 cache_drop(c, x);
@@ -436,15 +453,41 @@ static int cache_take(ChunkCache *c, const uint8_t d[32], uint8_t *dst, uint32_t
     return result;
 }
 
-/* Keep a verified chunk (fulfilling a claim, or adding it). */
+/* A claim whose chunk will not come after all (its data did not match the key). */
+static void cache_refuse(ChunkCache *c, const uint8_t d[32])
+{
+    pthread_mutex_lock(&c->lock);
+    centry_t *x = cache_find(c, d);
+    if (x && x->pending) {
+        centry_t **pp = &c->buckets[cache_bucket(d)];
+        while (*pp && *pp != x)
+            pp = &(*pp)->next_in_bucket;
+        if (*pp)
+            *pp = x->next_in_bucket;
+        c->entries--;
+        free(x);
+    }
+    c->corrupt++;
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* Keep a chunk (fulfilling a claim, or adding it) if its SHA-256 is its key. */
 static void cache_fill(ChunkCache *c, const uint8_t d[32], const uint8_t *data, uint32_t len)
 {
     if (!c || c->capacity < len)
         return;
+    uint8_t check[32];
+    sha256(data, len, check);
+    if (memcmp(check, d, 32) != 0) {
+        cache_refuse(c, d);
+        return;
+    }
     uint8_t *copy = malloc(len ? len : 1);
     if (!copy)
         return;
     memcpy(copy, data, len);
+    uint8_t fast[16];
+    fast_digest(copy, len, fast);
     pthread_mutex_lock(&c->lock);
     centry_t *x = cache_find(c, d);
     if (!x) {
@@ -466,6 +509,7 @@ static void cache_fill(ChunkCache *c, const uint8_t d[32], const uint8_t *data, 
         lru_unlink(c, x);
     }
     x->data = copy;
+    memcpy(x->fast, fast, 16);
     x->len = len;
     x->pending = 0;
     x->owner = NULL;
@@ -1659,6 +1703,7 @@ struct chan {
     int urgent_fd, bulk_fd, up, background, compress;
     uint64_t chunk_size, export_size, export_ps, nchunks;
     uint8_t *zmap, *digests, *asked;
+    uint8_t *fast; /* XXH3-128 per chunk from Describe, or NULL: verify with SHA-256 */
     uint32_t outstanding;
     uint64_t last_answer_ns;
     pthread_t urx, bulk;
@@ -1810,6 +1855,20 @@ static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     return 1;
 }
 
+/* The chunk matches what the export published: its fast digest when Describe carried
+ * one, its SHA-256 otherwise (an older source). */
+static int chan_verify(struct chan *c, uint64_t index, const uint8_t *buf, uint64_t len)
+{
+    if (c->fast) {
+        uint8_t d[16];
+        fast_digest(buf, len, d);
+        return memcmp(d, c->fast + index * 16, 16) == 0;
+    }
+    uint8_t d[32];
+    sha256(buf, len, d);
+    return memcmp(d, c->digests + index * 32, 32) == 0;
+}
+
 /* Read one answer into buf (the whole chunk, zero pages filled in) and verify it. */
 static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage,
                             uint64_t *len_out, const char **why)
@@ -1854,10 +1913,8 @@ static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage
         }
     }
     *len_out = (last - first) * c->export_ps;
-    uint8_t d[32];
-    sha256(buf, *len_out, d);
     __atomic_add_fetch(&c->bytes_received, a.data_len, __ATOMIC_RELAXED);
-    if (memcmp(d, c->digests + a.index * 32, 32) != 0) {
+    if (!chan_verify(c, a.index, buf, *len_out)) {
         __atomic_add_fetch(&c->digest_failures, 1, __ATOMIC_RELAXED);
         *why = "digest mismatch";
         return -1;
@@ -2071,6 +2128,7 @@ static void chan_free(Engine *e)
         close(c->bulk_fd);
     free(c->zmap);
     free(c->digests);
+    free(c->fast);
     free(c->asked);
     free(c->hitbuf);
     Py_XDECREF((PyObject *)c->cache);
@@ -2093,15 +2151,15 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"host",     "port",    "token",      "chunk_size",  "export_size",
                              "export_page_size", "zero_map", "digests", "background",
-                             "compression", "cache", NULL};
+                             "compression", "cache", "fast_digests", NULL};
     const char *host;
     int port, background = 1, compression = 0;
     PyObject *cache_obj = Py_None;
-    Py_buffer tok, zm, dg;
+    Py_buffer tok, zm, dg, fd = {0};
     unsigned long long cs, size, eps;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppO", kwlist, &host, &port, &tok,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppOz*", kwlist, &host, &port, &tok,
                                      &cs, &size, &eps, &zm, &dg, &background, &compression,
-                                     &cache_obj))
+                                     &cache_obj, &fd))
         return NULL;
     PyObject *result = NULL;
     uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
@@ -2110,7 +2168,8 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         goto out;
     }
     if (e->chan || e->state > E_RUNNING || tok.len != 16 || eps == 0 || cs % eps ||
-        size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32) {
+        size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32 ||
+        (fd.buf && (uint64_t)fd.len != nchunks * 16)) {
         PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
         goto out;
     }
@@ -2138,6 +2197,10 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     memcpy(c->digests, dg.buf, (size_t)dg.len);
     c->asked = calloc(nchunks + 1, 1);
     c->hitbuf = malloc(cs);
+    if (fd.buf && fd.len) {
+        c->fast = malloc((size_t)fd.len);
+        memcpy(c->fast, fd.buf, (size_t)fd.len);
+    }
     if (cache_obj != Py_None) {
         Py_INCREF(cache_obj);
         c->cache = (ChunkCache *)cache_obj;
@@ -2154,6 +2217,8 @@ out:
     PyBuffer_Release(&tok);
     PyBuffer_Release(&zm);
     PyBuffer_Release(&dg);
+    if (fd.buf)
+        PyBuffer_Release(&fd);
     return result;
 }
 
@@ -3571,6 +3636,17 @@ static PyObject *mod_sha256(PyObject *m, PyObject *arg)
     return PyBytes_FromStringAndSize((const char *)d, 32);
 }
 
+static PyObject *mod_xxh128(PyObject *m, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint8_t out[16];
+    Py_BEGIN_ALLOW_THREADS fast_digest(b.buf, (size_t)b.len, out);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&b);
+    return PyBytes_FromStringAndSize((const char *)out, 16);
+}
+
 static PyObject *mod_sha256_portable(PyObject *m, PyObject *arg)
 {
     Py_buffer b;
@@ -3644,6 +3720,7 @@ static PyMethodDef module_methods[] = {
      "zstd-decompress to exactly size bytes (GIL released)."},
     {"zstd_available", mod_zstd_available, METH_NOARGS, "Whether libzstd could be loaded."},
     {"sha256", mod_sha256, METH_O, "SHA-256 as the native channel computes it."},
+    {"xxh128", mod_xxh128, METH_O, "XXH3-128 (canonical bytes): the per-chunk fast digest."},
     {"sha256_portable", mod_sha256_portable, METH_O, "The built-in SHA-256 fallback."},
     {"uffd_create", (PyCFunction)(void (*)(void))mod_uffd_create, METH_VARARGS | METH_KEYWORDS,
      "Create a userfaultfd with the given features."},

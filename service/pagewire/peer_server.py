@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pagewire import _uffd
 from pagewire.exports import (
     DIGEST_ALGORITHM,
+    FAST_DIGEST_ALGORITHM,
     ChunkOutOfRange,
     Export,
     ExportInvalid,
@@ -200,6 +201,8 @@ class PageServicer(pb_grpc.PageServiceServicer):
             digest_algorithm=DIGEST_ALGORITHM,
             generation=export.generation,
             working_set=export.working_set,
+            chunk_fast_digests=export.fast_digests,
+            fast_digest_algorithm=FAST_DIGEST_ALGORITHM if export.fast_digests else "",
         )
 
     # --- OpenChannel ---

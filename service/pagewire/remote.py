@@ -148,6 +148,7 @@ class RemoteSource:
                 b"".join(r.digests),
                 background=self.background,
                 compression=self.compression == "zstd",
+                fast_digests=b"".join(r.fast_digests) or None,
             )
         except (OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())

@@ -55,7 +55,8 @@ def fake_channel_server(data: bytes, zero: bytes, corrupt: int) -> tuple[int, th
     return port, thread
 
 
-def test_corrupted_chunk_drops_the_channel_and_is_never_installed(image) -> None:
+@pytest.mark.parametrize("fast", [True, False], ids=["xxh3", "sha256-only"])
+def test_corrupted_chunk_drops_the_channel_and_is_never_installed(image, fast: bool) -> None:
     img: Path = image(2 * MiB, seed=9)
     data = img.read_bytes()
     size = len(data)
@@ -72,8 +73,18 @@ def test_corrupted_chunk_drops_the_channel_and_is_never_installed(image) -> None
     )
     eng.start()
     port, _ = fake_channel_server(data, zero, corrupt=1)
+    fast_digests = b"".join(_uffd.xxh128(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
     eng.attach_channel(
-        "127.0.0.1", port, b"t" * 16, CHUNK, size, PAGE, zero, digests, background=False
+        "127.0.0.1",
+        port,
+        b"t" * 16,
+        CHUNK,
+        size,
+        PAGE,
+        zero,
+        digests,
+        background=False,
+        fast_digests=fast_digests if fast else None,
     )
     first_data_page = zero.index(0)
     seen: list[bytes] = []
@@ -132,3 +143,52 @@ def test_agents_without_the_native_channel_use_grpc(tmp_path: Path, image) -> No
         assert status["transport"] == "grpc"
     finally:
         stop_pair(p)
+
+
+def test_a_wrong_fast_digest_is_a_digest_failure(image) -> None:
+    """The hot path checks the fast digest: right bytes under a wrong published fast digest
+    are refused (and the SHA-256 alone would have passed them)."""
+    img: Path = image(1 * MiB, seed=5)
+    data = img.read_bytes()
+    size = len(data)
+    fd = os.open(img, os.O_RDONLY)
+    zero = _uffd.zero_map(fd, size, PAGE)
+    os.close(fd)
+    digests = b"".join(_uffd.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
+    wrong_fast = bytes(16 * (size // CHUNK))
+    base = _uffd.mmap_anon(size)
+    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
+    _uffd.uffd_register(uffd, base, size)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    eng = _uffd.Engine(
+        uffd, [(base, size, 0, PAGE)], efd, background=False, zero_map=zero, zero_map_page_size=PAGE
+    )
+    eng.start()
+    port, _ = fake_channel_server(data, zero, corrupt=0)
+    with pytest.raises(ValueError):  # a fast digest list of the wrong length is refused
+        eng.attach_channel(
+            "127.0.0.1", port, b"t" * 16, CHUNK, size, PAGE, zero, digests, fast_digests=b"x"
+        )
+    eng.attach_channel(
+        "127.0.0.1", port, b"t" * 16, CHUNK, size, PAGE, zero, digests,
+        background=False, fast_digests=wrong_fast,
+    )  # fmt: skip
+    page = zero.index(0)
+    toucher = threading.Thread(target=lambda: _uffd.read_memory(base + page * PAGE, PAGE))
+    toucher.start()
+    deadline = time.monotonic() + 10
+    requests: list[int] = []
+    while not requests:
+        requests = eng.take_requests()
+        assert time.monotonic() < deadline, eng.channel
+        time.sleep(0.005)
+    channel = eng.channel
+    assert channel is not None and channel["down_reason"] == "digest mismatch"
+    for off in requests:
+        start = off - off % CHUNK
+        eng.install(start, data[start : start + CHUNK], _uffd.FAULT)
+    toucher.join(10)
+    eng.close()
+    os.close(efd)
+    os.close(uffd)
+    _uffd.munmap(base, size)

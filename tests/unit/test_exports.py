@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pagewire import _uffd
 from pagewire.exports import (
     PAGE_SIZE,
     ChunkOutOfRange,
@@ -88,6 +89,9 @@ def test_publish_zero_map_and_digests(registry: ExportRegistry, root: Path) -> N
     assert exp.digests == [
         hashlib.sha256(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)
     ]
+    assert exp.fast_digests == [
+        _uffd.xxh128(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)
+    ]
     assert exp.state == "ready"
     j = exp.to_json()
     assert set(j) == {
@@ -134,6 +138,7 @@ def test_persisted_and_reloaded(registry: ExportRegistry, tmp_path: Path, root: 
         (loaded,) = again.load()
         assert loaded.name == "img" and loaded.state == "ready"
         assert loaded.zero_map == exp.zero_map and loaded.digests == exp.digests
+        assert loaded.fast_digests == exp.fast_digests and len(exp.fast_digests) == exp.chunks
         assert loaded.generation == exp.generation
         assert loaded.working_set == [3, 1, 0]
         assert loaded.read_chunk_full(0) == exp.read_chunk_full(0)
@@ -263,3 +268,23 @@ def test_holes_are_not_read(
     registry.publish("img", root / "img")
     hole = (50 * PS, 60 * PS)  # pages 45..78 were never written
     assert reads and not [r for r in reads if r[0] < hole[1] and r[1] > hole[0]]
+
+
+def test_record_without_fast_digests_still_loads(tmp_path: Path, root: Path) -> None:
+    """A record written before fast digests existed loads; its peers check SHA-256."""
+    registry = ExportRegistry(tmp_path / "state", [root], chunk_size=CHUNK)
+    make_image(root / "img")
+    exp = registry.publish("img", root / "img")
+    registry.close()
+    path = tmp_path / "state" / "exports" / "img.json"
+    record = json.loads(path.read_text())
+    assert record["fast_digest_algorithm"] == "xxh3-128"
+    assert record["fast_digests"] == [d.hex() for d in exp.fast_digests]
+    del record["fast_digest_algorithm"], record["fast_digests"]
+    path.write_text(json.dumps(record))
+    again = ExportRegistry(tmp_path / "state", [root], chunk_size=CHUNK)
+    try:
+        (loaded,) = again.load()
+        assert loaded.fast_digests == [] and loaded.digests == exp.digests
+    finally:
+        again.close()
