@@ -225,6 +225,7 @@ def restore_run(
     require(status["state"] == "completed" and seen.get("verified"), "restore", (status, seen))
     lat = status["fault_latency_seconds"]
     gib = size / GiB
+    data_bytes = (status["pages_total"] - status["pages_zero"]) * (status["page_size"] or 4096)
     return {
         "create_to_complete_s": round(status["completed_at"] - status["created_at"], 4),
         "attach_to_complete_s": round(status["completed_at"] - status["attached_at"], 4),
@@ -236,6 +237,9 @@ def restore_run(
         "touch_p99_us": seen["p99_us"],
         "faults_remote": status["faults"]["remote"],
         "pages_background": status["pages_background"],
+        "bytes_received": status["bytes_received"],
+        "data_bytes": data_bytes,
+        "bytes_received_over_data": round(status["bytes_received"] / max(data_bytes, 1), 4),
         "agent_rss_before_mib": round(rss_before, 1),
         "agent_rss_growth_mib": round(rss_end - rss_before, 1),
         "agent_rss_end_mib": round(rss_end, 1),

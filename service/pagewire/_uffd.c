@@ -128,6 +128,7 @@ static uint64_t now_ns(void)
  */
 
 #include <dlfcn.h>
+#include <sched.h>
 /* XXH3 from libxxhash-dev, compiled in (the runtime image needs no extra library) */
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -1046,6 +1047,7 @@ static void queue_request(Engine *e, region_t *r, uint64_t p)
 }
 
 static int chan_request_locked(Engine *e, region_t *r, uint64_t p);
+static void chan_flush_urgent(Engine *e);
 static void chan_stop(Engine *e);
 static void chan_free(Engine *e);
 static void chan_start_threads(Engine *e);
@@ -1400,6 +1402,7 @@ static void *fault_thread(void *arg)
         if (e->state == E_FAILED)
             notify = 1;
         pthread_mutex_unlock(&e->lock);
+        chan_flush_urgent(e);
         if (notify)
             signal_fd(e->notify_fd);
     }
@@ -1713,7 +1716,16 @@ struct chan {
     ChunkCache *cache; /* shared by the host's sessions, or NULL */
     uint8_t *hitbuf;   /* the fault thread's copy of a cached chunk */
     char down_reason[96];
+    /* urgent requests decided under the engine lock, sent (or served from the cache) by
+     * the fault thread once it has let go of the lock */
+    uint64_t *outbox, *sendbuf;
+    uint32_t nout;
+    uint64_t bulk_cursor; /* next chunk the bulk pass looks at: one linear pass */
+    uint64_t chunks_waited; /* faults that waited for a chunk already on its way */
 };
+
+/* c->asked[k]: the chunk is on its way, so a fault there waits for it */
+enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
 
 #define CHAN_STALL_NS (3ULL * 1000000000ULL)
 
@@ -1803,25 +1815,36 @@ static int chunk_missing(Engine *e, struct chan *c, uint64_t k)
     return 0;
 }
 
+/* Does chunk k still hold a data page that is missing or waited for? */
+static int chunk_needed(Engine *e, struct chan *c, uint64_t k)
+{
+    for (int i = 0; i < e->nregions; i++) {
+        region_t *r = &e->regions[i];
+        uint64_t lo = k * c->chunk_size, hi = lo + c->chunk_size;
+        if (hi <= r->offset || lo >= r->offset + r->size)
+            continue;
+        uint64_t p0 = lo > r->offset ? (lo - r->offset) / r->page_size : 0;
+        uint64_t p1 = (hi - r->offset) / r->page_size;
+        if (p1 > r->npages)
+            p1 = r->npages;
+        for (uint64_t p = p0; p < p1; p++) {
+            int st = r->state[p] & ST_MASK;
+            if ((st == ST_MISSING || st == ST_REQUESTED) && !page_is_zero_src(r, p))
+                return 1;
+        }
+    }
+    return 0;
+}
+
 static uint64_t chunk_len_of(struct chan *c, uint64_t k)
 {
     uint64_t end = (k + 1) * c->chunk_size;
     return (end > c->export_size ? c->export_size : end) - k * c->chunk_size;
 }
 
-/* The fault thread answers from the host's cache when it can (never waiting for events:
- * if the install stops short, the chunk is asked for over the network as usual). */
-static int chan_from_cache(Engine *e, struct chan *c, uint64_t k, region_t *r, uint64_t p)
-{
-    uint64_t len = chunk_len_of(c, k);
-    if (!c->cache || cache_take(c->cache, c->digests + k * 32, c->hitbuf, (uint32_t)len, e, 0) !=
-                         CACHE_READY)
-        return 0;
-    install_image_range(e, k * c->chunk_size, c->hitbuf, len, KIND_FAULT, 0);
-    c->chunks_cached++;
-    return (r->state[p] & ST_MASK) == ST_PRESENT;
-}
-
+/* Under the engine lock: a fault's chunk (and, while faults run forward, the chunks its
+ * window reaches) goes to the outbox; nothing is written or hashed here. A chunk already
+ * on its way, urgent or bulk, is waited for, never fetched twice. */
 static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
 {
     struct chan *c = e->chan;
@@ -1830,29 +1853,73 @@ static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
     if (chunk >= c->nchunks)
         return 0;
-    if (!c->asked[chunk] && chan_from_cache(e, c, chunk, r, p))
+    if (c->asked[chunk]) {
+        c->chunks_waited++;
         return 1;
-    /* the fault's chunk, and while faults run forward, the chunks the window reaches */
-    uint64_t ahead = e->window * r->page_size / c->chunk_size;
-    uint64_t idx[9];
-    uint32_t n = 0;
-    for (uint64_t k = chunk; k < c->nchunks && k <= chunk + (ahead > 8 ? 8 : ahead); k++)
-        if (!c->asked[k] && (k == chunk || chunk_missing(e, c, k)))
-            idx[n++] = k;
-    if (n == 0)
-        return 1;
-    uint32_t head[2] = {n, 0};
-    if (write_full(c->urgent_fd, head, sizeof head) < 0 ||
-        write_full(c->urgent_fd, idx, n * 8) < 0) {
-        chan_down_locked(e, "urgent request failed");
-        return 0;
     }
+    uint64_t ahead = e->window * r->page_size / c->chunk_size;
+    uint32_t n = 0;
+    for (uint64_t k = chunk; k < c->nchunks && k <= chunk + (ahead > 8 ? 8 : ahead); k++) {
+        if (c->nout >= CHAN_MAX_REQ)
+            break;
+        if (!c->asked[k] && (k == chunk || chunk_missing(e, c, k))) {
+            c->outbox[c->nout++] = k;
+            c->asked[k] = ASK_URGENT;
+            n++;
+        }
+    }
+    if (n == 0)
+        return 0; /* the outbox is full: Python takes this one */
     if (c->outstanding == 0)
         c->last_answer_ns = now_ns();
     c->outstanding += n;
-    for (uint32_t i = 0; i < n; i++)
-        c->asked[idx[i]] = 1;
     return 1;
+}
+
+static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const uint8_t *buf,
+                             int kind, int wait);
+static void chan_fail(Engine *e, const char *why);
+
+/* The fault thread, without the engine lock: install what the host's cache holds, send
+ * the rest of the outbox on the urgent connection. */
+static void chan_flush_urgent(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c)
+        return;
+    pthread_mutex_lock(&e->lock);
+    uint32_t n = c->up ? c->nout : 0;
+    memcpy(c->sendbuf, c->outbox, n * sizeof(uint64_t));
+    c->nout = 0;
+    pthread_mutex_unlock(&e->lock);
+    if (n == 0)
+        return;
+    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t k = c->sendbuf[i], len = chunk_len_of(c, k);
+        if (cache && cache_take(cache, c->digests + k * 32, c->hitbuf, (uint32_t)len, e, 0) ==
+                         CACHE_READY) {
+            __atomic_add_fetch(&c->chunks_cached, 1, __ATOMIC_RELAXED);
+            /* the fault thread cannot wait for events it drains itself: if the install
+             * stops short, the chunk is asked for over the network as usual */
+            chan_install_run(e, &k, 1, c->hitbuf, KIND_PREFETCH, 0);
+            pthread_mutex_lock(&e->lock);
+            int short_of = chunk_needed(e, c, k);
+            if (short_of)
+                c->asked[k] = ASK_URGENT;
+            else
+                c->outstanding--;
+            pthread_mutex_unlock(&e->lock);
+            if (!short_of)
+                continue;
+        }
+        c->sendbuf[m++] = k;
+    }
+    uint32_t head[2] = {m, 0};
+    if (m && (write_full(c->urgent_fd, head, sizeof head) < 0 ||
+              write_full(c->urgent_fd, c->sendbuf, m * 8) < 0))
+        chan_fail(e, "urgent request failed");
 }
 
 /* The chunk matches what the export published: its fast digest when Describe carried
@@ -1922,16 +1989,31 @@ static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage
     return (int64_t)a.index;
 }
 
-static void chan_install(Engine *e, uint64_t index, const uint8_t *buf, uint64_t len, int kind)
+/* Install chunks received into one buffer, chunk i at buf + i * chunk_size (consecutive
+ * indexes go in with one copy per run), and forget that they were asked for. */
+static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const uint8_t *buf,
+                             int kind, int wait)
 {
     struct chan *c = e->chan;
     pthread_mutex_lock(&e->lock);
     int notify = 0;
     if (e->state == E_RUNNING) {
-        install_image_range(e, index * c->chunk_size, buf, len, kind, 1);
+        for (size_t i = 0; i < n;) {
+            size_t j = i + 1;
+            while (j < n && index[j] == index[j - 1] + 1)
+                j++;
+            uint64_t off = index[i] * c->chunk_size;
+            uint64_t end = (index[j - 1] + 1) * c->chunk_size;
+            if (end > c->export_size)
+                end = c->export_size;
+            install_image_range(e, off, buf + i * c->chunk_size, end - off, kind, wait);
+            i = j;
+        }
         settle_pending(e);
         notify = all_done(e);
     }
+    for (size_t i = 0; i < n; i++)
+        c->asked[index[i]] = ASK_NONE;
     pthread_mutex_unlock(&e->lock);
     if (notify)
         signal_fd(e->ctl_fd);
@@ -1968,44 +2050,48 @@ static void *chan_urgent_thread(void *arg)
             chan_fail(e, why);
             break;
         }
-        cache_fill(c->cache, c->digests + index * 32, buf, (uint32_t)len);
         pthread_mutex_lock(&e->lock);
-        c->asked[index] = 0;
         c->outstanding--;
         c->last_answer_ns = now_ns();
         c->chunks_urgent++;
         pthread_mutex_unlock(&e->lock);
-        chan_install(e, (uint64_t)index, buf, len, KIND_PREFETCH); /* asked-for pages count as faults */
+        uint64_t k = (uint64_t)index;
+        chan_install_run(e, &k, 1, buf, KIND_PREFETCH, 1); /* asked-for pages count as faults */
+        cache_fill(__atomic_load_n(&c->cache, __ATOMIC_ACQUIRE), c->digests + k * 32, buf,
+                   (uint32_t)len);
     }
     free(buf);
     free(stage);
     return NULL;
 }
 
-/* Chunks that still hold a missing data page and are not already asked for urgently. */
-static size_t chan_wanted(Engine *e, uint64_t *out, size_t max)
+/* The next chunks of the bulk pass that still hold a missing data page and are not on
+ * their way already; marks them ASK_BULK. The cursor only advances (each call looks at a
+ * bounded stretch under the lock), so a pass is linear in the image. */
+#define BULK_SCAN 1024
+static size_t chan_next_bulk(Engine *e, uint64_t *out, size_t max)
 {
     struct chan *c = e->chan;
     size_t n = 0;
-    uint64_t last = UINT64_MAX;
     pthread_mutex_lock(&e->lock);
-    for (int i = 0; i < e->nregions && n < max; i++) {
-        region_t *r = &e->regions[i];
-        for (uint64_t p = 0; p < r->npages && n < max; p++) {
-            int st = r->state[p] & ST_MASK;
-            if ((st != ST_MISSING && st != ST_REQUESTED) || page_is_zero_src(r, p))
-                continue;
-            uint64_t ch = (r->offset + p * r->page_size) / c->chunk_size;
-            if (ch != last && ch < c->nchunks && !c->asked[ch] && (n == 0 || out[n - 1] != ch))
-                out[n++] = ch;
-            last = ch;
+    for (uint64_t seen = 0; n < max && seen < BULK_SCAN && c->bulk_cursor < c->nchunks; seen++) {
+        uint64_t k = c->bulk_cursor++;
+        if (!c->asked[k] && chunk_missing(e, c, k)) {
+            c->asked[k] = ASK_BULK;
+            out[n++] = k;
         }
     }
     pthread_mutex_unlock(&e->lock);
     return n;
 }
 
-#define BULK_BATCH 32
+static void chan_unask(Engine *e, const uint64_t *index, size_t n)
+{
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < n; i++)
+        e->chan->asked[index[i]] = ASK_NONE;
+    pthread_mutex_unlock(&e->lock);
+}
 
 static int chan_send_batch(int fd, const uint64_t *idx, size_t n)
 {
@@ -2013,27 +2099,35 @@ static int chan_send_batch(int fd, const uint64_t *idx, size_t n)
     return write_full(fd, head, sizeof head) < 0 || write_full(fd, idx, n * 8) < 0 ? -1 : 0;
 }
 
-/* Bulk work yields the CPU to demand faults (2 vCPUs are shared by everything). */
-static void lower_priority(void) { setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10); }
+/* Bulk work yields the CPU to demand faults when they wake up, but keeps its fair share:
+ * SCHED_BATCH, not a nice level (a niced bulk thread starves on a busy host, and a fault
+ * waiting for a chunk already on the bulk connection would starve with it). */
+static void bulk_priority(void)
+{
+    struct sched_param sp = {0};
+    sched_setscheduler((pid_t)syscall(SYS_gettid), SCHED_BATCH, &sp);
+}
 
-/* Install what the host's cache holds, skip what another session is fetching, and claim
- * the rest; returns how many chunks are left to fetch (compacted into want). */
+/* Install what the host's cache holds, skip what another session is fetching (a later
+ * pass comes back to it), and claim the rest; returns how many chunks are left to fetch
+ * (compacted into want). */
 static size_t chan_bulk_from_cache(Engine *e, uint64_t *want, size_t n, uint8_t *buf,
                                    size_t *deferred)
 {
     struct chan *c = e->chan;
-    if (!c->cache)
+    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    if (!cache)
         return n;
     size_t m = 0;
-    /* claim only the next window, so concurrent sessions spread over the image */
-    for (size_t i = 0; i < n && m < 4 * BULK_BATCH; i++) {
+    for (size_t i = 0; i < n; i++) {
         uint64_t k = want[i], len = chunk_len_of(c, k);
-        int st = cache_take(c->cache, c->digests + k * 32, buf, (uint32_t)len, e, 1);
+        int st = cache_take(cache, c->digests + k * 32, buf, (uint32_t)len, e, 1);
         if (st == CACHE_READY) {
             __atomic_add_fetch(&c->chunks_cached, 1, __ATOMIC_RELAXED);
-            chan_install(e, k, buf, len, KIND_BACKGROUND);
+            chan_install_run(e, &k, 1, buf, KIND_BACKGROUND, 1);
         } else if (st == CACHE_PENDING) {
             (*deferred)++;
+            chan_unask(e, &k, 1);
         } else {
             want[m++] = k;
         }
@@ -2041,61 +2135,127 @@ static size_t chan_bulk_from_cache(Engine *e, uint64_t *want, size_t n, uint8_t 
     return m;
 }
 
+/* Is more of an answer already waiting on fd (so an install can wait to batch it)? */
+static int readable_now(int fd)
+{
+    struct pollfd pfd = {fd, POLLIN, 0};
+    return poll(&pfd, 1, 0) > 0;
+}
+
+#define BULK_DEPTH_BYTES (2u << 20) /* requested ahead: bounds what a fault may wait behind */
+#define BULK_RUN_BYTES (1u << 20)   /* received before one install */
+
+typedef struct {
+    uint64_t *fifo; /* asked for, in order */
+    size_t head, count, cap;
+    uint64_t *run; /* received, not yet installed: indexes of buf's chunks */
+    size_t nrun, run_cap;
+    uint8_t *buf, *stage;
+} bulk_t;
+
+/* Install the received run (then keep it in the host's cache, outside the engine lock). */
+static void bulk_flush(Engine *e, bulk_t *b)
+{
+    struct chan *c = e->chan;
+    if (b->nrun == 0)
+        return;
+    chan_install_run(e, b->run, b->nrun, b->buf, KIND_BACKGROUND, 1);
+    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    for (size_t i = 0; cache && i < b->nrun; i++)
+        cache_fill(cache, c->digests + b->run[i] * 32, b->buf + i * c->chunk_size,
+                   (uint32_t)chunk_len_of(c, b->run[i]));
+    b->nrun = 0;
+}
+
+/* Ask for more while less than the depth is on its way; returns -1 if the request fails,
+ * else how many chunks were asked for. */
+static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
+{
+    struct chan *c = e->chan;
+    size_t room = b->cap - b->count;
+    if (room < b->cap / 2 && b->count > 0)
+        return 0; /* ask in batches of at least half the depth */
+    uint64_t want[CHAN_MAX_REQ];
+    size_t n = chan_next_bulk(e, want, room < CHAN_MAX_REQ ? room : CHAN_MAX_REQ);
+    n = chan_bulk_from_cache(e, want, n, b->stage, deferred); /* buf may hold a run */
+    if (n == 0)
+        return 0;
+    if (chan_send_batch(c->bulk_fd, want, n) < 0)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        b->fifo[(b->head + b->count + i) % b->cap] = want[i];
+    b->count += n;
+    return (int)n;
+}
+
 static void *chan_bulk_thread(void *arg)
 {
     Engine *e = arg;
-    lower_priority();
+    bulk_priority();
     struct chan *c = e->chan;
-    size_t cap = c->nchunks ? c->nchunks : 1;
-    uint64_t *want = malloc(cap * sizeof(uint64_t));
-    uint8_t *buf = malloc(2 * c->chunk_size + 4096), *stage = malloc(c->chunk_size);
+    bulk_t b = {0};
+    b.cap = BULK_DEPTH_BYTES / c->chunk_size;
+    b.cap = b.cap < 2 ? 2 : b.cap > CHAN_MAX_REQ ? CHAN_MAX_REQ : b.cap;
+    b.run_cap = BULK_RUN_BYTES / c->chunk_size;
+    b.run_cap = b.run_cap < 1 ? 1 : b.run_cap;
+    b.fifo = malloc(b.cap * sizeof(uint64_t));
+    b.run = malloc(b.run_cap * sizeof(uint64_t));
+    /* one more chunk of room: a packed answer is read just past the slot it unpacks into */
+    b.buf = malloc((b.run_cap + 1) * c->chunk_size + 4096);
+    b.stage = malloc(c->chunk_size);
     const char *why = NULL;
-    while (want && buf && stage && c->up && e->state == E_RUNNING && !why) {
-        size_t n = chan_wanted(e, want, cap), deferred = 0;
-        if (n == 0)
+    size_t idle_passes = 0, sent_this_pass = 0;
+    while (b.fifo && b.run && b.buf && b.stage && c->up && e->state == E_RUNNING && !why) {
+        size_t deferred = 0;
+        int asked = b.count < b.cap ? bulk_top_up(e, &b, &deferred) : 0;
+        if (asked < 0) {
+            why = "bulk request failed";
             break;
-        n = chan_bulk_from_cache(e, want, n, buf, &deferred);
-        if (n == 0) {
-            /* every chunk left is on its way to another session: it will land in the cache */
-            struct timespec ts = {0, 20 * 1000000};
-            if (deferred)
-                nanosleep(&ts, NULL);
+        }
+        sent_this_pass += (size_t)asked;
+        if (b.count == 0) {
+            pthread_mutex_lock(&e->lock);
+            int pass_over = c->bulk_cursor >= c->nchunks, done = all_done(e);
+            if (pass_over)
+                c->bulk_cursor = 0; /* go round again for what was on its way or deferred */
+            pthread_mutex_unlock(&e->lock);
+            if (done)
+                break;
+            if (pass_over) {
+                idle_passes = sent_this_pass ? 0 : idle_passes + 1;
+                sent_this_pass = 0;
+                if (idle_passes) { /* only urgent answers are owed: let them land */
+                    struct timespec ts = {0, 2 * 1000000};
+                    nanosleep(&ts, NULL);
+                }
+            }
             continue;
         }
-        size_t sent = 0, got = 0;
-        /* two batches ahead, so the source never waits for the next request */
-        while (sent < n && sent < 2 * BULK_BATCH) {
-            size_t k = n - sent < BULK_BATCH ? n - sent : BULK_BATCH;
-            if (chan_send_batch(c->bulk_fd, want + sent, k) < 0)
-                why = "bulk request failed";
-            sent += k;
+        uint64_t len = 0;
+        uint64_t expect = b.fifo[b.head];
+        int64_t index = chan_receive(c, c->bulk_fd, b.buf + b.nrun * c->chunk_size, b.stage,
+                                     &len, &why);
+        if (index < 0)
+            break;
+        if ((uint64_t)index != expect) {
+            why = "bulk answer out of order";
+            break;
         }
-        while (got < sent && !why && c->up) {
-            uint64_t len = 0;
-            int64_t index = chan_receive(c, c->bulk_fd, buf, stage, &len, &why);
-            if (index < 0)
-                break;
-            if ((uint64_t)index != want[got]) {
-                why = "bulk answer out of order";
-                break;
-            }
-            got++;
-            __atomic_add_fetch(&c->chunks_bulk, 1, __ATOMIC_RELAXED);
-            cache_fill(c->cache, c->digests + index * 32, buf, (uint32_t)len);
-            chan_install(e, (uint64_t)index, buf, len, KIND_BACKGROUND);
-            if (got % BULK_BATCH == 0 && sent < n) {
-                size_t k = n - sent < BULK_BATCH ? n - sent : BULK_BATCH;
-                if (chan_send_batch(c->bulk_fd, want + sent, k) < 0)
-                    why = "bulk request failed";
-                sent += k;
-            }
-        }
+        b.head = (b.head + 1) % b.cap;
+        b.count--;
+        __atomic_add_fetch(&c->chunks_bulk, 1, __ATOMIC_RELAXED);
+        b.run[b.nrun++] = (uint64_t)index;
+        int next_follows = b.count > 0 && b.fifo[b.head] == (uint64_t)index + 1;
+        if (b.nrun == b.run_cap || !next_follows || !readable_now(c->bulk_fd))
+            bulk_flush(e, &b);
     }
+    bulk_flush(e, &b);
     if (why)
         chan_fail(e, why);
-    free(want);
-    free(buf);
-    free(stage);
+    free(b.fifo);
+    free(b.run);
+    free(b.buf);
+    free(b.stage);
     return NULL;
 }
 
@@ -2131,6 +2291,8 @@ static void chan_free(Engine *e)
     free(c->fast);
     free(c->asked);
     free(c->hitbuf);
+    free(c->outbox);
+    free(c->sendbuf);
     Py_XDECREF((PyObject *)c->cache);
     free(c);
     e->chan = NULL;
@@ -2197,6 +2359,8 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     memcpy(c->digests, dg.buf, (size_t)dg.len);
     c->asked = calloc(nchunks + 1, 1);
     c->hitbuf = malloc(cs);
+    c->outbox = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
+    c->sendbuf = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
     if (fd.buf && fd.len) {
         c->fast = malloc((size_t)fd.len);
         memcpy(c->fast, fd.buf, (size_t)fd.len);
@@ -2745,7 +2909,7 @@ static void *conn_thread(void *arg)
     if (write_full(c->fd, &reply, sizeof reply) == 0 && ex) {
         int one = 1;
         if ((hello.kind & 0xff) == 2)
-            setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+            bulk_priority();
         setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         for (;;) {
             uint32_t head[2];

@@ -138,6 +138,9 @@ def test_corrupted_cache_entry_is_caught_by_its_digest(image) -> None:
     t.start()
     t.join(10)
     assert seen == [data[victim * CHUNK : (victim + 1) * CHUNK]]
+    deadline = time.monotonic() + 10  # the refetched chunk is cached after it is installed
+    while cache.stats()["fills"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
     stats = cache.stats()
     assert stats["corrupt"] == 1 and stats["fills"] >= 2  # refetched and cached again
     eng.close()
