@@ -133,6 +133,22 @@ def test_agents_use_the_native_channel_on_plain_links(tmp_path: Path, image) -> 
         stop_pair(p)
 
 
+def test_random_touch_during_bulk_fetches_each_chunk_once(tmp_path: Path, image) -> None:
+    """A fault on a chunk already on the bulk connection waits for it, and the bulk pass
+    skips what faults brought: bytes received stay within 5% of the data pages."""
+    p = start_pair(tmp_path)
+    try:
+        img = image(32 * MiB, seed=3)
+        exported = publish(p, img)
+        seen, status = restore(p, img, "--threads", "2", "--order", "random")
+        assert seen["verified"] and status["state"] == "completed"
+        assert status["transport"] == "native" and status["faults"]["remote"] > 0
+        data_bytes = (exported["pages"] - exported["zero_pages"]) * exported["page_size"]
+        assert data_bytes <= status["bytes_received"] <= 1.05 * data_bytes
+    finally:
+        stop_pair(p)
+
+
 def test_agents_without_the_native_channel_use_grpc(tmp_path: Path, image) -> None:
     p = start_pair(tmp_path, extra_src=["--no-native-channel"])
     try:
