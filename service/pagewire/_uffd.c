@@ -3006,8 +3006,12 @@ static int DataServer_init(DataServer *s, PyObject *args, PyObject *kw)
     setsockopt(s->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (s->listen_fd < 0 || bind(s->listen_fd, res->ai_addr, res->ai_addrlen) < 0 ||
         listen(s->listen_fd, 64) < 0) {
+        int err = errno;
         freeaddrinfo(res);
-        PyErr_SetFromErrno(PyExc_OSError);
+        if (s->listen_fd >= 0)
+            close(s->listen_fd);
+        PyErr_Format(PyExc_OSError, "native data channel: cannot listen on %s:%d (--data-port): %s",
+                     host, port, err == EADDRINUSE ? "address already in use" : strerror(err));
         return -1;
     }
     freeaddrinfo(res);

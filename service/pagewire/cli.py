@@ -77,8 +77,8 @@ AGENT_FLAGS: list[tuple[str, dict[str, object]]] = [
         "--data-port",
         {
             "type": int,
-            "help": "TCP port of the native data channel, 0 for any "
-            "(PAGEWIRE_DATA_PORT); offered on plain-text links only",
+            "help": "TCP port of the native data channel (PAGEWIRE_DATA_PORT, default 7072, "
+            "0 for any); peers dial it on the host they dialled for gRPC",
         },
     ),
     (

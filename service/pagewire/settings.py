@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     native_channel: bool = True
     cache_bytes: int = Field(default=256 << 20, ge=0)
     cache_idle_s: float = Field(default=30.0, ge=0)
-    data_port: int = Field(default=0, ge=0, le=65535)
+    data_port: int = Field(default=7072, ge=0, le=65535)
     chunk_size: int = Field(default=64 << 10, ge=4096, le=4 << 20)
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
     shutdown_policy: Literal["fail", "handover"] = "fail"

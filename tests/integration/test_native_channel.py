@@ -208,3 +208,25 @@ def test_a_wrong_fast_digest_is_a_digest_failure(image) -> None:
     os.close(efd)
     os.close(uffd)
     _uffd.munmap(base, size)
+
+
+def test_the_data_channel_listens_on_the_configured_port(tmp_path: Path, image) -> None:
+    """--data-port fixes the port (PAGEWIRE_DATA_PORT, default 7072), so a DaemonSet can
+    publish it; the destination dials it on the host it dialled for gRPC."""
+    from pagewire.settings import Settings
+
+    assert Settings().data_port == 7072
+    assert Settings(_env_file=None, **{"data_port": 7999}).data_port == 7999
+    p = start_pair(tmp_path, isolated=False)  # this process dials the channel itself
+    try:
+        port = p.source.data_port
+        with socket.create_connection((p.source.host, port), timeout=5) as conn:
+            conn.sendall(b"PWDATA01" + bytes(16) + struct.pack("<II", 1, 0))
+            reply = conn.recv(8, socket.MSG_WAITALL)
+        assert reply == b"PWOK" + struct.pack("<I", 3)  # an unknown token is refused
+        img = image(4 * MiB)
+        publish(p, img)
+        seen, status = restore(p, img)
+        assert seen["verified"] and status["transport"] == "native"
+    finally:
+        stop_pair(p)
