@@ -783,6 +783,10 @@ typedef struct {
     uint64_t ev_remove, ev_unmap, ev_remap, ev_fork, copy_eagain, faults_unknown, pages_eexist;
     hist_t hist[NRES];
     struct chan *chan; /* native data channel to the source, if negotiated */
+    /* working-set record: image chunks (of ws_unit bytes) in first-touch order */
+    uint64_t ws_unit, ws_chunks, ws_len;
+    uint8_t *ws_seen;
+    uint64_t *ws_order;
 } Engine;
 
 static PyObject *UffdError;
@@ -1054,10 +1058,28 @@ static void chan_start_threads(Engine *e);
 
 /* Decide one fault from current state. Returns 1 if resolved, 0 if it must
  * be retried after events are drained, -1 if it now waits for Python. */
+/* Remember the chunk holding image offset off, once, in first-touch order. */
+static void record_offset(Engine *e, uint64_t off)
+{
+    if (!e->ws_seen)
+        return;
+    uint64_t k = off / e->ws_unit;
+    if (k < e->ws_chunks && !e->ws_seen[k]) {
+        e->ws_seen[k] = 1;
+        e->ws_order[e->ws_len++] = k;
+    }
+}
+
+static void record_touch(Engine *e, region_t *r, uint64_t p)
+{
+    record_offset(e, r->offset + p * r->page_size);
+}
+
 static int decide_fault(Engine *e, int ri, uint64_t p, uint64_t t0)
 {
     region_t *r = &e->regions[ri];
     int st = r->state[p] & ST_MASK;
+    record_touch(e, r, p);
     uint64_t done;
     int rc;
     switch (st) {
@@ -1627,6 +1649,8 @@ static void Engine_dealloc(Engine *e)
     chan_stop(e);
     join_thread(e);
     chan_free(e);
+    free(e->ws_seen);
+    free(e->ws_order);
     if (e->regions || e->uffd >= 0)
         pthread_mutex_destroy(&e->lock);
     Engine_release(e);
@@ -1655,7 +1679,7 @@ static uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data
                                     int kind, int wait)
 {
     uint64_t installed = 0;
-    for (int i = 0; i < e->nregions && e->state == E_RUNNING; i++) {
+    for (int i = 0; i < e->nregions && e->state <= E_RUNNING; i++) {
         region_t *r = &e->regions[i];
         uint64_t lo = off > r->offset ? off : r->offset;
         uint64_t hi = off + len < r->offset + r->size ? off + len : r->offset + r->size;
@@ -1664,7 +1688,7 @@ static uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data
         uint64_t p = (lo - r->offset + r->page_size - 1) / r->page_size;
         uint64_t pend = (hi - r->offset) / r->page_size;
         int tries = 0;
-        while (p < pend && e->state == E_RUNNING) {
+        while (p < pend && e->state <= E_RUNNING) {
             int st = r->state[p] & ST_MASK;
             if (st != ST_MISSING && st != ST_REQUESTED) {
                 p++;
@@ -1721,6 +1745,8 @@ struct chan {
     uint64_t *outbox, *sendbuf;
     uint32_t nout;
     uint64_t bulk_cursor; /* next chunk the bulk pass looks at: one linear pass */
+    uint64_t *ws;          /* a recorded working set, asked for first in one burst */
+    uint64_t nws, ws_pos;
     uint64_t chunks_waited; /* faults that waited for a chunk already on its way */
 };
 
@@ -1865,6 +1891,7 @@ static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
         if (!c->asked[k] && (k == chunk || chunk_missing(e, c, k))) {
             c->outbox[c->nout++] = k;
             c->asked[k] = ASK_URGENT;
+            record_offset(e, k * c->chunk_size); /* fault-around: the touch it predicts */
             n++;
         }
     }
@@ -2074,6 +2101,17 @@ static size_t chan_next_bulk(Engine *e, uint64_t *out, size_t max)
     struct chan *c = e->chan;
     size_t n = 0;
     pthread_mutex_lock(&e->lock);
+    for (; n < max && c->ws_pos < c->nws; c->ws_pos++) {
+        uint64_t k = c->ws[c->ws_pos];
+        if (k < c->nchunks && !c->asked[k] && chunk_missing(e, c, k)) {
+            c->asked[k] = ASK_BULK;
+            out[n++] = k;
+        }
+    }
+    if (!c->background) { /* only the working set comes this way */
+        pthread_mutex_unlock(&e->lock);
+        return n;
+    }
     for (uint64_t seen = 0; n < max && seen < BULK_SCAN && c->bulk_cursor < c->nchunks; seen++) {
         uint64_t k = c->bulk_cursor++;
         if (!c->asked[k] && chunk_missing(e, c, k)) {
@@ -2147,7 +2185,7 @@ static int readable_now(int fd)
 
 typedef struct {
     uint64_t *fifo; /* asked for, in order */
-    size_t head, count, cap;
+    size_t head, count, cap, depth;
     uint64_t *run; /* received, not yet installed: indexes of buf's chunks */
     size_t nrun, run_cap;
     uint8_t *buf, *stage;
@@ -2172,8 +2210,11 @@ static void bulk_flush(Engine *e, bulk_t *b)
 static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
 {
     struct chan *c = e->chan;
-    size_t room = b->cap - b->count;
-    if (room < b->cap / 2 && b->count > 0)
+    size_t limit = c->ws_pos < c->nws ? b->cap : b->depth; /* the working set: one burst */
+    if (b->count >= limit)
+        return 0;
+    size_t room = limit - b->count;
+    if (room < limit / 2 && b->count > 0)
         return 0; /* ask in batches of at least half the depth */
     uint64_t want[CHAN_MAX_REQ];
     size_t n = chan_next_bulk(e, want, room < CHAN_MAX_REQ ? room : CHAN_MAX_REQ);
@@ -2194,8 +2235,9 @@ static void *chan_bulk_thread(void *arg)
     bulk_priority();
     struct chan *c = e->chan;
     bulk_t b = {0};
-    b.cap = BULK_DEPTH_BYTES / c->chunk_size;
-    b.cap = b.cap < 2 ? 2 : b.cap > CHAN_MAX_REQ ? CHAN_MAX_REQ : b.cap;
+    b.depth = BULK_DEPTH_BYTES / c->chunk_size;
+    b.depth = b.depth < 2 ? 2 : b.depth > CHAN_MAX_REQ ? CHAN_MAX_REQ : b.depth;
+    b.cap = c->nws > b.depth ? (c->nws > CHAN_MAX_REQ ? CHAN_MAX_REQ : c->nws) : b.depth;
     b.run_cap = BULK_RUN_BYTES / c->chunk_size;
     b.run_cap = b.run_cap < 1 ? 1 : b.run_cap;
     b.fifo = malloc(b.cap * sizeof(uint64_t));
@@ -2207,7 +2249,7 @@ static void *chan_bulk_thread(void *arg)
     size_t idle_passes = 0, sent_this_pass = 0;
     while (b.fifo && b.run && b.buf && b.stage && c->up && e->state == E_RUNNING && !why) {
         size_t deferred = 0;
-        int asked = b.count < b.cap ? bulk_top_up(e, &b, &deferred) : 0;
+        int asked = bulk_top_up(e, &b, &deferred);
         if (asked < 0) {
             why = "bulk request failed";
             break;
@@ -2216,6 +2258,8 @@ static void *chan_bulk_thread(void *arg)
         if (b.count == 0) {
             pthread_mutex_lock(&e->lock);
             int pass_over = c->bulk_cursor >= c->nchunks, done = all_done(e);
+            if (!c->background && c->ws_pos >= c->nws)
+                done = 1; /* the working set is in: faults take the urgent way */
             if (pass_over)
                 c->bulk_cursor = 0; /* go round again for what was on its way or deferred */
             pthread_mutex_unlock(&e->lock);
@@ -2293,6 +2337,7 @@ static void chan_free(Engine *e)
     free(c->hitbuf);
     free(c->outbox);
     free(c->sendbuf);
+    free(c->ws);
     Py_XDECREF((PyObject *)c->cache);
     free(c);
     e->chan = NULL;
@@ -2305,7 +2350,7 @@ static void chan_start_threads(Engine *e)
     if (!c || c->urx_started)
         return;
     c->urx_started = pthread_create(&c->urx, NULL, chan_urgent_thread, e) == 0;
-    if (c->background)
+    if (c->background || c->nws)
         c->bulk_started = pthread_create(&c->bulk, NULL, chan_bulk_thread, e) == 0;
 }
 
@@ -2313,15 +2358,15 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"host",     "port",    "token",      "chunk_size",  "export_size",
                              "export_page_size", "zero_map", "digests", "background",
-                             "compression", "cache", "fast_digests", NULL};
+                             "compression", "cache", "fast_digests", "working_set", NULL};
     const char *host;
     int port, background = 1, compression = 0;
     PyObject *cache_obj = Py_None;
-    Py_buffer tok, zm, dg, fd = {0};
+    Py_buffer tok, zm, dg, fd = {0}, ws = {0};
     unsigned long long cs, size, eps;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppOz*", kwlist, &host, &port, &tok,
-                                     &cs, &size, &eps, &zm, &dg, &background, &compression,
-                                     &cache_obj, &fd))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppOz*z*", kwlist, &host, &port,
+                                     &tok, &cs, &size, &eps, &zm, &dg, &background, &compression,
+                                     &cache_obj, &fd, &ws))
         return NULL;
     PyObject *result = NULL;
     uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
@@ -2331,7 +2376,7 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     }
     if (e->chan || e->state > E_RUNNING || tok.len != 16 || eps == 0 || cs % eps ||
         size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32 ||
-        (fd.buf && (uint64_t)fd.len != nchunks * 16)) {
+        (fd.buf && (uint64_t)fd.len != nchunks * 16) || (ws.buf && ws.len % 8)) {
         PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
         goto out;
     }
@@ -2339,10 +2384,11 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     uint8_t token[16];
     memcpy(token, tok.buf, 16);
     uint32_t zflag = compression && zstd_compress_fn ? CHAN_ZSTD : 0;
+    int want_bulk = background || (ws.buf && ws.len > 0);
     Py_BEGIN_ALLOW_THREADS ufd = chan_connect(host, port, token, 1 | zflag);
-    if (ufd >= 0 && background)
+    if (ufd >= 0 && want_bulk)
         bfd = chan_connect(host, port, token, 2 | zflag);
-    Py_END_ALLOW_THREADS if (ufd < 0 || (background && bfd < 0))
+    Py_END_ALLOW_THREADS if (ufd < 0 || (want_bulk && bfd < 0))
     {
         if (ufd >= 0)
             close(ufd);
@@ -2365,6 +2411,11 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         c->fast = malloc((size_t)fd.len);
         memcpy(c->fast, fd.buf, (size_t)fd.len);
     }
+    if (ws.buf && ws.len) {
+        c->nws = (uint64_t)ws.len / 8;
+        c->ws = malloc((size_t)ws.len);
+        memcpy(c->ws, ws.buf, (size_t)ws.len);
+    }
     if (cache_obj != Py_None) {
         Py_INCREF(cache_obj);
         c->cache = (ChunkCache *)cache_obj;
@@ -2383,6 +2434,8 @@ out:
     PyBuffer_Release(&dg);
     if (fd.buf)
         PyBuffer_Release(&fd);
+    if (ws.buf)
+        PyBuffer_Release(&ws);
     return result;
 }
 
@@ -2417,6 +2470,49 @@ static PyObject *Engine_get_channel(Engine *e, void *unused)
     return d;
 }
 
+/* Start recording the chunks (of unit bytes, over an image of size bytes) the workload
+ * touches, in first-touch order; both transports. */
+static PyObject *Engine_record_working_set(Engine *e, PyObject *args)
+{
+    unsigned long long unit, size;
+    if (!PyArg_ParseTuple(args, "KK", &unit, &size))
+        return NULL;
+    uint64_t n = unit ? (size + unit - 1) / unit : 0;
+    if (unit == 0 || n == 0 || n > (1ULL << 32))
+        return PyErr_Format(PyExc_ValueError, "bad working-set geometry");
+    uint8_t *seen = calloc(n, 1);
+    uint64_t *order = malloc(n * sizeof(uint64_t));
+    if (!seen || !order) {
+        free(seen);
+        free(order);
+        return PyErr_NoMemory();
+    }
+    pthread_mutex_lock(&e->lock);
+    free(e->ws_seen);
+    free(e->ws_order);
+    e->ws_seen = seen, e->ws_order = order;
+    e->ws_unit = unit, e->ws_chunks = n, e->ws_len = 0;
+    pthread_mutex_unlock(&e->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_working_set(Engine *e, PyObject *unused)
+{
+    pthread_mutex_lock(&e->lock);
+    size_t n = e->ws_order ? e->ws_len : 0;
+    uint64_t *copy = malloc((n ? n : 1) * sizeof(uint64_t));
+    if (copy && n)
+        memcpy(copy, e->ws_order, n * sizeof(uint64_t));
+    pthread_mutex_unlock(&e->lock);
+    if (!copy)
+        return PyErr_NoMemory();
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list && i < n; i++)
+        PyList_SET_ITEM(list, (Py_ssize_t)i, PyLong_FromUnsignedLongLong(copy[i]));
+    free(copy);
+    return list;
+}
+
 static PyObject *Engine_install(Engine *e, PyObject *args)
 {
     unsigned long long off;
@@ -2432,7 +2528,7 @@ static PyObject *Engine_install(Engine *e, PyObject *args)
     uint64_t installed = 0;
     int notify = 0;
     Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&e->lock);
-    if (e->state == E_RUNNING && e->regions) {
+    if (e->state <= E_RUNNING && e->regions) { /* before start too: a staged working set */
         installed = install_image_range(e, off, data.buf, (uint64_t)data.len, kind, 1);
         settle_pending(e);
         notify = all_done(e) || e->state != E_RUNNING;
@@ -2703,6 +2799,10 @@ static PyMethodDef Engine_methods[] = {
     {"fail", (PyCFunction)Engine_fail, METH_VARARGS, "Fail the session (optionally poison)."},
     {"close_uffd", (PyCFunction)Engine_close_uffd, METH_NOARGS, "Stop and close without unregistering."},
     {"wake_all", (PyCFunction)Engine_wake_all, METH_NOARGS, "UFFDIO_WAKE every region."},
+    {"record_working_set", (PyCFunction)Engine_record_working_set, METH_VARARGS,
+     "record_working_set(chunk_size, image_size): record first-touched chunks."},
+    {"working_set", (PyCFunction)Engine_working_set, METH_NOARGS,
+     "The chunks touched so far, in first-touch order."},
     {"wanted_chunks", (PyCFunction)Engine_wanted_chunks, METH_VARARGS,
      "Bitmap of chunks still holding missing data pages."},
     {"reconcile_pagemap", (PyCFunction)Engine_reconcile_pagemap, METH_O,

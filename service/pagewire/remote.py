@@ -11,6 +11,7 @@ again for what was in flight; after pause_timeout_s the on_source_lost policy ap
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
@@ -83,6 +84,12 @@ class RemoteSource:
         self.unit_chunks = 1
         self.assembling: dict[int, dict[int, bytes]] = {}
         self.session: Session | None = None
+        # the session's engine, kept until stop() so its working-set record can be read
+        self.recorder: _uffd.Engine | None = None
+        # a recorded working set fetched between session creation and attach, installed
+        # before the engine serves its first fault (kept in the host's bounded cache)
+        self.staging: asyncio.Task[None] | None = None
+        self.staged: list[int] = []
         self.urgent_stream: UrgentStream | None = None
         self.inflight: set[int] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -115,6 +122,8 @@ class RemoteSource:
         """At session creation: join the image's sessions, and ask the peer for a native
         data channel before any workload attaches."""
         self._join_image()
+        if self._replay() and self.host_cache is not None:
+            self.staging = asyncio.ensure_future(self._stage_working_set())
         if not self.native:
             return
         try:
@@ -130,6 +139,10 @@ class RemoteSource:
         page = max((r.page_size for r in regions), default=0)
         self.unit_chunks = max(1, page // self.remote.chunk_size)
         engine = session.engine
+        if engine is not None:  # first-touched chunks, whichever transport brings them
+            engine.record_working_set(self.remote.chunk_size, self.remote.size)
+            self.recorder = engine
+            self._install_staged(engine)
         if self.grant is None or self.unit_chunks > 1 or engine is None:
             return
         cache = self.cache
@@ -149,6 +162,7 @@ class RemoteSource:
                 background=self.background,
                 compression=self.compression == "zstd",
                 fast_digests=b"".join(r.fast_digests) or None,
+                working_set=self._replay().tobytes() or None,
             )
         except (OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())
@@ -179,10 +193,50 @@ class RemoteSource:
             for source in peers:
                 source.share_cache()
 
+    async def _stage_working_set(self) -> None:
+        """Fetch the recorded working set into the host's cache before the workload
+        attaches (it fills what the cache may hold; the rest comes after attach)."""
+        cache, r = self.host_cache, self.remote
+        assert cache is not None
+        chunks = [c for c in self._replay() if not r.chunk_is_zero(c)]
+        stream = self._urgent()
+
+        async def part(indexes: list[int]) -> None:
+            got = await stream.fetch(indexes)
+            for index in indexes:  # kept as each part lands: attach may come any time
+                cache.put(r.digests[index], got[index])
+                self.staged.append(index)
+
+        try:
+            await asyncio.gather(*(part(chunks[i : i + 16]) for i in range(0, len(chunks), 16)))
+        except PeerError as exc:
+            log.info("working set not staged: %s", exc, extra=self._log_extra())
+
+    def _install_staged(self, engine: _uffd.Engine) -> None:
+        """Before the engine starts: install the staged working set in one burst."""
+        if self.staging is not None:
+            self.staging.cancel()
+            self.staging = None
+        cache, r = self.host_cache, self.remote
+        staged, self.staged = self.staged, []
+        if cache is None:
+            return
+        for index in staged:
+            data = cache.get(r.digests[index], r.chunk_len(index))
+            if data is not None:
+                engine.install(index * r.chunk_size, data, _uffd.PREFETCH)
+
+    def _replay(self) -> array.array[int]:
+        """The recorded working set to install first (prefetch "working_set")."""
+        if self.prefetch != "working_set":
+            return array.array("Q")
+        return array.array("Q", (c for c in self.remote.working_set if c < self.remote.chunks))
+
     async def start(self, session: Session) -> None:
         self.session = session
-        if self.prefetch == "working_set" and self.remote.working_set:
-            self._spawn(self._fetch(list(self.remote.working_set), _uffd.PREFETCH))
+        replay = self._replay()
+        if replay and not self.on_channel:  # the native channel asks for it itself
+            self._spawn(self._fetch(list(replay), _uffd.PREFETCH))
         if self.background and not self.on_channel:
             self._spawn(self._bulk())
 
@@ -385,7 +439,26 @@ class RemoteSource:
             session.paused_since = None
             log.info("source reachable again, session resumed", extra=self._log_extra())
 
+    async def _upload_working_set(self) -> None:
+        """A completed session leaves its first-touch record with the export, for the next
+        session with prefetch "working_set"."""
+        recorder, self.recorder = self.recorder, None
+        session = self.session
+        if recorder is None or session is None or session.state != "completed":
+            return
+        # what was replayed stays (faults there were few because it was replayed)
+        chunks = list(dict.fromkeys([*self._replay(), *recorder.working_set()]))
+        if not chunks:
+            return
+        try:
+            await self.client.upload_working_set(self.remote.name, chunks)
+        except PeerError as exc:
+            log.info("working set not uploaded: %s", exc, extra=self._log_extra())
+
     async def stop(self) -> None:
+        if self.staging is not None:
+            self.staging.cancel()
+        await self._upload_working_set()
         self.stopped = True
         peers = SAME_IMAGE.get(self.image_key, set())
         peers.discard(self)

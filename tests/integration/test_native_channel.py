@@ -230,3 +230,33 @@ def test_the_data_channel_listens_on_the_configured_port(tmp_path: Path, image) 
         assert seen["verified"] and status["transport"] == "native"
     finally:
         stop_pair(p)
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-native-channel"]], ids=["native", "grpc"])
+def test_working_set_is_recorded_uploaded_and_replayed(
+    tmp_path: Path, image, extra: list[str]
+) -> None:
+    """A completed session leaves its first-touched chunks with the export; a later session
+    with prefetch "working_set" gets them first and faults on fewer pages."""
+    import json
+
+    p = start_pair(tmp_path, extra_src=extra, extra_dst=extra)
+    try:
+        img = image(16 * MiB, seed=8)
+        publish(p, img)
+        seen, first = restore(p, img, "--threads", "2", "--order", "random", background=False)
+        assert seen["verified"] and first["state"] == "completed"
+        record = p.source.workdir / "state" / "exports" / "img.json"
+        deadline = time.monotonic() + 10
+        while not json.loads(record.read_text())["working_set"]:
+            assert time.monotonic() < deadline, "no working set uploaded"
+            time.sleep(0.02)
+        recorded = json.loads(record.read_text())["working_set"]
+        assert len(recorded) == len(set(recorded)) > 0
+        seen, second = restore(
+            p, img, "--threads", "2", "--order", "random", background=False, prefetch="working_set"
+        )
+        assert seen["verified"] and second["state"] == "completed"
+        assert second["faults"]["remote"] < first["faults"]["remote"] / 4
+    finally:
+        stop_pair(p)
