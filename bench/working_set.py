@@ -65,6 +65,7 @@ def restore_once(
         "faults_remote": status["faults"]["remote"],
         "faults_total": sum(status["faults"].values()),
         "touch_s": seen["touch_s"],
+        "first_touch_us": seen["first_touch_us"],
         "attach_to_complete_s": round(status["completed_at"] - status["attached_at"], 4),
         "bytes_received": status["bytes_received"],
     }
@@ -94,9 +95,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         size = a.image_mib * MiB
         make_image(image, size, seed=21)
         extra = ["--no-native-channel"] if a.transport == "grpc" else []
-        for _ in range(a.runs):
-            source = LocalAgent(work, "source", [roots], extra=extra).start()
-            dest = LocalAgent(work, "destination", [], extra=extra).start()
+        for n in range(a.runs):  # fresh agents each time: the first restore records anew
+            run_dir = work / f"run{n}"
+            source = LocalAgent(run_dir, "source", [roots], extra=extra).start()
+            dest = LocalAgent(run_dir, "destination", [], extra=extra).start()
             try:
                 r = source.request("POST", "/v1/exports", json={"name": "ws", "path": str(image)})
                 if r.status_code != 201:

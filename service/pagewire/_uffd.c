@@ -1747,11 +1747,16 @@ struct chan {
     uint64_t bulk_cursor; /* next chunk the bulk pass looks at: one linear pass */
     uint64_t *ws;          /* a recorded working set, asked for first in one burst */
     uint64_t nws, ws_pos;
+    /* bulk order: a fault waits for a chunk on the bulk connection only if few chunks
+     * are ahead of it there; deeper in a burst, it is asked for urgently */
+    uint32_t *bulk_seq;
+    uint32_t bulk_asked_seq, bulk_done_seq;
     uint64_t chunks_waited; /* faults that waited for a chunk already on its way */
 };
 
 /* c->asked[k]: the chunk is on its way, so a fault there waits for it */
 enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
+#define BULK_WAIT 32 /* chunks ahead on the bulk connection a fault may wait behind */
 
 #define CHAN_STALL_NS (3ULL * 1000000000ULL)
 
@@ -1879,7 +1884,8 @@ static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
     if (chunk >= c->nchunks)
         return 0;
-    if (c->asked[chunk]) {
+    if (c->asked[chunk] == ASK_URGENT || (c->asked[chunk] == ASK_BULK &&
+                                          c->bulk_seq[chunk] - c->bulk_done_seq < BULK_WAIT)) {
         c->chunks_waited++;
         return 1;
     }
@@ -1888,7 +1894,7 @@ static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     for (uint64_t k = chunk; k < c->nchunks && k <= chunk + (ahead > 8 ? 8 : ahead); k++) {
         if (c->nout >= CHAN_MAX_REQ)
             break;
-        if (!c->asked[k] && (k == chunk || chunk_missing(e, c, k))) {
+        if ((k == chunk && c->asked[k] != ASK_URGENT) || (!c->asked[k] && chunk_missing(e, c, k))) {
             c->outbox[c->nout++] = k;
             c->asked[k] = ASK_URGENT;
             record_offset(e, k * c->chunk_size); /* fault-around: the touch it predicts */
@@ -2221,6 +2227,10 @@ static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
     n = chan_bulk_from_cache(e, want, n, b->stage, deferred); /* buf may hold a run */
     if (n == 0)
         return 0;
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < n; i++)
+        c->bulk_seq[want[i]] = ++c->bulk_asked_seq;
+    pthread_mutex_unlock(&e->lock);
     if (chan_send_batch(c->bulk_fd, want, n) < 0)
         return -1;
     for (size_t i = 0; i < n; i++)
@@ -2288,6 +2298,7 @@ static void *chan_bulk_thread(void *arg)
         b.head = (b.head + 1) % b.cap;
         b.count--;
         __atomic_add_fetch(&c->chunks_bulk, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&c->bulk_done_seq, 1, __ATOMIC_RELAXED);
         b.run[b.nrun++] = (uint64_t)index;
         int next_follows = b.count > 0 && b.fifo[b.head] == (uint64_t)index + 1;
         if (b.nrun == b.run_cap || !next_follows || !readable_now(c->bulk_fd))
@@ -2338,6 +2349,7 @@ static void chan_free(Engine *e)
     free(c->outbox);
     free(c->sendbuf);
     free(c->ws);
+    free(c->bulk_seq);
     Py_XDECREF((PyObject *)c->cache);
     free(c);
     e->chan = NULL;
@@ -2406,6 +2418,7 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     c->asked = calloc(nchunks + 1, 1);
     c->hitbuf = malloc(cs);
     c->outbox = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
+    c->bulk_seq = calloc(nchunks + 1, sizeof(uint32_t));
     c->sendbuf = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
     if (fd.buf && fd.len) {
         c->fast = malloc((size_t)fd.len);

@@ -162,7 +162,8 @@ class RemoteSource:
                 background=self.background,
                 compression=self.compression == "zstd",
                 fast_digests=b"".join(r.fast_digests) or None,
-                working_set=self._replay().tobytes() or None,
+                # a staged working set is on its way already over gRPC
+                working_set=None if self.staging else self._replay().tobytes() or None,
             )
         except (OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())
@@ -203,9 +204,13 @@ class RemoteSource:
 
         async def part(indexes: list[int]) -> None:
             got = await stream.fetch(indexes)
-            for index in indexes:  # kept as each part lands: attach may come any time
-                cache.put(r.digests[index], got[index])
-                self.staged.append(index)
+            engine = self.recorder  # attached meanwhile: straight in
+            for index in indexes:
+                if engine is not None and engine.state == "running":
+                    engine.install(index * r.chunk_size, got[index], _uffd.PREFETCH)
+                else:  # kept as each part lands: attach may come any time
+                    cache.put(r.digests[index], got[index])
+                    self.staged.append(index)
 
         try:
             await asyncio.gather(*(part(chunks[i : i + 16]) for i in range(0, len(chunks), 16)))
@@ -213,10 +218,8 @@ class RemoteSource:
             log.info("working set not staged: %s", exc, extra=self._log_extra())
 
     def _install_staged(self, engine: _uffd.Engine) -> None:
-        """Before the engine starts: install the staged working set in one burst."""
-        if self.staging is not None:
-            self.staging.cancel()
-            self.staging = None
+        """Before the engine starts: install the staged working set in one burst (what is
+        still on its way is installed as it lands)."""
         cache, r = self.host_cache, self.remote
         staged, self.staged = self.staged, []
         if cache is None:
