@@ -135,6 +135,9 @@ class RemoteSource:
         """Demand faults and bulk go over the engine's own TCP channel when the peer
         offers one (connected before the engine starts, so no fault goes the slow way);
         gRPC stays the fallback. Huge pages larger than a chunk are gathered in Python."""
+        # before the engine starts: a fault it hands to Python before start() ran must
+        # find its session, or its fetch would be dropped and the page never asked again
+        self.session = session
         regions = session.handoff.regions if session.handoff else []
         page = max((r.page_size for r in regions), default=0)
         self.unit_chunks = max(1, page // self.remote.chunk_size)
