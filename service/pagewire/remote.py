@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _uffd
-from .exports import unpack_bits
+from .exports import pack_bits, unpack_bits
 from .peer_client import PeerClient, PeerError, PeerIntegrityError, RemoteExport, UrgentStream
 
 if TYPE_CHECKING:
@@ -34,6 +34,9 @@ BULK_BATCH_BYTES = 1 << 20
 URGENT_DEADLINE_S = 3.0  # a fault's chunk that takes longer means the peer is in trouble
 BULK_IDLE_S = 5.0  # a bulk stream silent this long is dead (keepalive backs this up)
 CLAIM_WINDOW = 128  # chunks one session claims at a time, so sessions spread over an image
+# chunks one Bulk stream asks for: the want map is taken again after each, so chunks that
+# faults brought meanwhile are not fetched twice (bytes received stay near the data pages)
+BULK_WINDOW = 256
 WINDOW_BYTES = 4 << 20  # what one session may have in flight (reserved at admission)
 
 # the active remote sources of this agent, by image: who could share chunks
@@ -353,7 +356,7 @@ class RemoteSource:
         engine = self._engine()
         while engine is not None and engine.state == "running":
             want, deferred = self._want_from_cache(
-                engine.wanted_chunks(self.remote.chunk_size, self.remote.size)
+                self._bulk_window(engine.wanted_chunks(self.remote.chunk_size, self.remote.size))
             )
             if not any(want):
                 if not deferred:
@@ -375,6 +378,19 @@ class RemoteSource:
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
             engine = self._engine()
+
+    def _bulk_window(self, want: bytes) -> bytes:
+        """The next BULK_WINDOW wanted chunks, less those an urgent fetch is bringing."""
+        flags = bytearray(unpack_bits(want, self.remote.chunks))
+        for index in self.inflight:
+            flags[index] = 0
+        kept, index = 0, flags.find(1)
+        while index >= 0 and kept < BULK_WINDOW:
+            kept += 1
+            index = flags.find(1, index + 1)
+        if index >= 0:
+            flags[index:] = bytes(len(flags) - index)
+        return pack_bits(bytes(flags))
 
     def _want_from_cache(self, want: bytes) -> tuple[bytes, int]:
         """The want bitmap less what the host's cache installs right away and what another

@@ -133,18 +133,25 @@ def test_agents_use_the_native_channel_on_plain_links(tmp_path: Path, image) -> 
         stop_pair(p)
 
 
-def test_random_touch_during_bulk_fetches_each_chunk_once(tmp_path: Path, image) -> None:
+@pytest.mark.parametrize("extra", [[], ["--no-native-channel"]], ids=["native", "grpc"])
+def test_random_touch_during_bulk_fetches_each_chunk_once(
+    tmp_path: Path, image, extra: list[str]
+) -> None:
     """A fault on a chunk already on the bulk connection waits for it, and the bulk pass
     skips what faults brought: bytes received stay within 5% of the data pages."""
-    p = start_pair(tmp_path)
+    p = start_pair(tmp_path, extra_src=extra, extra_dst=extra)
     try:
         img = image(32 * MiB, seed=3)
         exported = publish(p, img)
         seen, status = restore(p, img, "--threads", "2", "--order", "random")
         assert seen["verified"] and status["state"] == "completed"
-        assert status["transport"] == "native" and status["faults"]["remote"] > 0
+        assert status["transport"] == ("grpc" if extra else "native")
+        assert status["faults"]["remote"] > 0
         data_bytes = (exported["pages"] - exported["zero_pages"]) * exported["page_size"]
-        assert data_bytes <= status["bytes_received"] <= 1.05 * data_bytes
+        # gRPC: the Bulk stream is taken in windows of BULK_WINDOW chunks; a fault inside
+        # the window in flight is still fetched twice (about 1.1x; the native channel waits)
+        bound = 1.15 if extra else 1.05
+        assert data_bytes <= status["bytes_received"] <= bound * data_bytes
     finally:
         stop_pair(p)
 
