@@ -1756,7 +1756,7 @@ struct chan {
 
 /* c->asked[k]: the chunk is on its way, so a fault there waits for it */
 enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
-#define BULK_WAIT 32 /* chunks ahead on the bulk connection a fault may wait behind */
+#define BULK_WAIT 8 /* chunks ahead on the bulk connection a fault may wait behind */
 
 #define CHAN_STALL_NS (3ULL * 1000000000ULL)
 
@@ -2301,7 +2301,9 @@ static void *chan_bulk_thread(void *arg)
         __atomic_add_fetch(&c->bulk_done_seq, 1, __ATOMIC_RELAXED);
         b.run[b.nrun++] = (uint64_t)index;
         int next_follows = b.count > 0 && b.fifo[b.head] == (uint64_t)index + 1;
-        if (b.nrun == b.run_cap || !next_follows || !readable_now(c->bulk_fd))
+        /* a fault may be waiting for this run: do not hold it back to batch more */
+        int waited = __atomic_load_n(&e->pending.len, __ATOMIC_RELAXED) > 0;
+        if (b.nrun == b.run_cap || !next_follows || waited || !readable_now(c->bulk_fd))
             bulk_flush(e, &b);
     }
     bulk_flush(e, &b);
