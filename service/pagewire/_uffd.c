@@ -1756,7 +1756,7 @@ struct chan {
 
 /* c->asked[k]: the chunk is on its way, so a fault there waits for it */
 enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
-#define BULK_WAIT 8 /* chunks ahead on the bulk connection a fault may wait behind */
+#define BULK_WAIT 32 /* chunks ahead on the bulk connection a fault may wait behind */
 
 #define CHAN_STALL_NS (3ULL * 1000000000ULL)
 
