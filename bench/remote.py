@@ -18,8 +18,14 @@ over ``--runs``:
 The network baselines (``net_baselines.py``) run in the same invocation, and every figure
 is set against issue 8's targets as a ratio. Nothing here asserts on time.
 
+Every measurement runs twice, side by side (``--configs plain,mtls``): agents on plain
+text (the native data channel carries pages) and agents under mTLS (gRPC carries them).
+``--profile`` adds a ``perf record -g`` of both agents during one more restore and reports
+the share of samples in the digest code.
+
 usage: python bench/remote.py [--quick] [--runs 3] [--image-mib 256] [--bulk-mib 256]
-                              [--restore-mib 1024] [--concurrent 16] [--concurrent-mib 32]
+                              [--restore-mib 1024] [--concurrent 16] [--concurrent-mib 256]
+                              [--configs plain,mtls] [--profile]
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 ENDED = ("completed", "failed", "cancelled")
 POLL_S = 0.05
 
-# issue 8, on this machine over loopback
+# issues 8 and 15, on this machine over loopback
 TARGETS = {
     "remote_fault_p50_us_while_bulk": (200.0, "<="),
     "remote_fault_p99_us_while_bulk": (1500.0, "<="),
@@ -53,6 +59,10 @@ TARGETS = {
     "restore_s_per_gib": (0.6, "<="),
     "agent_rss_idle_mib": (80.0, "<="),
     "agent_rss_growth_mib_per_gib": (2.0, "<="),
+    # issue 15
+    "bytes_received_over_data": (1.05, "<="),
+    "verification_cpu_share": (0.10, "<="),
+    "concurrent_p99_over_single": (3.0, "<="),
 }
 
 
@@ -233,6 +243,7 @@ def restore_run(
     require(status["state"] == "completed" and seen.get("verified"), "restore", (status, seen))
     lat = status["fault_latency_seconds"]
     gib = size / GiB
+    data_bytes = (status["pages_total"] - status["pages_zero"]) * (status["page_size"] or 4096)
     return {
         "create_to_complete_s": round(at(status, "completed_at") - at(status, "created_at"), 4),
         "attach_to_complete_s": round(at(status, "completed_at") - at(status, "attached_at"), 4),
@@ -244,6 +255,9 @@ def restore_run(
         "touch_p99_us": seen["p99_us"],
         "faults_remote": status["faults"]["remote"],
         "pages_background": status["pages_background"],
+        "bytes_received": status["bytes_received"],
+        "data_bytes": data_bytes,
+        "bytes_received_over_data": round(status["bytes_received"] / max(data_bytes, 1), 4),
         "agent_rss_before_mib": round(rss_before, 1),
         "agent_rss_growth_mib": round(rss_end - rss_before, 1),
         "agent_rss_end_mib": round(rss_end, 1),
@@ -304,6 +318,79 @@ def concurrent_run(
     }
 
 
+# --- where the CPU goes ----------------------------------------------------------------
+
+VERIFY_SYMBOLS = ("xxh", "sha256", "sha2", "fast_digest", "chan_verify")
+
+
+def perf_shares(data: Path) -> dict[str, Any]:
+    """Share of all samples per symbol (self time) from a perf.data file."""
+    out = subprocess.run(
+        ["perf", "report", "--stdio", "--no-children", "-g", "none", "--sort", "sym", "-i"]
+        + [str(data)],
+        capture_output=True, text=True, timeout=300, check=False,
+    ).stdout  # fmt: skip
+    shares: dict[str, float] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith("%") and parts[1] in ("[.]", "[k]"):
+            name = " ".join(parts[2:])
+            shares[name] = shares.get(name, 0.0) + float(parts[0].rstrip("%")) / 100
+    verify = sum(v for k, v in shares.items() if any(t in k.lower() for t in VERIFY_SYMBOLS))
+    top = sorted(shares.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "verification_share": round(verify, 4),
+        "top": [[k, round(v, 4)] for k, v in top],
+    }
+
+
+def profile_restore(
+    source: LocalAgent, dest: LocalAgent, export: str, image: Path, size: int, work: Path
+) -> dict[str, Any] | None:
+    """perf record -g of both agents during one restore (None without perf)."""
+    if subprocess.run(["which", "perf"], capture_output=True, check=False).returncode != 0:
+        return None
+    data = work / "perf.data"
+    pids = f"{pid_of(dest)},{pid_of(source)}"
+    perf = subprocess.Popen(
+        ["perf", "record", "-g", "-F", "999", "-o", str(data), "-p", pids],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)  # perf attached
+    try:
+        restore = restore_run(source, dest, export, image, size, 2)
+    finally:
+        perf.send_signal(2)
+        perf.wait(60)
+    return {"restore_s": restore["create_to_complete_s"], **perf_shares(data)}
+
+
+DIGEST_RATES = """
+import json, os, time
+from pagewire import _uffd
+chunk, seconds = 64 << 10, 0.5
+data, rates = os.urandom(chunk), {}
+for name, fn in (("xxh3_128", _uffd.xxh128), ("sha256", _uffd.sha256)):
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn(data)
+        n += 1
+    rates[name + "_gbps"] = round(n * chunk / (time.perf_counter() - t0) / 1e9, 3)
+print(json.dumps(rates))
+"""
+
+
+def digest_rates() -> dict[str, float]:
+    """XXH3-128 and SHA-256 over one 64 KiB chunk in a loop, in the installed native
+    module (this process imports the source tree, which has no compiled module)."""
+    out = subprocess.run(
+        [sys.executable, "-c", DIGEST_RATES], cwd="/",
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    rates: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return rates
+
+
 # --- the whole benchmark -------------------------------------------------------------
 
 
@@ -341,84 +428,87 @@ def settle_rss(pid: int, seconds: float = 1.0) -> float:
     return rss_mib(pid)
 
 
-def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
-    started = time.monotonic()
-    if baselines is None:
-        kw = net_baselines.quick_args() if a.quick else {}
-        baselines = net_baselines.run_all(**kw)
-    with tempfile.TemporaryDirectory(prefix="pagewire-bench-remote-") as tmp:
-        work = Path(tmp)
-        roots = work / "roots"
-        roots.mkdir()
-        images = {
-            "latency": (roots / "latency.img", a.image_mib * MiB),
-            "bulk": (roots / "bulk.img", a.bulk_mib * MiB),
-            "restore": (roots / "restore.img", a.restore_mib * MiB),
-            "small": (roots / "small.img", a.concurrent_mib * MiB),
-        }
-        for seed, (path, size) in enumerate(images.values(), start=11):
-            make_image(path, size, seed=seed)
-        source = LocalAgent(work, "source", [roots]).start()
-        dest = LocalAgent(work, "destination", []).start()
-        try:
-            for name, (path, _) in images.items():
-                check(
-                    source.request(
-                        "POST", "/v1/exports", json={"name": name, "path": str(path)}, timeout=300
-                    ),
-                    f"exporting {name}",
-                )
-            dpid = pid_of(dest)
-            rss_idle = settle_rss(dpid)
+def make_pki(d: Path) -> list[str]:
+    """A CA and one certificate for both agents (loopback), as the mTLS flags."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.pki import agent_pki
 
-            # the large restore first, on a destination that has served nothing yet
-            rpath, rsize = images["restore"]
-            restores = [
-                restore_run(source, dest, "restore", rpath, rsize, 2) for _ in range(a.runs)
-            ]
-            rss_idle_after = settle_rss(dpid)
+    pki = agent_pki(d, {"agent": ["127.0.0.1"]})
+    return [
+        "--tls-cert", str(pki / "agent.crt"), "--tls-key", str(pki / "agent.key"),
+        "--tls-ca", str(pki / "ca.crt"),
+    ]  # fmt: skip
 
-            lpath, lsize = images["latency"]
-            no_bulk = [
-                latency_run(source, dest, "latency", lpath, lsize, False) for _ in range(a.runs)
-            ]
-            with_bulk = [
-                latency_run(source, dest, "latency", lpath, lsize, True) for _ in range(a.runs)
-            ]
 
-            bpath, bsize = images["bulk"]
-            bulk = []
-            rate = 50e6  # a conservative first guess; later holds follow the measured rate
-            for _ in range(a.runs):
-                hold = min(120.0, 0.5 + 2.0 * bsize / rate)
-                bulk.append(bulk_run(source, dest, "bulk", bpath, bsize, hold))
-                rate = min(b["gbps_image"] for b in bulk) * 1e9
+def measure(
+    a: argparse.Namespace, work: Path, roots: Path, images: dict[str, tuple[Path, int]],
+    extra: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """Every measurement with one pair of agents started with extra flags."""
+    source = LocalAgent(work, "source", [roots], extra=extra).start()
+    dest = LocalAgent(work, "destination", [], extra=extra).start()
+    try:
+        for name, (path, _) in images.items():
+            check(
+                source.request(
+                    "POST", "/v1/exports", json={"name": name, "path": str(path)}, timeout=300
+                ),
+                f"exporting {name}",
+            )
+        dpid = pid_of(dest)
+        rss_idle = settle_rss(dpid)
 
-            spath, ssize = images["small"]
-            concurrent = [
-                concurrent_run(source, dest, "small", spath, ssize, a.concurrent)
-                for _ in range(a.concurrent_runs)
-            ]
-            rss_hwm = rss_mib(dpid, "VmHWM")
-            rss_final = settle_rss(dpid)
-        finally:
-            dest.stop()
-            source.stop()
+        # the large restore first, on a destination that has served nothing yet
+        rpath, rsize = images["restore"]
+        restores = [restore_run(source, dest, "restore", rpath, rsize, 2) for _ in range(a.runs)]
+        rss_idle_after = settle_rss(dpid)
+        profile = (
+            profile_restore(source, dest, "restore", rpath, rsize, work) if a.profile else None
+        )
+
+        lpath, lsize = images["latency"]
+        runs = range(a.runs)
+        no_bulk = [latency_run(source, dest, "latency", lpath, lsize, False) for _ in runs]
+        with_bulk = [latency_run(source, dest, "latency", lpath, lsize, True) for _ in runs]
+
+        bpath, bsize = images["bulk"]
+        bulk: list[dict[str, Any]] = []
+        rate = 50e6  # a conservative first guess; later holds follow the measured rate
+        for _ in range(a.runs):
+            hold = min(120.0, 0.5 + 2.0 * bsize / rate)
+            bulk.append(bulk_run(source, dest, "bulk", bpath, bsize, hold))
+            rate = min(b["gbps_image"] for b in bulk) * 1e9
+
+        spath, ssize = images["small"]
+        concurrent = [
+            concurrent_run(source, dest, "small", spath, ssize, a.concurrent)
+            for _ in range(a.concurrent_runs)
+        ]
+        single = [
+            concurrent_run(source, dest, "small", spath, ssize, 1) for _ in range(a.concurrent_runs)
+        ]
+        rss_hwm = rss_mib(dpid, "VmHWM")
+        rss_final = settle_rss(dpid)
+    finally:
+        dest.stop()
+        source.stop()
 
     r = summarize(restores)
     lat_nb, lat_b = summarize(no_bulk), summarize(with_bulk)
-    bk, cc = summarize(bulk), summarize(concurrent)
+    bk, cc, one = summarize(bulk), summarize(concurrent), summarize(single)
     # cold: idle agent to the end of its first large restore (what the target is about);
     # warm: later restores on the same agent, start to end
     growth = (restores[0]["agent_rss_end_mib"] - rss_idle) / (rsize / GiB)
     warm = [x["agent_rss_growth_mib"] for x in restores[1:]]
     growth_warm = median(warm) / (rsize / GiB) if warm else None
-    figures = {
+    return {
         "demand_fault_no_bulk": lat_nb,
         "demand_fault_with_bulk": lat_b,
         "bulk": bk,
         "restore": {**r, "image_mib": a.restore_mib, "threads": 2, "order": "random"},
         "concurrent": {**cc, "image_mib": a.concurrent_mib, "threads_each": 4},
+        "single_session": {**one, "image_mib": a.concurrent_mib, "threads_each": 4},
+        "profile": profile,
         "agent_memory": {
             "rss_idle_mib": round(rss_idle, 1),
             "rss_end_of_first_restore_mib": restores[0]["agent_rss_end_mib"],
@@ -431,30 +521,84 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
             "source_cpu_s_per_gib_served": r["source_agent_cpu_s_per_gib"],
         },
     }
-    restore_s_per_gib = r["create_to_complete_s"] / (rsize / GiB)
-    vs_targets = {
+
+
+def targets_of(f: dict[str, Any], rsize: int, digests: dict[str, float]) -> dict[str, Any]:
+    r, lat_b, bk = f["restore"], f["demand_fault_with_bulk"], f["bulk"]
+    cc, one = f["concurrent"], f["single_session"]
+    single_p99 = one["engine_fault_p99_us_max"] or None
+    concurrent_ratio = cc["engine_fault_p99_us_max"] / single_p99 if single_p99 else None
+    # verification: perf's share when profiled, else the digest's time for the data pages
+    # of a restore over the destination's CPU time for it
+    if f["profile"] is not None:
+        verify_share = f["profile"]["verification_share"]
+    else:
+        data_s = r["data_bytes"] / (digests["xxh3_128_gbps"] * 1e9)
+        verify_share = data_s / max(r["agent_cpu_s"], 1e-9)
+    return {
+        "restore_s_per_gib": ratio("restore_s_per_gib", r["create_to_complete_s"] / (rsize / GiB)),
+        "bulk_gbps": ratio("bulk_gbps", bk["gbps_nonzero"]),
+        "bytes_received_over_data": ratio(
+            "bytes_received_over_data", r["bytes_received_over_data"]
+        ),
         "remote_fault_p50_us_while_bulk": ratio(
             "remote_fault_p50_us_while_bulk", lat_b["engine_fault_p50_us"]
         ),
         "remote_fault_p99_us_while_bulk": ratio(
             "remote_fault_p99_us_while_bulk", lat_b["engine_fault_p99_us"]
         ),
-        "bulk_gbps": ratio("bulk_gbps", bk["gbps_nonzero"]),
-        "restore_s_per_gib": ratio("restore_s_per_gib", restore_s_per_gib),
-        "agent_rss_idle_mib": ratio("agent_rss_idle_mib", rss_idle),
-        "agent_rss_growth_mib_per_gib": ratio("agent_rss_growth_mib_per_gib", max(growth, 0.0)),
-    }
-    tcp, stream = baselines["tcp_throughput"]["gbps"], baselines["grpc_stream"]["gbps"]
-    bidi = baselines["grpc_bidi_round_trip"]["p50_us"]
-    vs_baselines = {
-        "bulk_over_raw_tcp": round(bk["gbps_nonzero"] / tcp, 4),
-        "bulk_over_grpc_stream": round(bk["gbps_nonzero"] / stream, 4),
-        "fault_p50_no_bulk_over_grpc_bidi_p50": round(lat_nb["engine_fault_p50_us"] / bidi, 4),
-        "fault_p50_with_bulk_over_grpc_bidi_p50": round(lat_b["engine_fault_p50_us"] / bidi, 4),
-        "fault_p50_no_bulk_over_tcp_rtt_p50": round(
-            lat_nb["engine_fault_p50_us"] / baselines["tcp_round_trip"]["p50_us"], 4
+        "verification_cpu_share": ratio("verification_cpu_share", verify_share),
+        "concurrent_p99_over_single": ratio("concurrent_p99_over_single", concurrent_ratio),
+        "agent_rss_idle_mib": ratio("agent_rss_idle_mib", f["agent_memory"]["rss_idle_mib"]),
+        "agent_rss_growth_mib_per_gib": ratio(
+            "agent_rss_growth_mib_per_gib", max(f["agent_memory"]["rss_growth_mib_per_gib"], 0.0)
         ),
     }
+
+
+def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
+    started = time.monotonic()
+    if baselines is None:
+        kw = net_baselines.quick_args() if a.quick else {}
+        baselines = net_baselines.run_all(**kw)
+    digests = digest_rates()
+    configs = [c for c in a.configs.split(",") if c]
+    by_config: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="pagewire-bench-remote-") as tmp:
+        work = Path(tmp)
+        roots = work / "roots"
+        roots.mkdir()
+        images = {
+            "latency": (roots / "latency.img", a.image_mib * MiB),
+            "bulk": (roots / "bulk.img", a.bulk_mib * MiB),
+            "restore": (roots / "restore.img", a.restore_mib * MiB),
+            "small": (roots / "small.img", a.concurrent_mib * MiB),
+        }
+        for seed, (path, size) in enumerate(images.values(), start=11):
+            make_image(path, size, seed=seed)
+        for config in configs:
+            extra = make_pki(work / "pki") if config == "mtls" else []
+            by_config[config] = measure(a, work / config, roots, images, extra)
+    rsize = images["restore"][1]
+    tcp, stream = baselines["tcp_throughput"]["gbps"], baselines["grpc_stream"]["gbps"]
+    bidi = baselines["grpc_bidi_round_trip"]["p50_us"]
+    vs_targets = {c: targets_of(f, rsize, digests) for c, f in by_config.items()}
+    vs_baselines = {
+        c: {
+            "bulk_over_raw_tcp": round(f["bulk"]["gbps_nonzero"] / tcp, 4),
+            "bulk_over_grpc_stream": round(f["bulk"]["gbps_nonzero"] / stream, 4),
+            "fault_p50_with_bulk_over_grpc_bidi_p50": round(
+                f["demand_fault_with_bulk"]["engine_fault_p50_us"] / bidi, 4
+            ),
+            "fault_p50_no_bulk_over_tcp_rtt_p50": round(
+                f["demand_fault_no_bulk"]["engine_fault_p50_us"]
+                / baselines["tcp_round_trip"]["p50_us"],
+                4,
+            ),
+        }
+        for c, f in by_config.items()
+    }
+    first = configs[0]
     return {
         "machine": {"vcpus": os.cpu_count(), "kernel": platform.release()},
         "config": {
@@ -466,13 +610,25 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
             "concurrent": a.concurrent,
             "concurrent_mib": a.concurrent_mib,
             "concurrent_runs": a.concurrent_runs,
+            "configs": configs,
             "transport": "loopback",
         },
-        "figures": figures,
+        "figures": by_config[first],
+        "figures_by_config": by_config,
+        "digest_rates": digests,
         "baselines": baselines,
-        "vs_baselines": vs_baselines,
-        "vs_targets": vs_targets,
+        "vs_baselines": vs_baselines[first],
+        "vs_baselines_by_config": vs_baselines,
+        "vs_targets": vs_targets[first],
+        "vs_targets_by_config": vs_targets,
+        "side_by_side": {
+            name: {c: t[name]["measured"] for c, t in vs_targets.items()}
+            for name in vs_targets[first]
+        },
         "notes": [
+            "plain: agents without TLS (the native data channel carries pages); mtls: agents "
+            "with mTLS, where gRPC carries every page (the channel is offered on plain-text "
+            "links only)",
             "engine_fault_* is the session's fault_latency_seconds: every fault the engine "
             "timed, whether a peer, the engine alone or a zero page answered it; the engine's "
             "histogram has power-of-two buckets and a quantile is its bucket's upper bound",
@@ -480,8 +636,11 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
             "restore_s_per_gib is create_to_complete_s scaled to 1 GiB; it includes the "
             "workload process's start-up",
             "bulk gbps_nonzero counts non-zero pages only; gbps_image counts the whole image",
-            "rss_growth_mib_per_gib: idle agent to the end of its first large restore, per "
-            "GiB restored; _warm: start to end of the later restores on the same agent",
+            "verification_cpu_share: perf's share of both agents' samples in the digest code "
+            "when --profile ran, else XXH3 time for the restore's data pages (digest_rates) "
+            "over the destination's CPU seconds for it",
+            "concurrent_p99_over_single: fault p99 (max over sessions) of --concurrent "
+            "sessions at once over one session of the same image alone",
         ],
         "bench_s": round(time.monotonic() - started, 1),
     }
@@ -494,8 +653,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bulk-mib", type=int, default=256, help="bulk throughput image")
     p.add_argument("--restore-mib", type=int, default=1024, help="large restore image")
     p.add_argument("--concurrent", type=int, default=16, help="sessions at once")
-    p.add_argument("--concurrent-mib", type=int, default=32)
+    p.add_argument("--concurrent-mib", type=int, default=256)
     p.add_argument("--concurrent-runs", type=int, default=1)
+    p.add_argument("--configs", default="plain,mtls", help="plain and/or mtls, side by side")
+    p.add_argument("--profile", action="store_true", help="perf record one restore per config")
     p.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
     if p.parse_known_args(argv)[0].quick:  # --quick changes the defaults; flags still win
         p.set_defaults(

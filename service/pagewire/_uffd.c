@@ -128,6 +128,10 @@ static uint64_t now_ns(void)
  */
 
 #include <dlfcn.h>
+#include <sched.h>
+/* XXH3 from libxxhash-dev, compiled in (the runtime image needs no extra library) */
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -209,6 +213,15 @@ static void sha256(const uint8_t *data, size_t len, uint8_t out[32])
         libcrypto_sha256(data, len, out);
     else
         sha256_portable(data, len, out);
+}
+
+/* The per-chunk check on the hot path: XXH3-128 (libxxhash) runs near memory speed.
+ * SHA-256 stays the export's identity and the cache key; see README "Integrity". */
+static void fast_digest(const uint8_t *data, size_t len, uint8_t out[16])
+{
+    XXH128_canonical_t canon;
+    XXH128_canonicalFromHash(&canon, XXH3_128bits(data, len));
+    memcpy(out, canon.digest, 16);
 }
 
 static void load_libcrypto(void)
@@ -293,14 +306,17 @@ typedef struct {
  * Verified chunks keyed by their SHA-256 (content addressing: the same digest is the
  * same bytes, whichever export it came from), shared by every session on this host,
  * bounded in bytes with LRU eviction. An entry is PENDING while one session's bulk
- * fetches it, so concurrent sessions of one image fetch each chunk once. Every hit is
- * verified against its digest again before it is installed.
+ * fetches it, so concurrent sessions of one image fetch each chunk once. A chunk enters
+ * only if its SHA-256 matches its key (sessions verify wire data with the fast digest of
+ * their own export, which does not make a content address shared across peers); every hit
+ * is checked against the fast digest taken at fill before it is installed.
  */
 
 #define CACHE_BUCKETS 8192
 
 typedef struct centry {
     uint8_t digest[32];
+    uint8_t fast[16]; /* XXH3-128 of data, taken when it was filled (after SHA-256 passed) */
     uint8_t *data;
     uint32_t len;
     int pending;
@@ -395,19 +411,21 @@ static int cache_take(ChunkCache *c, const uint8_t d[32], uint8_t *dst, uint32_t
     pthread_mutex_lock(&c->lock);
     centry_t *x = cache_find(c, d);
     int result = CACHE_ABSENT;
+    uint8_t want[16];
     if (x && x->pending) {
         result = x->owner == owner ? CACHE_ABSENT : CACHE_PENDING;
     } else if (x && x->len == len) {
         memcpy(dst, x->data, len);
+        memcpy(want, x->fast, 16);
         lru_unlink(c, x);
         lru_push(c, x);
         result = CACHE_READY;
     }
     pthread_mutex_unlock(&c->lock);
     if (result == CACHE_READY) {
-        uint8_t check[32];
-        sha256(dst, len, check);
-        if (memcmp(check, d, 32) != 0) {
+        uint8_t check[16];
+        fast_digest(dst, len, check);
+        if (memcmp(check, want, 16) != 0) {
             pthread_mutex_lock(&c->lock);
             if ((x = cache_find(c, d)) && !x->pending)
                 cache_drop(c, x);
@@ -437,15 +455,41 @@ static int cache_take(ChunkCache *c, const uint8_t d[32], uint8_t *dst, uint32_t
     return result;
 }
 
-/* Keep a verified chunk (fulfilling a claim, or adding it). */
+/* A claim whose chunk will not come after all (its data did not match the key). */
+static void cache_refuse(ChunkCache *c, const uint8_t d[32])
+{
+    pthread_mutex_lock(&c->lock);
+    centry_t *x = cache_find(c, d);
+    if (x && x->pending) {
+        centry_t **pp = &c->buckets[cache_bucket(d)];
+        while (*pp && *pp != x)
+            pp = &(*pp)->next_in_bucket;
+        if (*pp)
+            *pp = x->next_in_bucket;
+        c->entries--;
+        free(x);
+    }
+    c->corrupt++;
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* Keep a chunk (fulfilling a claim, or adding it) if its SHA-256 is its key. */
 static void cache_fill(ChunkCache *c, const uint8_t d[32], const uint8_t *data, uint32_t len)
 {
     if (!c || c->capacity < len)
         return;
+    uint8_t check[32];
+    sha256(data, len, check);
+    if (memcmp(check, d, 32) != 0) {
+        cache_refuse(c, d);
+        return;
+    }
     uint8_t *copy = malloc(len ? len : 1);
     if (!copy)
         return;
     memcpy(copy, data, len);
+    uint8_t fast[16];
+    fast_digest(copy, len, fast);
     pthread_mutex_lock(&c->lock);
     centry_t *x = cache_find(c, d);
     if (!x) {
@@ -467,6 +511,7 @@ static void cache_fill(ChunkCache *c, const uint8_t d[32], const uint8_t *data, 
         lru_unlink(c, x);
     }
     x->data = copy;
+    memcpy(x->fast, fast, 16);
     x->len = len;
     x->pending = 0;
     x->owner = NULL;
@@ -739,6 +784,10 @@ typedef struct {
     uint64_t ev_remove, ev_unmap, ev_remap, ev_fork, copy_eagain, faults_unknown, pages_eexist;
     hist_t hist[NRES];
     struct chan *chan; /* native data channel to the source, if negotiated */
+    /* working-set record: image chunks (of ws_unit bytes) in first-touch order */
+    uint64_t ws_unit, ws_chunks, ws_len;
+    uint8_t *ws_seen;
+    uint64_t *ws_order;
 } Engine;
 
 static PyObject *UffdError;
@@ -1003,16 +1052,35 @@ static void queue_request(Engine *e, region_t *r, uint64_t p)
 }
 
 static int chan_request_locked(Engine *e, region_t *r, uint64_t p);
+static void chan_flush_urgent(Engine *e);
 static void chan_stop(Engine *e);
 static void chan_free(Engine *e);
 static void chan_start_threads(Engine *e);
 
 /* Decide one fault from current state. Returns 1 if resolved, 0 if it must
  * be retried after events are drained, -1 if it now waits for Python. */
+/* Remember the chunk holding image offset off, once, in first-touch order. */
+static void record_offset(Engine *e, uint64_t off)
+{
+    if (!e->ws_seen)
+        return;
+    uint64_t k = off / e->ws_unit;
+    if (k < e->ws_chunks && !e->ws_seen[k]) {
+        e->ws_seen[k] = 1;
+        e->ws_order[e->ws_len++] = k;
+    }
+}
+
+static void record_touch(Engine *e, region_t *r, uint64_t p)
+{
+    record_offset(e, r->offset + p * r->page_size);
+}
+
 static int decide_fault(Engine *e, int ri, uint64_t p, uint64_t t0)
 {
     region_t *r = &e->regions[ri];
     int st = r->state[p] & ST_MASK;
+    record_touch(e, r, p);
     uint64_t done;
     int rc;
     switch (st) {
@@ -1357,6 +1425,7 @@ static void *fault_thread(void *arg)
         if (e->state == E_FAILED)
             notify = 1;
         pthread_mutex_unlock(&e->lock);
+        chan_flush_urgent(e);
         if (notify)
             signal_fd(e->notify_fd);
     }
@@ -1581,6 +1650,8 @@ static void Engine_dealloc(Engine *e)
     chan_stop(e);
     join_thread(e);
     chan_free(e);
+    free(e->ws_seen);
+    free(e->ws_order);
     if (e->regions || e->uffd >= 0)
         pthread_mutex_destroy(&e->lock);
     Engine_release(e);
@@ -1609,7 +1680,7 @@ static uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data
                                     int kind, int wait)
 {
     uint64_t installed = 0;
-    for (int i = 0; i < e->nregions && e->state == E_RUNNING; i++) {
+    for (int i = 0; i < e->nregions && e->state <= E_RUNNING; i++) {
         region_t *r = &e->regions[i];
         uint64_t lo = off > r->offset ? off : r->offset;
         uint64_t hi = off + len < r->offset + r->size ? off + len : r->offset + r->size;
@@ -1618,7 +1689,7 @@ static uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data
         uint64_t p = (lo - r->offset + r->page_size - 1) / r->page_size;
         uint64_t pend = (hi - r->offset) / r->page_size;
         int tries = 0;
-        while (p < pend && e->state == E_RUNNING) {
+        while (p < pend && e->state <= E_RUNNING) {
             int st = r->state[p] & ST_MASK;
             if (st != ST_MISSING && st != ST_REQUESTED) {
                 p++;
@@ -1660,6 +1731,7 @@ struct chan {
     int urgent_fd, bulk_fd, up, background, compress;
     uint64_t chunk_size, export_size, export_ps, nchunks;
     uint8_t *zmap, *digests, *asked;
+    uint8_t *fast; /* XXH3-128 per chunk from Describe, or NULL: verify with SHA-256 */
     uint32_t outstanding;
     uint64_t last_answer_ns;
     pthread_t urx, bulk;
@@ -1669,7 +1741,23 @@ struct chan {
     ChunkCache *cache; /* shared by the host's sessions, or NULL */
     uint8_t *hitbuf;   /* the fault thread's copy of a cached chunk */
     char down_reason[96];
+    /* urgent requests decided under the engine lock, sent (or served from the cache) by
+     * the fault thread once it has let go of the lock */
+    uint64_t *outbox, *sendbuf;
+    uint32_t nout;
+    uint64_t bulk_cursor; /* next chunk the bulk pass looks at: one linear pass */
+    uint64_t *ws;          /* a recorded working set, asked for first in one burst */
+    uint64_t nws, ws_pos;
+    /* bulk order: a fault waits for a chunk on the bulk connection only if few chunks
+     * are ahead of it there; deeper in a burst, it is asked for urgently */
+    uint32_t *bulk_seq;
+    uint32_t bulk_asked_seq, bulk_done_seq;
+    uint64_t chunks_waited; /* faults that waited for a chunk already on its way */
 };
+
+/* c->asked[k]: the chunk is on its way, so a fault there waits for it */
+enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
+#define BULK_WAIT 32 /* chunks ahead on the bulk connection a fault may wait behind */
 
 #define CHAN_STALL_NS (3ULL * 1000000000ULL)
 
@@ -1770,25 +1858,36 @@ static int chunk_missing(Engine *e, struct chan *c, uint64_t k)
     return 0;
 }
 
+/* Does chunk k still hold a data page that is missing or waited for? */
+static int chunk_needed(Engine *e, struct chan *c, uint64_t k)
+{
+    for (int i = 0; i < e->nregions; i++) {
+        region_t *r = &e->regions[i];
+        uint64_t lo = k * c->chunk_size, hi = lo + c->chunk_size;
+        if (hi <= r->offset || lo >= r->offset + r->size)
+            continue;
+        uint64_t p0 = lo > r->offset ? (lo - r->offset) / r->page_size : 0;
+        uint64_t p1 = (hi - r->offset) / r->page_size;
+        if (p1 > r->npages)
+            p1 = r->npages;
+        for (uint64_t p = p0; p < p1; p++) {
+            int st = r->state[p] & ST_MASK;
+            if ((st == ST_MISSING || st == ST_REQUESTED) && !page_is_zero_src(r, p))
+                return 1;
+        }
+    }
+    return 0;
+}
+
 static uint64_t chunk_len_of(struct chan *c, uint64_t k)
 {
     uint64_t end = (k + 1) * c->chunk_size;
     return (end > c->export_size ? c->export_size : end) - k * c->chunk_size;
 }
 
-/* The fault thread answers from the host's cache when it can (never waiting for events:
- * if the install stops short, the chunk is asked for over the network as usual). */
-static int chan_from_cache(Engine *e, struct chan *c, uint64_t k, region_t *r, uint64_t p)
-{
-    uint64_t len = chunk_len_of(c, k);
-    if (!c->cache || cache_take(c->cache, c->digests + k * 32, c->hitbuf, (uint32_t)len, e, 0) !=
-                         CACHE_READY)
-        return 0;
-    install_image_range(e, k * c->chunk_size, c->hitbuf, len, KIND_FAULT, 0);
-    c->chunks_cached++;
-    return (r->state[p] & ST_MASK) == ST_PRESENT;
-}
-
+/* Under the engine lock: a fault's chunk (and, while faults run forward, the chunks its
+ * window reaches) goes to the outbox; nothing is written or hashed here. A chunk already
+ * on its way, urgent or bulk, is waited for, never fetched twice. */
 static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
 {
     struct chan *c = e->chan;
@@ -1797,29 +1896,89 @@ static int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
     if (chunk >= c->nchunks)
         return 0;
-    if (!c->asked[chunk] && chan_from_cache(e, c, chunk, r, p))
+    if (c->asked[chunk] == ASK_URGENT || (c->asked[chunk] == ASK_BULK &&
+                                          c->bulk_seq[chunk] - c->bulk_done_seq < BULK_WAIT)) {
+        c->chunks_waited++;
         return 1;
-    /* the fault's chunk, and while faults run forward, the chunks the window reaches */
-    uint64_t ahead = e->window * r->page_size / c->chunk_size;
-    uint64_t idx[9];
-    uint32_t n = 0;
-    for (uint64_t k = chunk; k < c->nchunks && k <= chunk + (ahead > 8 ? 8 : ahead); k++)
-        if (!c->asked[k] && (k == chunk || chunk_missing(e, c, k)))
-            idx[n++] = k;
-    if (n == 0)
-        return 1;
-    uint32_t head[2] = {n, 0};
-    if (write_full(c->urgent_fd, head, sizeof head) < 0 ||
-        write_full(c->urgent_fd, idx, n * 8) < 0) {
-        chan_down_locked(e, "urgent request failed");
-        return 0;
     }
+    uint64_t ahead = e->window * r->page_size / c->chunk_size;
+    uint32_t n = 0;
+    for (uint64_t k = chunk; k < c->nchunks && k <= chunk + (ahead > 8 ? 8 : ahead); k++) {
+        if (c->nout >= CHAN_MAX_REQ)
+            break;
+        if ((k == chunk && c->asked[k] != ASK_URGENT) || (!c->asked[k] && chunk_missing(e, c, k))) {
+            c->outbox[c->nout++] = k;
+            c->asked[k] = ASK_URGENT;
+            record_offset(e, k * c->chunk_size); /* fault-around: the touch it predicts */
+            n++;
+        }
+    }
+    if (n == 0)
+        return 0; /* the outbox is full: Python takes this one */
     if (c->outstanding == 0)
         c->last_answer_ns = now_ns();
     c->outstanding += n;
-    for (uint32_t i = 0; i < n; i++)
-        c->asked[idx[i]] = 1;
     return 1;
+}
+
+static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const uint8_t *buf,
+                             int kind, int wait);
+static void chan_fail(Engine *e, const char *why);
+
+/* The fault thread, without the engine lock: install what the host's cache holds, send
+ * the rest of the outbox on the urgent connection. */
+static void chan_flush_urgent(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c)
+        return;
+    pthread_mutex_lock(&e->lock);
+    uint32_t n = c->up ? c->nout : 0;
+    memcpy(c->sendbuf, c->outbox, n * sizeof(uint64_t));
+    c->nout = 0;
+    pthread_mutex_unlock(&e->lock);
+    if (n == 0)
+        return;
+    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t k = c->sendbuf[i], len = chunk_len_of(c, k);
+        if (cache && cache_take(cache, c->digests + k * 32, c->hitbuf, (uint32_t)len, e, 0) ==
+                         CACHE_READY) {
+            __atomic_add_fetch(&c->chunks_cached, 1, __ATOMIC_RELAXED);
+            /* the fault thread cannot wait for events it drains itself: if the install
+             * stops short, the chunk is asked for over the network as usual */
+            chan_install_run(e, &k, 1, c->hitbuf, KIND_PREFETCH, 0);
+            pthread_mutex_lock(&e->lock);
+            int short_of = chunk_needed(e, c, k);
+            if (short_of)
+                c->asked[k] = ASK_URGENT;
+            else
+                c->outstanding--;
+            pthread_mutex_unlock(&e->lock);
+            if (!short_of)
+                continue;
+        }
+        c->sendbuf[m++] = k;
+    }
+    uint32_t head[2] = {m, 0};
+    if (m && (write_full(c->urgent_fd, head, sizeof head) < 0 ||
+              write_full(c->urgent_fd, c->sendbuf, m * 8) < 0))
+        chan_fail(e, "urgent request failed");
+}
+
+/* The chunk matches what the export published: its fast digest when Describe carried
+ * one, its SHA-256 otherwise (an older source). */
+static int chan_verify(struct chan *c, uint64_t index, const uint8_t *buf, uint64_t len)
+{
+    if (c->fast) {
+        uint8_t d[16];
+        fast_digest(buf, len, d);
+        return memcmp(d, c->fast + index * 16, 16) == 0;
+    }
+    uint8_t d[32];
+    sha256(buf, len, d);
+    return memcmp(d, c->digests + index * 32, 32) == 0;
 }
 
 /* Read one answer into buf (the whole chunk, zero pages filled in) and verify it. */
@@ -1866,10 +2025,8 @@ static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage
         }
     }
     *len_out = (last - first) * c->export_ps;
-    uint8_t d[32];
-    sha256(buf, *len_out, d);
     __atomic_add_fetch(&c->bytes_received, a.data_len, __ATOMIC_RELAXED);
-    if (memcmp(d, c->digests + a.index * 32, 32) != 0) {
+    if (!chan_verify(c, a.index, buf, *len_out)) {
         __atomic_add_fetch(&c->digest_failures, 1, __ATOMIC_RELAXED);
         *why = "digest mismatch";
         return -1;
@@ -1877,16 +2034,31 @@ static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage
     return (int64_t)a.index;
 }
 
-static void chan_install(Engine *e, uint64_t index, const uint8_t *buf, uint64_t len, int kind)
+/* Install chunks received into one buffer, chunk i at buf + i * chunk_size (consecutive
+ * indexes go in with one copy per run), and forget that they were asked for. */
+static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const uint8_t *buf,
+                             int kind, int wait)
 {
     struct chan *c = e->chan;
     pthread_mutex_lock(&e->lock);
     int notify = 0;
     if (e->state == E_RUNNING) {
-        install_image_range(e, index * c->chunk_size, buf, len, kind, 1);
+        for (size_t i = 0; i < n;) {
+            size_t j = i + 1;
+            while (j < n && index[j] == index[j - 1] + 1)
+                j++;
+            uint64_t off = index[i] * c->chunk_size;
+            uint64_t end = (index[j - 1] + 1) * c->chunk_size;
+            if (end > c->export_size)
+                end = c->export_size;
+            install_image_range(e, off, buf + i * c->chunk_size, end - off, kind, wait);
+            i = j;
+        }
         settle_pending(e);
         notify = all_done(e);
     }
+    for (size_t i = 0; i < n; i++)
+        c->asked[index[i]] = ASK_NONE;
     pthread_mutex_unlock(&e->lock);
     if (notify)
         signal_fd(e->ctl_fd);
@@ -1923,44 +2095,59 @@ static void *chan_urgent_thread(void *arg)
             chan_fail(e, why);
             break;
         }
-        cache_fill(c->cache, c->digests + index * 32, buf, (uint32_t)len);
         pthread_mutex_lock(&e->lock);
-        c->asked[index] = 0;
         c->outstanding--;
         c->last_answer_ns = now_ns();
         c->chunks_urgent++;
         pthread_mutex_unlock(&e->lock);
-        chan_install(e, (uint64_t)index, buf, len, KIND_PREFETCH); /* asked-for pages count as faults */
+        uint64_t k = (uint64_t)index;
+        chan_install_run(e, &k, 1, buf, KIND_PREFETCH, 1); /* asked-for pages count as faults */
+        cache_fill(__atomic_load_n(&c->cache, __ATOMIC_ACQUIRE), c->digests + k * 32, buf,
+                   (uint32_t)len);
     }
     free(buf);
     free(stage);
     return NULL;
 }
 
-/* Chunks that still hold a missing data page and are not already asked for urgently. */
-static size_t chan_wanted(Engine *e, uint64_t *out, size_t max)
+/* The next chunks of the bulk pass that still hold a missing data page and are not on
+ * their way already; marks them ASK_BULK. The cursor only advances (each call looks at a
+ * bounded stretch under the lock), so a pass is linear in the image. */
+#define BULK_SCAN 1024
+static size_t chan_next_bulk(Engine *e, uint64_t *out, size_t max)
 {
     struct chan *c = e->chan;
     size_t n = 0;
-    uint64_t last = UINT64_MAX;
     pthread_mutex_lock(&e->lock);
-    for (int i = 0; i < e->nregions && n < max; i++) {
-        region_t *r = &e->regions[i];
-        for (uint64_t p = 0; p < r->npages && n < max; p++) {
-            int st = r->state[p] & ST_MASK;
-            if ((st != ST_MISSING && st != ST_REQUESTED) || page_is_zero_src(r, p))
-                continue;
-            uint64_t ch = (r->offset + p * r->page_size) / c->chunk_size;
-            if (ch != last && ch < c->nchunks && !c->asked[ch] && (n == 0 || out[n - 1] != ch))
-                out[n++] = ch;
-            last = ch;
+    for (; n < max && c->ws_pos < c->nws; c->ws_pos++) {
+        uint64_t k = c->ws[c->ws_pos];
+        if (k < c->nchunks && !c->asked[k] && chunk_missing(e, c, k)) {
+            c->asked[k] = ASK_BULK;
+            out[n++] = k;
+        }
+    }
+    if (!c->background) { /* only the working set comes this way */
+        pthread_mutex_unlock(&e->lock);
+        return n;
+    }
+    for (uint64_t seen = 0; n < max && seen < BULK_SCAN && c->bulk_cursor < c->nchunks; seen++) {
+        uint64_t k = c->bulk_cursor++;
+        if (!c->asked[k] && chunk_missing(e, c, k)) {
+            c->asked[k] = ASK_BULK;
+            out[n++] = k;
         }
     }
     pthread_mutex_unlock(&e->lock);
     return n;
 }
 
-#define BULK_BATCH 32
+static void chan_unask(Engine *e, const uint64_t *index, size_t n)
+{
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < n; i++)
+        e->chan->asked[index[i]] = ASK_NONE;
+    pthread_mutex_unlock(&e->lock);
+}
 
 static int chan_send_batch(int fd, const uint64_t *idx, size_t n)
 {
@@ -1968,27 +2155,35 @@ static int chan_send_batch(int fd, const uint64_t *idx, size_t n)
     return write_full(fd, head, sizeof head) < 0 || write_full(fd, idx, n * 8) < 0 ? -1 : 0;
 }
 
-/* Bulk work yields the CPU to demand faults (2 vCPUs are shared by everything). */
-static void lower_priority(void) { setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10); }
+/* Bulk work yields the CPU to demand faults when they wake up, but keeps its fair share:
+ * SCHED_BATCH, not a nice level (a niced bulk thread starves on a busy host, and a fault
+ * waiting for a chunk already on the bulk connection would starve with it). */
+static void bulk_priority(void)
+{
+    struct sched_param sp = {0};
+    sched_setscheduler((pid_t)syscall(SYS_gettid), SCHED_BATCH, &sp);
+}
 
-/* Install what the host's cache holds, skip what another session is fetching, and claim
- * the rest; returns how many chunks are left to fetch (compacted into want). */
+/* Install what the host's cache holds, skip what another session is fetching (a later
+ * pass comes back to it), and claim the rest; returns how many chunks are left to fetch
+ * (compacted into want). */
 static size_t chan_bulk_from_cache(Engine *e, uint64_t *want, size_t n, uint8_t *buf,
                                    size_t *deferred)
 {
     struct chan *c = e->chan;
-    if (!c->cache)
+    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    if (!cache)
         return n;
     size_t m = 0;
-    /* claim only the next window, so concurrent sessions spread over the image */
-    for (size_t i = 0; i < n && m < 4 * BULK_BATCH; i++) {
+    for (size_t i = 0; i < n; i++) {
         uint64_t k = want[i], len = chunk_len_of(c, k);
-        int st = cache_take(c->cache, c->digests + k * 32, buf, (uint32_t)len, e, 1);
+        int st = cache_take(cache, c->digests + k * 32, buf, (uint32_t)len, e, 1);
         if (st == CACHE_READY) {
             __atomic_add_fetch(&c->chunks_cached, 1, __ATOMIC_RELAXED);
-            chan_install(e, k, buf, len, KIND_BACKGROUND);
+            chan_install_run(e, &k, 1, buf, KIND_BACKGROUND, 1);
         } else if (st == CACHE_PENDING) {
             (*deferred)++;
+            chan_unask(e, &k, 1);
         } else {
             want[m++] = k;
         }
@@ -1996,61 +2191,140 @@ static size_t chan_bulk_from_cache(Engine *e, uint64_t *want, size_t n, uint8_t 
     return m;
 }
 
+/* Is more of an answer already waiting on fd (so an install can wait to batch it)? */
+static int readable_now(int fd)
+{
+    struct pollfd pfd = {fd, POLLIN, 0};
+    return poll(&pfd, 1, 0) > 0;
+}
+
+#define BULK_DEPTH_BYTES (2u << 20) /* requested ahead: bounds what a fault may wait behind */
+#define BULK_RUN_BYTES (1u << 20)   /* received before one install */
+
+typedef struct {
+    uint64_t *fifo; /* asked for, in order */
+    size_t head, count, cap, depth;
+    uint64_t *run; /* received, not yet installed: indexes of buf's chunks */
+    size_t nrun, run_cap;
+    uint8_t *buf, *stage;
+} bulk_t;
+
+/* Install the received run (then keep it in the host's cache, outside the engine lock). */
+static void bulk_flush(Engine *e, bulk_t *b)
+{
+    struct chan *c = e->chan;
+    if (b->nrun == 0)
+        return;
+    chan_install_run(e, b->run, b->nrun, b->buf, KIND_BACKGROUND, 1);
+    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    for (size_t i = 0; cache && i < b->nrun; i++)
+        cache_fill(cache, c->digests + b->run[i] * 32, b->buf + i * c->chunk_size,
+                   (uint32_t)chunk_len_of(c, b->run[i]));
+    b->nrun = 0;
+}
+
+/* Ask for more while less than the depth is on its way; returns -1 if the request fails,
+ * else how many chunks were asked for. */
+static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
+{
+    struct chan *c = e->chan;
+    size_t limit = c->ws_pos < c->nws ? b->cap : b->depth; /* the working set: one burst */
+    if (b->count >= limit)
+        return 0;
+    size_t room = limit - b->count;
+    if (room < limit / 2 && b->count > 0)
+        return 0; /* ask in batches of at least half the depth */
+    uint64_t want[CHAN_MAX_REQ];
+    size_t n = chan_next_bulk(e, want, room < CHAN_MAX_REQ ? room : CHAN_MAX_REQ);
+    n = chan_bulk_from_cache(e, want, n, b->stage, deferred); /* buf may hold a run */
+    if (n == 0)
+        return 0;
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < n; i++)
+        c->bulk_seq[want[i]] = ++c->bulk_asked_seq;
+    pthread_mutex_unlock(&e->lock);
+    if (chan_send_batch(c->bulk_fd, want, n) < 0)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        b->fifo[(b->head + b->count + i) % b->cap] = want[i];
+    b->count += n;
+    return (int)n;
+}
+
 static void *chan_bulk_thread(void *arg)
 {
     Engine *e = arg;
-    lower_priority();
+    bulk_priority();
     struct chan *c = e->chan;
-    size_t cap = c->nchunks ? c->nchunks : 1;
-    uint64_t *want = malloc(cap * sizeof(uint64_t));
-    uint8_t *buf = malloc(2 * c->chunk_size + 4096), *stage = malloc(c->chunk_size);
+    bulk_t b = {0};
+    b.depth = BULK_DEPTH_BYTES / c->chunk_size;
+    b.depth = b.depth < 2 ? 2 : b.depth > CHAN_MAX_REQ ? CHAN_MAX_REQ : b.depth;
+    b.cap = c->nws > b.depth ? (c->nws > CHAN_MAX_REQ ? CHAN_MAX_REQ : c->nws) : b.depth;
+    b.run_cap = BULK_RUN_BYTES / c->chunk_size;
+    b.run_cap = b.run_cap < 1 ? 1 : b.run_cap;
+    b.fifo = malloc(b.cap * sizeof(uint64_t));
+    b.run = malloc(b.run_cap * sizeof(uint64_t));
+    /* one more chunk of room: a packed answer is read just past the slot it unpacks into */
+    b.buf = malloc((b.run_cap + 1) * c->chunk_size + 4096);
+    b.stage = malloc(c->chunk_size);
     const char *why = NULL;
-    while (want && buf && stage && c->up && e->state == E_RUNNING && !why) {
-        size_t n = chan_wanted(e, want, cap), deferred = 0;
-        if (n == 0)
+    size_t idle_passes = 0, sent_this_pass = 0;
+    while (b.fifo && b.run && b.buf && b.stage && c->up && e->state == E_RUNNING && !why) {
+        size_t deferred = 0;
+        int asked = bulk_top_up(e, &b, &deferred);
+        if (asked < 0) {
+            why = "bulk request failed";
             break;
-        n = chan_bulk_from_cache(e, want, n, buf, &deferred);
-        if (n == 0) {
-            /* every chunk left is on its way to another session: it will land in the cache */
-            struct timespec ts = {0, 20 * 1000000};
-            if (deferred)
-                nanosleep(&ts, NULL);
+        }
+        sent_this_pass += (size_t)asked;
+        if (b.count == 0) {
+            pthread_mutex_lock(&e->lock);
+            int pass_over = c->bulk_cursor >= c->nchunks, done = all_done(e);
+            if (!c->background && c->ws_pos >= c->nws)
+                done = 1; /* the working set is in: faults take the urgent way */
+            if (pass_over)
+                c->bulk_cursor = 0; /* go round again for what was on its way or deferred */
+            pthread_mutex_unlock(&e->lock);
+            if (done)
+                break;
+            if (pass_over) {
+                idle_passes = sent_this_pass ? 0 : idle_passes + 1;
+                sent_this_pass = 0;
+                if (idle_passes) { /* only urgent answers are owed: let them land */
+                    struct timespec ts = {0, 2 * 1000000};
+                    nanosleep(&ts, NULL);
+                }
+            }
             continue;
         }
-        size_t sent = 0, got = 0;
-        /* two batches ahead, so the source never waits for the next request */
-        while (sent < n && sent < 2 * BULK_BATCH) {
-            size_t k = n - sent < BULK_BATCH ? n - sent : BULK_BATCH;
-            if (chan_send_batch(c->bulk_fd, want + sent, k) < 0)
-                why = "bulk request failed";
-            sent += k;
+        uint64_t len = 0;
+        uint64_t expect = b.fifo[b.head];
+        int64_t index = chan_receive(c, c->bulk_fd, b.buf + b.nrun * c->chunk_size, b.stage,
+                                     &len, &why);
+        if (index < 0)
+            break;
+        if ((uint64_t)index != expect) {
+            why = "bulk answer out of order";
+            break;
         }
-        while (got < sent && !why && c->up) {
-            uint64_t len = 0;
-            int64_t index = chan_receive(c, c->bulk_fd, buf, stage, &len, &why);
-            if (index < 0)
-                break;
-            if ((uint64_t)index != want[got]) {
-                why = "bulk answer out of order";
-                break;
-            }
-            got++;
-            __atomic_add_fetch(&c->chunks_bulk, 1, __ATOMIC_RELAXED);
-            cache_fill(c->cache, c->digests + index * 32, buf, (uint32_t)len);
-            chan_install(e, (uint64_t)index, buf, len, KIND_BACKGROUND);
-            if (got % BULK_BATCH == 0 && sent < n) {
-                size_t k = n - sent < BULK_BATCH ? n - sent : BULK_BATCH;
-                if (chan_send_batch(c->bulk_fd, want + sent, k) < 0)
-                    why = "bulk request failed";
-                sent += k;
-            }
-        }
+        b.head = (b.head + 1) % b.cap;
+        b.count--;
+        __atomic_add_fetch(&c->chunks_bulk, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&c->bulk_done_seq, 1, __ATOMIC_RELAXED);
+        b.run[b.nrun++] = (uint64_t)index;
+        int next_follows = b.count > 0 && b.fifo[b.head] == (uint64_t)index + 1;
+        /* a fault may be waiting for this run: do not hold it back to batch more */
+        int waited = __atomic_load_n(&e->pending.len, __ATOMIC_RELAXED) > 0;
+        if (b.nrun == b.run_cap || !next_follows || waited || !readable_now(c->bulk_fd))
+            bulk_flush(e, &b);
     }
+    bulk_flush(e, &b);
     if (why)
         chan_fail(e, why);
-    free(want);
-    free(buf);
-    free(stage);
+    free(b.fifo);
+    free(b.run);
+    free(b.buf);
+    free(b.stage);
     return NULL;
 }
 
@@ -2083,8 +2357,13 @@ static void chan_free(Engine *e)
         close(c->bulk_fd);
     free(c->zmap);
     free(c->digests);
+    free(c->fast);
     free(c->asked);
     free(c->hitbuf);
+    free(c->outbox);
+    free(c->sendbuf);
+    free(c->ws);
+    free(c->bulk_seq);
     Py_XDECREF((PyObject *)c->cache);
     free(c);
     e->chan = NULL;
@@ -2097,7 +2376,7 @@ static void chan_start_threads(Engine *e)
     if (!c || c->urx_started)
         return;
     c->urx_started = pthread_create(&c->urx, NULL, chan_urgent_thread, e) == 0;
-    if (c->background)
+    if (c->background || c->nws)
         c->bulk_started = pthread_create(&c->bulk, NULL, chan_bulk_thread, e) == 0;
 }
 
@@ -2105,15 +2384,15 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"host",     "port",    "token",      "chunk_size",  "export_size",
                              "export_page_size", "zero_map", "digests", "background",
-                             "compression", "cache", NULL};
+                             "compression", "cache", "fast_digests", "working_set", NULL};
     const char *host;
     int port, background = 1, compression = 0;
     PyObject *cache_obj = Py_None;
-    Py_buffer tok, zm, dg;
+    Py_buffer tok, zm, dg, fd = {0}, ws = {0};
     unsigned long long cs, size, eps;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppO", kwlist, &host, &port, &tok,
-                                     &cs, &size, &eps, &zm, &dg, &background, &compression,
-                                     &cache_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppOz*z*", kwlist, &host, &port,
+                                     &tok, &cs, &size, &eps, &zm, &dg, &background, &compression,
+                                     &cache_obj, &fd, &ws))
         return NULL;
     PyObject *result = NULL;
     uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
@@ -2122,7 +2401,8 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         goto out;
     }
     if (e->chan || e->state > E_RUNNING || tok.len != 16 || eps == 0 || cs % eps ||
-        size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32) {
+        size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32 ||
+        (fd.buf && (uint64_t)fd.len != nchunks * 16) || (ws.buf && ws.len % 8)) {
         PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
         goto out;
     }
@@ -2130,10 +2410,11 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     uint8_t token[16];
     memcpy(token, tok.buf, 16);
     uint32_t zflag = compression && zstd_compress_fn ? CHAN_ZSTD : 0;
+    int want_bulk = background || (ws.buf && ws.len > 0);
     Py_BEGIN_ALLOW_THREADS ufd = chan_connect(host, port, token, 1 | zflag);
-    if (ufd >= 0 && background)
+    if (ufd >= 0 && want_bulk)
         bfd = chan_connect(host, port, token, 2 | zflag);
-    Py_END_ALLOW_THREADS if (ufd < 0 || (background && bfd < 0))
+    Py_END_ALLOW_THREADS if (ufd < 0 || (want_bulk && bfd < 0))
     {
         if (ufd >= 0)
             close(ufd);
@@ -2150,6 +2431,18 @@ static PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     memcpy(c->digests, dg.buf, (size_t)dg.len);
     c->asked = calloc(nchunks + 1, 1);
     c->hitbuf = malloc(cs);
+    c->outbox = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
+    c->bulk_seq = calloc(nchunks + 1, sizeof(uint32_t));
+    c->sendbuf = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
+    if (fd.buf && fd.len) {
+        c->fast = malloc((size_t)fd.len);
+        memcpy(c->fast, fd.buf, (size_t)fd.len);
+    }
+    if (ws.buf && ws.len) {
+        c->nws = (uint64_t)ws.len / 8;
+        c->ws = malloc((size_t)ws.len);
+        memcpy(c->ws, ws.buf, (size_t)ws.len);
+    }
     if (cache_obj != Py_None) {
         Py_INCREF(cache_obj);
         c->cache = (ChunkCache *)cache_obj;
@@ -2166,6 +2459,10 @@ out:
     PyBuffer_Release(&tok);
     PyBuffer_Release(&zm);
     PyBuffer_Release(&dg);
+    if (fd.buf)
+        PyBuffer_Release(&fd);
+    if (ws.buf)
+        PyBuffer_Release(&ws);
     return result;
 }
 
@@ -2200,6 +2497,49 @@ static PyObject *Engine_get_channel(Engine *e, void *unused)
     return d;
 }
 
+/* Start recording the chunks (of unit bytes, over an image of size bytes) the workload
+ * touches, in first-touch order; both transports. */
+static PyObject *Engine_record_working_set(Engine *e, PyObject *args)
+{
+    unsigned long long unit, size;
+    if (!PyArg_ParseTuple(args, "KK", &unit, &size))
+        return NULL;
+    uint64_t n = unit ? (size + unit - 1) / unit : 0;
+    if (unit == 0 || n == 0 || n > (1ULL << 32))
+        return PyErr_Format(PyExc_ValueError, "bad working-set geometry");
+    uint8_t *seen = calloc(n, 1);
+    uint64_t *order = malloc(n * sizeof(uint64_t));
+    if (!seen || !order) {
+        free(seen);
+        free(order);
+        return PyErr_NoMemory();
+    }
+    pthread_mutex_lock(&e->lock);
+    free(e->ws_seen);
+    free(e->ws_order);
+    e->ws_seen = seen, e->ws_order = order;
+    e->ws_unit = unit, e->ws_chunks = n, e->ws_len = 0;
+    pthread_mutex_unlock(&e->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_working_set(Engine *e, PyObject *unused)
+{
+    pthread_mutex_lock(&e->lock);
+    size_t n = e->ws_order ? e->ws_len : 0;
+    uint64_t *copy = malloc((n ? n : 1) * sizeof(uint64_t));
+    if (copy && n)
+        memcpy(copy, e->ws_order, n * sizeof(uint64_t));
+    pthread_mutex_unlock(&e->lock);
+    if (!copy)
+        return PyErr_NoMemory();
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list && i < n; i++)
+        PyList_SET_ITEM(list, (Py_ssize_t)i, PyLong_FromUnsignedLongLong(copy[i]));
+    free(copy);
+    return list;
+}
+
 static PyObject *Engine_install(Engine *e, PyObject *args)
 {
     unsigned long long off;
@@ -2215,7 +2555,7 @@ static PyObject *Engine_install(Engine *e, PyObject *args)
     uint64_t installed = 0;
     int notify = 0;
     Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&e->lock);
-    if (e->state == E_RUNNING && e->regions) {
+    if (e->state <= E_RUNNING && e->regions) { /* before start too: a staged working set */
         installed = install_image_range(e, off, data.buf, (uint64_t)data.len, kind, 1);
         settle_pending(e);
         notify = all_done(e) || e->state != E_RUNNING;
@@ -2486,6 +2826,10 @@ static PyMethodDef Engine_methods[] = {
     {"fail", (PyCFunction)Engine_fail, METH_VARARGS, "Fail the session (optionally poison)."},
     {"close_uffd", (PyCFunction)Engine_close_uffd, METH_NOARGS, "Stop and close without unregistering."},
     {"wake_all", (PyCFunction)Engine_wake_all, METH_NOARGS, "UFFDIO_WAKE every region."},
+    {"record_working_set", (PyCFunction)Engine_record_working_set, METH_VARARGS,
+     "record_working_set(chunk_size, image_size): record first-touched chunks."},
+    {"working_set", (PyCFunction)Engine_working_set, METH_NOARGS,
+     "The chunks touched so far, in first-touch order."},
     {"wanted_chunks", (PyCFunction)Engine_wanted_chunks, METH_VARARGS,
      "Bitmap of chunks still holding missing data pages."},
     {"reconcile_pagemap", (PyCFunction)Engine_reconcile_pagemap, METH_O,
@@ -2809,7 +3153,7 @@ static void *conn_thread(void *arg)
     if (write_full(c->fd, &reply, sizeof reply) == 0 && ex) {
         int one = 1;
         if ((hello.kind & 0xff) == 2)
-            setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+            bulk_priority();
         setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         for (;;) {
             uint32_t head[2];
@@ -3019,8 +3363,12 @@ static int DataServer_init(DataServer *s, PyObject *args, PyObject *kw)
     setsockopt(s->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (s->listen_fd < 0 || bind(s->listen_fd, res->ai_addr, res->ai_addrlen) < 0 ||
         listen(s->listen_fd, 64) < 0) {
+        int err = errno;
         freeaddrinfo(res);
-        PyErr_SetFromErrno(PyExc_OSError);
+        if (s->listen_fd >= 0)
+            close(s->listen_fd);
+        PyErr_Format(PyExc_OSError, "native data channel: cannot listen on %s:%d (--data-port): %s",
+                     host, port, err == EADDRINUSE ? "address already in use" : strerror(err));
         return -1;
     }
     freeaddrinfo(res);
@@ -3871,6 +4219,17 @@ static PyObject *mod_sha256(PyObject *m, PyObject *arg)
     return PyBytes_FromStringAndSize((const char *)d, 32);
 }
 
+static PyObject *mod_xxh128(PyObject *m, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint8_t out[16];
+    Py_BEGIN_ALLOW_THREADS fast_digest(b.buf, (size_t)b.len, out);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&b);
+    return PyBytes_FromStringAndSize((const char *)out, 16);
+}
+
 static PyObject *mod_sha256_portable(PyObject *m, PyObject *arg)
 {
     Py_buffer b;
@@ -3944,6 +4303,7 @@ static PyMethodDef module_methods[] = {
      "zstd-decompress to exactly size bytes (GIL released)."},
     {"zstd_available", mod_zstd_available, METH_NOARGS, "Whether libzstd could be loaded."},
     {"sha256", mod_sha256, METH_O, "SHA-256 as the native channel computes it."},
+    {"xxh128", mod_xxh128, METH_O, "XXH3-128 (canonical bytes): the per-chunk fast digest."},
     {"sha256_portable", mod_sha256_portable, METH_O, "The built-in SHA-256 fallback."},
     {"uffd_create", (PyCFunction)(void (*)(void))mod_uffd_create, METH_VARARGS | METH_KEYWORDS,
      "Create a userfaultfd with the given features."},

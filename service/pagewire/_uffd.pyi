@@ -99,8 +99,16 @@ class Engine:
         background: bool = True,
         compression: bool = False,
         cache: ChunkCache | None = None,
+        fast_digests: bytes | None = None,
+        working_set: bytes | None = None,
     ) -> None:
-        """Fetch remote pages over the native data channel (urgent and bulk connections)."""
+        """Fetch remote pages over the native data channel (urgent and bulk connections).
+        fast_digests: 16 bytes of XXH3-128 per chunk; without them chunks are checked
+        with SHA-256. working_set: chunk indexes (native u64) asked for first, in one burst."""
+    def record_working_set(self, chunk_size: int, image_size: int) -> None:
+        """Record the chunks the workload touches, in first-touch order."""
+    def working_set(self) -> list[int]:
+        """The chunks touched so far, in first-touch order."""
     def share_cache(self, cache: ChunkCache) -> bool:
         """Share chunks through the host's cache from now on (native channel)."""
     @property
@@ -183,6 +191,7 @@ def zstd_compress(data: bytes | bytearray | memoryview, level: int = 1) -> bytes
 def zstd_decompress(data: bytes | bytearray | memoryview, size: int) -> bytes: ...
 def sha256(data: bytes | bytearray | memoryview) -> bytes: ...
 def sha256_portable(data: bytes | bytearray | memoryview) -> bytes: ...
+def xxh128(data: bytes | bytearray | memoryview) -> bytes: ...
 def uffd_create(features: int, nonblock: bool = True) -> int: ...
 def uffd_features(fd: int) -> int: ...
 def uffd_register(

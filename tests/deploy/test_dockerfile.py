@@ -70,7 +70,7 @@ def test_multi_stage_on_slim_bookworm() -> None:
 def test_builder_compiles_a_wheel() -> None:
     builder = stages()[0]
     run = builder.text("RUN")
-    for package in ("gcc", "linux-libc-dev"):
+    for package in ("gcc", "linux-libc-dev", "libxxhash-dev"):
         assert re.search(rf"apt-get install .*\b{package}\b", run), package
     assert re.search(r"\bpip wheel\b.*--wheel-dir /wheels \.", run)
     copied = builder.text("COPY")
@@ -95,7 +95,7 @@ def test_runtime_defaults() -> None:
     (entrypoint,) = [arg for kw, arg in runtime.instructions if kw == "ENTRYPOINT"]
     assert entrypoint == '["pagewire"]'
     exposed = " ".join(arg for kw, arg in runtime.instructions if kw == "EXPOSE").split()
-    assert exposed == ["7070", "7071"]
+    assert exposed == ["7070", "7071", "7072"]
 
 
 def test_dockerignore_keeps_local_builds_out() -> None:

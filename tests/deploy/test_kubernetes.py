@@ -221,6 +221,9 @@ def test_daemonset_identity_probes_and_lifecycle(
     assert ports["http"]["containerPort"] == 7070
     assert ports["grpc"]["containerPort"] == 7071
     assert ports["grpc"]["hostPort"] == 7071  # PAGEWIRE_PEER_DNS_PATTERN "{node}:7071"
+    # the native data channel: dialled on the gRPC host at the port the agent binds
+    assert env["PAGEWIRE_DATA_PORT"] == "7072"
+    assert ports["data"]["containerPort"] == ports["data"]["hostPort"] == 7072
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(agent["resources"][kind])
     assert {"operator": "Exists"} in pod["tolerations"]

@@ -138,9 +138,25 @@ def test_corrupted_cache_entry_is_caught_by_its_digest(image) -> None:
     t.start()
     t.join(10)
     assert seen == [data[victim * CHUNK : (victim + 1) * CHUNK]]
+    deadline = time.monotonic() + 10  # the refetched chunk is cached after it is installed
+    while cache.stats()["fills"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
     stats = cache.stats()
     assert stats["corrupt"] == 1 and stats["fills"] >= 2  # refetched and cached again
     eng.close()
     os.close(efd)
     os.close(uffd)
     _uffd.munmap(base, size)
+
+
+def test_a_chunk_enters_the_cache_only_under_its_own_sha256() -> None:
+    """Sessions check wire data with their export's fast digest; the cache is keyed by
+    SHA-256 across exports, so a fill is checked against its key before it is kept."""
+    cache = _uffd.ChunkCache(4 * MiB)
+    good = bytes(range(256)) * (CHUNK // 256)
+    bad = b"\x01" + good[1:]
+    key = _uffd.sha256(good)
+    cache.put(key, bad)
+    assert cache.get(key, CHUNK) is None and cache.stats()["corrupt"] == 1
+    cache.put(key, good)
+    assert cache.get(key, CHUNK) == good

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pagewire import _uffd
 from pagewire.core.paths import NotRegularFile, OutsideExportRoots, PathError, PathNotFound
 from pagewire.exports.registry import (
     PAGE_SIZE,
@@ -88,6 +89,9 @@ def test_publish_zero_map_and_digests(registry: ExportRegistry, root: Path) -> N
     assert exp.digests == [
         hashlib.sha256(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)
     ]
+    assert exp.fast_digests == [
+        _uffd.xxh128(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)
+    ]
     assert exp.state == "ready"
     j = exp.to_json()
     assert set(j) == {
@@ -136,6 +140,7 @@ def test_persisted_and_reloaded(registry: ExportRegistry, tmp_path: Path, root: 
         again.wait_verified(30)
         assert loaded.name == "img" and loaded.state == "ready"
         assert loaded.zero_map == exp.zero_map and loaded.digests == exp.digests
+        assert loaded.fast_digests == exp.fast_digests and len(exp.fast_digests) == exp.chunks
         assert loaded.generation == exp.generation
         assert loaded.working_set == [3, 1, 0]
         assert loaded.read_chunk_full(0) == exp.read_chunk_full(0)
@@ -301,5 +306,28 @@ def test_reloaded_digests_are_computed_again(
         again.wait_verified(30)
         assert loaded.state == "stale"
         assert json.loads(path.read_text())["state"] == "stale"
+    finally:
+        again.close()
+
+
+def test_record_without_fast_digests_still_loads(tmp_path: Path, root: Path) -> None:
+    """A record written before fast digests existed loads; they are computed again with
+    the SHA-256 digests when the reloaded export is verified."""
+    registry = ExportRegistry(tmp_path / "state", [root], chunk_size=CHUNK)
+    make_image(root / "img")
+    exp = registry.publish("img", root / "img")
+    registry.close()
+    path = tmp_path / "state" / "exports" / "img.json"
+    record = json.loads(path.read_text())
+    assert record["fast_digest_algorithm"] == "xxh3-128"
+    assert record["fast_digests"] == [d.hex() for d in exp.fast_digests]
+    del record["fast_digest_algorithm"], record["fast_digests"]
+    path.write_text(json.dumps(record))
+    again = ExportRegistry(tmp_path / "state", [root], chunk_size=CHUNK)
+    try:
+        (loaded,) = again.load()
+        again.wait_verified(30)
+        assert loaded.state == "ready" and loaded.digests == exp.digests
+        assert loaded.fast_digests == exp.fast_digests
     finally:
         again.close()

@@ -44,6 +44,8 @@ def test_generated_modules_import_and_match_the_contract() -> None:
         "digest_algorithm",
         "generation",
         "working_set",
+        "chunk_fast_digests",
+        "fast_digest_algorithm",
     }
     request = pagewire_pb2.ChunkRequest(export="e", request_id=7, chunks=[1, 2])
     assert pagewire_pb2.ChunkRequest.FromString(request.SerializeToString()) == request

@@ -74,8 +74,9 @@ class Settings(BaseSettings):
     """per-host chunk cache shared by sessions, 0 to turn it off"""
     cache_idle_s: float = Field(default=30.0, ge=0)
     """seconds an unused cache entry is kept"""
-    data_port: int = Field(default=0, ge=0, le=65535)
-    """TCP port of the native data channel, 0 for any; offered on plain-text links only"""
+    data_port: int = Field(default=7072, ge=0, le=65535)
+    """TCP port of the native data channel, 0 for any; peers dial it on the host they
+    dialled for gRPC"""
     chunk_size: int = Field(default=64 << 10, ge=4096, le=4 << 20)
     """chunk size of new exports in bytes (a power of two)"""
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)

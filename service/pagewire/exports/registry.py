@@ -1,7 +1,9 @@
 """Exports: named, read-only memory images this agent serves to peers.
 
 Publishing scans the file once (pread in chunk-size pieces, holes skipped with
-SEEK_DATA/SEEK_HOLE) to build the zero-page map and one sha256 digest per chunk. The
+SEEK_DATA/SEEK_HOLE) to build the zero-page map and, per chunk, a sha256 digest (the
+export's identity and the chunk cache's key) and an XXH3-128 digest (what destinations check
+every chunk against on the hot path; README "Integrity"). The
 record is kept as JSON under <state_dir>/exports/<name>.json. Serving re-checks the file's
 identity (device, inode, size, mtime) with fstat on every read: a changed file marks the
 export stale and it refuses to serve (DESIGN.md section 5, integrity).
@@ -26,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pagewire import _uffd
 from pagewire.core.paths import BeneathFile, PathError, open_beneath
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DIGEST_ALGORITHM = "sha256"
+FAST_DIGEST_ALGORITHM = "xxh3-128"
+FAST_DIGEST_LEN = 16
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 RECORD_VERSION = 1
 STATE_READY = "ready"
@@ -170,15 +175,15 @@ class _Scanner:
         self.extents = _data_extents(fd, size)
         self._ext = 0
         self._zero_page = bytes(page_size)
-        self._zero_digests: dict[int, bytes] = {}
+        self._zero_digests: dict[int, tuple[bytes, bytes]] = {}
 
-    def chunk(self, offset: int) -> tuple[bytes, bytes]:
-        """(zero flags per page, digest) of the chunk at offset."""
+    def chunk(self, offset: int) -> tuple[bytes, bytes, bytes]:
+        """(zero flags per page, sha256, xxh3-128) of the chunk at offset."""
         end = min(offset + self.chunk_size, self.size)
         pages = (end - offset) // self.page_size
         ranges = self._ranges(offset, end)
         if not ranges:
-            return b"\x01" * pages, self._zero_digest(end - offset)
+            return b"\x01" * pages, *self._zero_digest(end - offset)
         if ranges == [(offset, end)]:
             data: bytes | bytearray = _pread_exact(self.fd, end - offset, offset)
         else:
@@ -186,7 +191,7 @@ class _Scanner:
             for start, stop in ranges:
                 buf[start - offset : stop - offset] = _pread_exact(self.fd, stop - start, start)
             data = buf
-        return self._zero_flags(data, pages), hashlib.sha256(data).digest()
+        return self._zero_flags(data, pages), hashlib.sha256(data).digest(), _uffd.xxh128(data)
 
     def _ranges(self, offset: int, end: int) -> list[tuple[int, int]]:
         """Data extents clipped to [offset, end); chunks are visited in increasing order."""
@@ -207,22 +212,28 @@ class _Scanner:
         # slicing copies a page, but bytes == bytes is a memcmp; memoryview == is far slower
         return bytes(data[p * ps : (p + 1) * ps] == self._zero_page for p in range(pages))
 
-    def _zero_digest(self, length: int) -> bytes:
+    def _zero_digest(self, length: int) -> tuple[bytes, bytes]:
         if length not in self._zero_digests:
-            self._zero_digests[length] = hashlib.sha256(bytes(length)).digest()
+            zeros = bytes(length)
+            self._zero_digests[length] = (hashlib.sha256(zeros).digest(), _uffd.xxh128(zeros))
         return self._zero_digests[length]
 
 
-def scan_file(fd: int, size: int, page_size: int, chunk_size: int) -> tuple[bytes, list[bytes]]:
-    """Zero flags (one byte per page, 1 = all zero) and sha256 per chunk of an open file."""
+def scan_file(
+    fd: int, size: int, page_size: int, chunk_size: int
+) -> tuple[bytes, list[bytes], list[bytes]]:
+    """Zero flags (one byte per page, 1 = all zero), sha256 and xxh3-128 per chunk of an
+    open file."""
     scanner = _Scanner(fd, size, page_size, chunk_size)
     flags: list[bytes] = []
     digests: list[bytes] = []
+    fast: list[bytes] = []
     for offset in range(0, size, chunk_size):
-        zero, digest = scanner.chunk(offset)
+        zero, digest, fast_digest = scanner.chunk(offset)
         flags.append(zero)
         digests.append(digest)
-    return b"".join(flags), digests
+        fast.append(fast_digest)
+    return b"".join(flags), digests, fast
 
 
 # --- the export ------------------------------------------------------------------------
@@ -285,6 +296,8 @@ class Export(ChunkGeometry):
     created_at: float
     state: str = STATE_READY
     working_set: list[int] = field(default_factory=list)
+    # xxh3-128 per chunk (empty for a record from before it existed: peers check sha256)
+    fast_digests: list[bytes] = field(default_factory=list, repr=False)
     _fd: int | None = field(default=None, repr=False)
     _on_stale: Callable[[Export], None] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -441,6 +454,8 @@ class Export(ChunkGeometry):
             "zero_bitmap": base64.b64encode(self.zero_bitmap).decode(),
             "digest_algorithm": DIGEST_ALGORITHM,
             "digests": [d.hex() for d in self.digests],
+            "fast_digest_algorithm": FAST_DIGEST_ALGORITHM,
+            "fast_digests": [d.hex() for d in self.fast_digests],
             "state": self.state,
             "working_set": self.working_set,
             "created_at": self.created_at,
@@ -472,6 +487,11 @@ class Export(ChunkGeometry):
             raise ValueError(f"chunk size {exp.chunk_size} is not a power of two")
         if any(not 0 <= c < exp.chunks for c in exp.working_set):
             raise ValueError("the working set names chunks outside the export")
+        if rec.get("fast_digest_algorithm") == FAST_DIGEST_ALGORITHM:
+            fast = [bytes.fromhex(d) for d in rec.get("fast_digests", [])]
+            if len(fast) != exp.chunks or any(len(d) != FAST_DIGEST_LEN for d in fast):
+                raise ValueError("fast digest list does not match the export's geometry")
+            exp.fast_digests = fast
         return exp
 
 
@@ -633,7 +653,7 @@ class ExportRegistry:
             raise ExportInvalid(
                 f"{real}: size {st.st_size} is not a positive multiple of the page size {PAGE_SIZE}"
             )
-        zero_map, digests = scan_file(fd, st.st_size, PAGE_SIZE, self.chunk_size)
+        zero_map, digests, fast_digests = scan_file(fd, st.st_size, PAGE_SIZE, self.chunk_size)
         identity = FileIdentity.of(st)
         if FileIdentity.of(os.fstat(fd)) != identity:
             raise ExportInvalid(f"{real} changed while it was being published")
@@ -647,6 +667,7 @@ class ExportRegistry:
             digests=digests,
             identity=identity,
             created_at=time.time(),
+            fast_digests=fast_digests,
         )
         self._attach(exp, fd)
         return exp
@@ -724,8 +745,9 @@ class ExportRegistry:
             except ExportNotFound:
                 continue  # withdrawn meanwhile
             try:
-                zero_map, digests = scan_file(fd, exp.size, exp.page_size, exp.chunk_size)
+                zero_map, digests, fast = scan_file(fd, exp.size, exp.page_size, exp.chunk_size)
                 same = zero_map == exp.zero_map and digests == exp.digests
+                same = same and exp.fast_digests in ([], fast)
                 same = same and FileIdentity.of(os.fstat(fd)) == exp.identity
             except (OSError, ExportError) as exc:
                 log.warning("export %s: rehashing %s failed: %s", exp.name, exp.path, exc)
@@ -734,6 +756,7 @@ class ExportRegistry:
                 exp._release()
             if same:
                 with exp._lock:
+                    exp.fast_digests = fast  # a record from before fast digests gains them
                     if exp.state == STATE_VERIFYING:
                         exp.state = STATE_READY
                 log.info("export %s verified after restart", exp.name)

@@ -24,7 +24,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagewire import _uffd
-from pagewire.exports.registry import ChunkGeometry, unpack_bits
+from pagewire.exports.registry import (
+    FAST_DIGEST_ALGORITHM,
+    FAST_DIGEST_LEN,
+    ChunkGeometry,
+    unpack_bits,
+)
 from pagewire.peer.server import (
     COMMON_OPTIONS,
     MAX_CHUNKS_PER_REQUEST,
@@ -81,6 +86,9 @@ class RemoteExport(ChunkGeometry):
     digests: list[bytes]
     generation: str
     working_set: list[int] = field(default_factory=list)
+    # xxh3-128 per chunk, what every chunk is checked against; empty from an older source
+    # (then sha256 is)
+    fast_digests: list[bytes] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, desc: Any) -> RemoteExport:
@@ -95,6 +103,11 @@ class RemoteExport(ChunkGeometry):
         digests = list(desc.chunk_digests)
         if len(digests) != chunks or any(len(d) != DIGEST_LEN for d in digests):
             raise PeerIntegrityError(f"{len(digests)} digests for {chunks} chunks")
+        fast: list[bytes] = []
+        if desc.fast_digest_algorithm == FAST_DIGEST_ALGORITHM:
+            fast = list(desc.chunk_fast_digests)
+            if len(fast) != chunks or any(len(d) != FAST_DIGEST_LEN for d in fast):
+                raise PeerIntegrityError(f"{len(fast)} fast digests for {chunks} chunks")
         return cls(
             name=desc.name,
             size=size,
@@ -104,6 +117,7 @@ class RemoteExport(ChunkGeometry):
             digests=digests,
             generation=desc.generation,
             working_set=list(desc.working_set),
+            fast_digests=fast,
         )
 
 
@@ -146,9 +160,16 @@ def rebuild_chunk(remote: RemoteExport, index: int, data: bytes) -> bytes:
             used += n
             page = flags.find(0, stop)
         chunk = bytes(buf)
-    if hashlib.sha256(chunk).digest() != remote.digests[index]:
+    if not chunk_matches(remote, index, chunk):
         raise PeerIntegrityError(f"chunk {index}: digest mismatch")
     return chunk
+
+
+def chunk_matches(remote: RemoteExport, index: int, chunk: bytes) -> bool:
+    """The chunk is what the peer published: its fast digest, or sha256 from an older peer."""
+    if remote.fast_digests:
+        return _uffd.xxh128(chunk) == remote.fast_digests[index]
+    return hashlib.sha256(chunk).digest() == remote.digests[index]
 
 
 def _rebuild_all(remote: RemoteExport, chunks: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:

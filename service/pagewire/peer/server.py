@@ -26,6 +26,7 @@ from pagewire import _uffd
 from pagewire.agent.settings import is_loopback as host_is_loopback
 from pagewire.exports.registry import (
     DIGEST_ALGORITHM,
+    FAST_DIGEST_ALGORITHM,
     ChunkOutOfRange,
     Export,
     ExportInvalid,
@@ -478,6 +479,8 @@ class PageServicer(pb_grpc.PageServiceServicer):
             digest_algorithm=DIGEST_ALGORITHM,
             generation=export.generation,
             working_set=export.working_set,
+            chunk_fast_digests=export.fast_digests,
+            fast_digest_algorithm=FAST_DIGEST_ALGORITHM if export.fast_digests else "",
         )
 
     # --- OpenChannel ---

@@ -11,6 +11,7 @@ again for what was in flight; after pause_timeout_s the on_source_lost policy ap
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pagewire import _uffd
-from pagewire.exports.registry import unpack_bits
+from pagewire.exports.registry import pack_bits, unpack_bits
 from pagewire.peer.client import (
     PeerClient,
     PeerError,
@@ -39,6 +40,9 @@ BULK_BATCH_BYTES = 1 << 20
 URGENT_DEADLINE_S = 3.0  # a fault's chunk that takes longer means the peer is in trouble
 BULK_IDLE_S = 5.0  # a bulk stream silent this long is dead (keepalive backs this up)
 CLAIM_WINDOW = 128  # chunks one session claims at a time, so sessions spread over an image
+# chunks one Bulk stream asks for: the want map is taken again after each, so chunks that
+# faults brought meanwhile are not fetched twice (bytes received stay near the data pages)
+BULK_WINDOW = 256
 WINDOW_BYTES = 4 << 20  # what one session may have in flight (reserved at admission)
 
 # the active remote sources of this agent, by image: who could share chunks
@@ -89,6 +93,12 @@ class RemoteSource:
         self.unit_chunks = 1
         self.assembling: dict[int, dict[int, bytes]] = {}
         self.session: Session | None = None
+        # the session's engine, kept until stop() so its working-set record can be read
+        self.recorder: _uffd.Engine | None = None
+        # a recorded working set fetched between session creation and attach, installed
+        # before the engine serves its first fault (kept in the host's bounded cache)
+        self.staging: asyncio.Task[None] | None = None
+        self.staged: list[int] = []
         self.urgent_stream: UrgentStream | None = None
         self.inflight: set[int] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -121,6 +131,8 @@ class RemoteSource:
         """At session creation: join the image's sessions, and ask the peer for a native
         data channel before any workload attaches."""
         self._join_image()
+        if self._replay() and self.host_cache is not None:
+            self.staging = asyncio.ensure_future(self._stage_working_set())
         if not self.native:
             return
         try:
@@ -132,11 +144,17 @@ class RemoteSource:
         """Demand faults and bulk go over the engine's own TCP channel when the peer
         offers one (connected before the engine starts, so no fault goes the slow way);
         gRPC stays the fallback. Huge pages larger than a chunk are gathered in Python."""
-        self.session = session  # so the channel's log lines carry the session id
+        # before the engine starts: a fault it hands to Python before start() ran must
+        # find its session, or its fetch would be dropped and the page never asked again
+        self.session = session
         regions = session.handoff.regions if session.handoff else []
         page = max((r.page_size for r in regions), default=0)
         self.unit_chunks = max(1, page // self.remote.chunk_size)
         engine = session.engine
+        if engine is not None:  # first-touched chunks, whichever transport brings them
+            engine.record_working_set(self.remote.chunk_size, self.remote.size)
+            self.recorder = engine
+            self._install_staged(engine)
         if self.grant is None or self.unit_chunks > 1 or engine is None:
             return
         cache = self.cache
@@ -155,6 +173,9 @@ class RemoteSource:
                 b"".join(r.digests),
                 background=self.background,
                 compression=self.compression == "zstd",
+                fast_digests=b"".join(r.fast_digests) or None,
+                # a staged working set is on its way already over gRPC
+                working_set=None if self.staging else self._replay().tobytes() or None,
             )
         except (OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())
@@ -185,10 +206,52 @@ class RemoteSource:
             for source in peers:
                 source.share_cache()
 
+    async def _stage_working_set(self) -> None:
+        """Fetch the recorded working set into the host's cache before the workload
+        attaches (it fills what the cache may hold; the rest comes after attach)."""
+        cache, r = self.host_cache, self.remote
+        assert cache is not None
+        chunks = [c for c in self._replay() if not r.chunk_is_zero(c)]
+        stream = self._urgent()
+
+        async def part(indexes: list[int]) -> None:
+            got = await stream.fetch(indexes)
+            engine = self.recorder  # attached meanwhile: straight in
+            for index in indexes:
+                if engine is not None and engine.state == "running":
+                    engine.install(index * r.chunk_size, got[index], _uffd.PREFETCH)
+                else:  # kept as each part lands: attach may come any time
+                    cache.put(r.digests[index], got[index])
+                    self.staged.append(index)
+
+        try:
+            await asyncio.gather(*(part(chunks[i : i + 16]) for i in range(0, len(chunks), 16)))
+        except PeerError as exc:
+            log.info("working set not staged: %s", exc, extra=self._log_extra())
+
+    def _install_staged(self, engine: _uffd.Engine) -> None:
+        """Before the engine starts: install the staged working set in one burst (what is
+        still on its way is installed as it lands)."""
+        cache, r = self.host_cache, self.remote
+        staged, self.staged = self.staged, []
+        if cache is None:
+            return
+        for index in staged:
+            data = cache.get(r.digests[index], r.chunk_len(index))
+            if data is not None:
+                engine.install(index * r.chunk_size, data, _uffd.PREFETCH)
+
+    def _replay(self) -> array.array[int]:
+        """The recorded working set to install first (prefetch "working_set")."""
+        if self.prefetch != "working_set":
+            return array.array("Q")
+        return array.array("Q", (c for c in self.remote.working_set if c < self.remote.chunks))
+
     async def start(self, session: Session) -> None:
         self.session = session
-        if self.prefetch == "working_set" and self.remote.working_set:
-            self._spawn(self._fetch(list(self.remote.working_set), _uffd.PREFETCH))
+        replay = self._replay()
+        if replay and not self.on_channel:  # the native channel asks for it itself
+            self._spawn(self._fetch(list(replay), _uffd.PREFETCH))
         if self.background and not self.on_channel:
             self._spawn(self._bulk())
 
@@ -299,7 +362,7 @@ class RemoteSource:
         engine = self._engine()
         while engine is not None and engine.state == "running":
             want, deferred = self._want_from_cache(
-                engine.wanted_chunks(self.remote.chunk_size, self.remote.size)
+                self._bulk_window(engine.wanted_chunks(self.remote.chunk_size, self.remote.size))
             )
             if not any(want):
                 if not deferred:
@@ -321,6 +384,19 @@ class RemoteSource:
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
             engine = self._engine()
+
+    def _bulk_window(self, want: bytes) -> bytes:
+        """The next BULK_WINDOW wanted chunks, less those an urgent fetch is bringing."""
+        flags = bytearray(unpack_bits(want, self.remote.chunks))
+        for index in self.inflight:
+            flags[index] = 0
+        kept, index = 0, flags.find(1)
+        while index >= 0 and kept < BULK_WINDOW:
+            kept += 1
+            index = flags.find(1, index + 1)
+        if index >= 0:
+            flags[index:] = bytes(len(flags) - index)
+        return pack_bits(bytes(flags))
 
     def _want_from_cache(self, want: bytes) -> tuple[bytes, int]:
         """The want bitmap less what the host's cache installs right away and what another
@@ -391,7 +467,26 @@ class RemoteSource:
             session.paused_since = None
             log.info("source reachable again, session resumed", extra=self._log_extra())
 
+    async def _upload_working_set(self) -> None:
+        """A completed session leaves its first-touch record with the export, for the next
+        session with prefetch "working_set"."""
+        recorder, self.recorder = self.recorder, None
+        session = self.session
+        if recorder is None or session is None or session.state != "completed":
+            return
+        # what was replayed stays (faults there were few because it was replayed)
+        chunks = list(dict.fromkeys([*self._replay(), *recorder.working_set()]))
+        if not chunks:
+            return
+        try:
+            await self.client.upload_working_set(self.remote.name, chunks)
+        except PeerError as exc:
+            log.info("working set not uploaded: %s", exc, extra=self._log_extra())
+
     async def stop(self) -> None:
+        if self.staging is not None:
+            self.staging.cancel()
+        await self._upload_working_set()
         self.stopped = True
         peers = SAME_IMAGE.get(self.image_key, set())
         peers.discard(self)

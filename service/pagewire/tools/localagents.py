@@ -39,6 +39,7 @@ class LocalAgent:
         self.host = host
         self.http_port = free_port() if netns is None else 7070
         self.grpc_port = free_port() if netns is None else 7071
+        self.data_port = free_port() if netns is None else 7072
         self.export_roots = export_roots
         self.extra = extra or []
         self.netns = netns
@@ -77,6 +78,8 @@ class LocalAgent:
             str(self.workdir / "state"),
             "--node-name",
             self.name,
+            "--data-port",
+            str(self.data_port),
         ]
         for root in self.export_roots:
             cmd += ["--export-root", str(root)]
@@ -103,6 +106,7 @@ class LocalAgent:
                     raise
                 self.kill()
                 self.http_port, self.grpc_port = free_port(), free_port()
+                self.data_port = free_port()
         return self
 
     def wait_ready(self, timeout: float) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagewire/v1/pagewire.proto\x12\x0bpagewire.v1\"!\n\x0f\x44\x65scribeRequest\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\"\xc2\x01\n\x11\x45xportDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x10\n\x08zero_map\x18\x05 \x01(\x0c\x12\x15\n\rchunk_digests\x18\x06 \x03(\x0c\x12\x18\n\x10\x64igest_algorithm\x18\x07 \x01(\t\x12\x12\n\ngeneration\x18\x08 \x01(\t\x12\x13\n\x0bworking_set\x18\t \x03(\x04\"W\n\x0c\x43hunkRequest\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x03(\x04\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\"6\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x03 \x01(\t\"D\n\nChunkBatch\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x12.pagewire.v1.Chunk\"Y\n\x0b\x42ulkRequest\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\x12\x0c\n\x04want\x18\x02 \x01(\x0c\x12\x17\n\x0fmax_batch_bytes\x18\x03 \x01(\r\",\n\nWorkingSet\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\x04\"#\n\x0fWorkingSetReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"$\n\x12OpenChannelRequest\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\"+\n\x0c\x43hannelGrant\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x32\xec\x02\n\x0bPageService\x12H\n\x08\x44\x65scribe\x12\x1c.pagewire.v1.DescribeRequest\x1a\x1e.pagewire.v1.ExportDescription\x12@\n\x06Urgent\x12\x19.pagewire.v1.ChunkRequest\x1a\x17.pagewire.v1.ChunkBatch(\x01\x30\x01\x12;\n\x04\x42ulk\x12\x18.pagewire.v1.BulkRequest\x1a\x17.pagewire.v1.ChunkBatch0\x01\x12I\n\x10UploadWorkingSet\x12\x17.pagewire.v1.WorkingSet\x1a\x1c.pagewire.v1.WorkingSetReply\x12I\n\x0bOpenChannel\x12\x1f.pagewire.v1.OpenChannelRequest\x1a\x19.pagewire.v1.ChannelGrantb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagewire/v1/pagewire.proto\x12\x0bpagewire.v1\"!\n\x0f\x44\x65scribeRequest\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\"\xfd\x01\n\x11\x45xportDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x10\n\x08zero_map\x18\x05 \x01(\x0c\x12\x15\n\rchunk_digests\x18\x06 \x03(\x0c\x12\x18\n\x10\x64igest_algorithm\x18\x07 \x01(\t\x12\x12\n\ngeneration\x18\x08 \x01(\t\x12\x13\n\x0bworking_set\x18\t \x03(\x04\x12\x1a\n\x12\x63hunk_fast_digests\x18\n \x03(\x0c\x12\x1d\n\x15\x66\x61st_digest_algorithm\x18\x0b \x01(\t\"W\n\x0c\x43hunkRequest\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x03(\x04\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\"6\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x03 \x01(\t\"D\n\nChunkBatch\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x12.pagewire.v1.Chunk\"Y\n\x0b\x42ulkRequest\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\x12\x0c\n\x04want\x18\x02 \x01(\x0c\x12\x17\n\x0fmax_batch_bytes\x18\x03 \x01(\r\",\n\nWorkingSet\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\x04\"#\n\x0fWorkingSetReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"$\n\x12OpenChannelRequest\x12\x0e\n\x06\x65xport\x18\x01 \x01(\t\"+\n\x0c\x43hannelGrant\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x32\xec\x02\n\x0bPageService\x12H\n\x08\x44\x65scribe\x12\x1c.pagewire.v1.DescribeRequest\x1a\x1e.pagewire.v1.ExportDescription\x12@\n\x06Urgent\x12\x19.pagewire.v1.ChunkRequest\x1a\x17.pagewire.v1.ChunkBatch(\x01\x30\x01\x12;\n\x04\x42ulk\x12\x18.pagewire.v1.BulkRequest\x1a\x17.pagewire.v1.ChunkBatch0\x01\x12I\n\x10UploadWorkingSet\x12\x17.pagewire.v1.WorkingSet\x1a\x1c.pagewire.v1.WorkingSetReply\x12I\n\x0bOpenChannel\x12\x1f.pagewire.v1.OpenChannelRequest\x1a\x19.pagewire.v1.ChannelGrantb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=43
   _globals['_DESCRIBEREQUEST']._serialized_end=76
   _globals['_EXPORTDESCRIPTION']._serialized_start=79
-  _globals['_EXPORTDESCRIPTION']._serialized_end=273
-  _globals['_CHUNKREQUEST']._serialized_start=275
-  _globals['_CHUNKREQUEST']._serialized_end=362
-  _globals['_CHUNK']._serialized_start=364
-  _globals['_CHUNK']._serialized_end=418
-  _globals['_CHUNKBATCH']._serialized_start=420
-  _globals['_CHUNKBATCH']._serialized_end=488
-  _globals['_BULKREQUEST']._serialized_start=490
-  _globals['_BULKREQUEST']._serialized_end=579
-  _globals['_WORKINGSET']._serialized_start=581
-  _globals['_WORKINGSET']._serialized_end=625
-  _globals['_WORKINGSETREPLY']._serialized_start=627
-  _globals['_WORKINGSETREPLY']._serialized_end=662
-  _globals['_OPENCHANNELREQUEST']._serialized_start=664
-  _globals['_OPENCHANNELREQUEST']._serialized_end=700
-  _globals['_CHANNELGRANT']._serialized_start=702
-  _globals['_CHANNELGRANT']._serialized_end=745
-  _globals['_PAGESERVICE']._serialized_start=748
-  _globals['_PAGESERVICE']._serialized_end=1112
+  _globals['_EXPORTDESCRIPTION']._serialized_end=332
+  _globals['_CHUNKREQUEST']._serialized_start=334
+  _globals['_CHUNKREQUEST']._serialized_end=421
+  _globals['_CHUNK']._serialized_start=423
+  _globals['_CHUNK']._serialized_end=477
+  _globals['_CHUNKBATCH']._serialized_start=479
+  _globals['_CHUNKBATCH']._serialized_end=547
+  _globals['_BULKREQUEST']._serialized_start=549
+  _globals['_BULKREQUEST']._serialized_end=638
+  _globals['_WORKINGSET']._serialized_start=640
+  _globals['_WORKINGSET']._serialized_end=684
+  _globals['_WORKINGSETREPLY']._serialized_start=686
+  _globals['_WORKINGSETREPLY']._serialized_end=721
+  _globals['_OPENCHANNELREQUEST']._serialized_start=723
+  _globals['_OPENCHANNELREQUEST']._serialized_end=759
+  _globals['_CHANNELGRANT']._serialized_start=761
+  _globals['_CHANNELGRANT']._serialized_end=804
+  _globals['_PAGESERVICE']._serialized_start=807
+  _globals['_PAGESERVICE']._serialized_end=1171
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, export: _Optional[str] = ...) -> None: ...
 
 class ExportDescription(_message.Message):
-    __slots__ = ("name", "size", "page_size", "chunk_size", "zero_map", "chunk_digests", "digest_algorithm", "generation", "working_set")
+    __slots__ = ("name", "size", "page_size", "chunk_size", "zero_map", "chunk_digests", "digest_algorithm", "generation", "working_set", "chunk_fast_digests", "fast_digest_algorithm")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class ExportDescription(_message.Message):
     DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     WORKING_SET_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FAST_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    FAST_DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     page_size: int
@@ -32,7 +34,9 @@ class ExportDescription(_message.Message):
     digest_algorithm: str
     generation: str
     working_set: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., page_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., zero_map: _Optional[bytes] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., digest_algorithm: _Optional[str] = ..., generation: _Optional[str] = ..., working_set: _Optional[_Iterable[int]] = ...) -> None: ...
+    chunk_fast_digests: _containers.RepeatedScalarFieldContainer[bytes]
+    fast_digest_algorithm: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., page_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., zero_map: _Optional[bytes] = ..., chunk_digests: _Optional[_Iterable[bytes]] = ..., digest_algorithm: _Optional[str] = ..., generation: _Optional[str] = ..., working_set: _Optional[_Iterable[int]] = ..., chunk_fast_digests: _Optional[_Iterable[bytes]] = ..., fast_digest_algorithm: _Optional[str] = ...) -> None: ...
 
 class ChunkRequest(_message.Message):
     __slots__ = ("export", "request_id", "chunks", "compression")
