@@ -253,7 +253,7 @@ def test_delay_50ms_and_1pct_loss(pair: Peers, image, record) -> None:
             net.b,
             sys.executable,
             str(HERE / "delay_proxy.py"),
-            f"{net.addr_b}:7072",
+            f"{net.addr_b}:7090",
             pair.source.grpc,
             "0.025",
         ],
@@ -263,7 +263,7 @@ def test_delay_50ms_and_1pct_loss(pair: Peers, image, record) -> None:
         assert relay.stdout is not None and relay.stdout.readline().strip() == b"ready"
         img = image(8 * MiB)
         publish(pair, img)
-        run = begin(pair, img, ["--threads", "2", "--verify", str(img)], peer=f"{net.addr_b}:7072")
+        run = begin(pair, img, ["--threads", "2", "--verify", str(img)], peer=f"{net.addr_b}:7090")
         report, hung = finish(run)
         status = final_state(pair, run)
         elapsed = time.monotonic() - run.started
