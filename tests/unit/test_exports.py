@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from pagewire import _uffd
+from pagewire.core.errors import InvalidRequest
 from pagewire.core.paths import NotRegularFile, OutsideExportRoots, PathError, PathNotFound
 from pagewire.exports.registry import (
     PAGE_SIZE,
@@ -219,7 +220,7 @@ def test_bad_files(registry: ExportRegistry, root: Path) -> None:
             registry.publish(name, root / name)
     with pytest.raises(PathError) as info:
         registry.publish("nul", str(root / "a\0b"))
-    assert info.value.status == 400 and info.value.code == "invalid_path"
+    assert isinstance(info.value, InvalidRequest) and info.value.code == "invalid_path"
     assert registry.list() == []
 
 
