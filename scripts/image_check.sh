@@ -37,7 +37,7 @@ mkdir -p "$WORK"
 if [ ! -s "$WORK/base.tar" ]; then
     step "making the base rootfs from Debian packages (mmdebstrap, a few minutes)"
     mmdebstrap --quiet --variant=apt \
-        --include=python3,python3-pip,python3-venv,python3-dev,python-is-python3,gcc,libc6-dev,linux-libc-dev,libxxhash-dev,ca-certificates,passwd \
+        --include=python3,python3-pip,python3-venv,python3-dev,python-is-python3,gcc,libc6-dev,linux-libc-dev,libxxhash-dev,libssl-dev,ca-certificates,passwd \
         bookworm "$WORK/base.tar.part"
     mv "$WORK/base.tar.part" "$WORK/base.tar"
 fi

@@ -16,6 +16,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v gcc >/dev/null || need+=(gcc)
     [ -e /usr/include/linux/userfaultfd.h ] || need+=(linux-libc-dev)
     [ -e /usr/include/xxhash.h ] || need+=(libxxhash-dev)
+    [ -e /usr/include/openssl/sha.h ] || need+=(libssl-dev)
     python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
         || need+=(python3-dev)
     command -v prometheus >/dev/null || need+=(prometheus)

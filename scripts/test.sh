@@ -9,4 +9,8 @@ if [ "${CI:-}" = "true" ]; then
 fi
 .venv/bin/python -m ruff check service tests bench scripts
 .venv/bin/python -m mypy
+# Without arguments: every test but the slow image check (.ci/run runs that on its own).
+if [ $# -eq 0 ]; then
+    set -- -m "not slow"
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build the extension with AddressSanitizer and UndefinedBehaviorSanitizer into its own
+# virtualenv (.venv-sanitize) and run the engine and native-channel tests once with it.
+# Leak checking is off: CPython itself does not free everything at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ ! -x .venv-sanitize/bin/python ]; then
+    python3 -m venv .venv-sanitize
+fi
+.venv-sanitize/bin/python -m pip install -q --upgrade pip >/dev/null
+echo "sanitize: building pagewire._uffd with -fsanitize=address,undefined"
+PAGEWIRE_SANITIZE=1 .venv-sanitize/bin/python -m pip install -q --no-cache-dir --force-reinstall \
+    --no-deps --no-build-isolation '.' 2>&1 | grep -v -e '^$' -e corresp || true
+.venv-sanitize/bin/python -m pip install -q '.[test]' >/dev/null
+export LD_PRELOAD
+LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+if [ "${CI:-}" = "true" ]; then
+    export PAGEWIRE_STRICT_TESTS=1
+fi
+exec .venv-sanitize/bin/python -m pytest -q -p no:cacheprovider \
+    tests/integration/test_engine_restore.py tests/integration/test_partial_install.py \
+    tests/integration/test_native_channel.py tests/integration/test_firecracker_handshake.py \
+    tests/integration/test_cache.py "$@"
