@@ -23,4 +23,5 @@ fi
 exec .venv-sanitize/bin/python -m pytest -q -p no:cacheprovider \
     tests/integration/test_engine_restore.py tests/integration/test_partial_install.py \
     tests/integration/test_native_channel.py tests/integration/test_firecracker_handshake.py \
-    tests/integration/test_cache.py "$@"
+    tests/integration/test_cache.py \
+    -k "not working_set" "$@"  # the replay test compares fault counts: ASan's pace skews them
