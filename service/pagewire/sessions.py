@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -21,11 +20,15 @@ from .errors import ApiError
 from .handoff import (
     Handoff,
     HandoffError,
+    PoisonUnsupported,
     SocketSpec,
     check_registered,
+    kill_through_pidfd,
     listen,
     peer_credentials,
+    poison_registered,
     receive_handoff,
+    send_verdict,
 )
 from .layout import SYSTEM_PAGE_SIZE, Limits
 from .metrics import Retired
@@ -161,6 +164,7 @@ class Session:
     final_hist: dict[str, Histogram] | None = None
     paused_since: float | None = None
     closing: bool = False  # a policy or request is ending it; engine notices are not news
+    last_refusal: dict[str, str] | None = None  # the latest refused handoff, while awaiting
     frozen_status: dict[str, Any] | None = None  # an ended session read back from its record
 
     @property
@@ -258,6 +262,7 @@ class SessionManager:
         self.shutting_down = False
         self.draining = False
         self.records_dir = settings.state_dir / "sessions"
+        self.state_writable = True  # the last record write (or probe) succeeded
 
     # ---- creation -------------------------------------------------------
 
@@ -315,8 +320,20 @@ class SessionManager:
                 400, "socket_failed", f"cannot create the session socket: {exc}"
             ) from None
         session = Session(session_id, request, source, socket_path)
+        try:
+            await asyncio.to_thread(self.write_record, session)
+        except OSError as exc:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+            await source.stop()
+            self.state_writable = False
+            log.error("session refused: its record cannot be written: %s", exc)
+            raise ApiError(
+                503, "state_unwritable", f"the session record cannot be written: {exc}"
+            ) from None
+        self.state_writable = True
         self.sessions[session_id] = session
-        self.persist(session)
         session.task = asyncio.create_task(self._run(session, listener))
         log.info("session created", extra={"session": session_id, "source": source.describe()})
         return session
@@ -371,9 +388,22 @@ class SessionManager:
                 if uid not in self.settings.allowed_uids:
                     self.count_rejection("peer_not_allowed")
                     log.warning("handoff from uid %d refused", uid, extra={"session": session.id})
+                    send_verdict(conn, HandoffError("peer_not_allowed", f"uid {uid} refused"))
                     conn.close()
                     continue
-            return await receive_handoff(conn, limits, check_registration=False)
+            try:
+                return await receive_handoff(conn, limits, check_registration=False)
+            except HandoffError as exc:
+                # one bad or silent connection must not end the session: the real
+                # workload may still come before attach_timeout_s
+                self.count_rejection(exc.code)
+                session.last_refusal = {"code": exc.code, "message": exc.message}
+                log.warning(
+                    "handoff refused: %s: %s",
+                    exc.code,
+                    exc.message,
+                    extra={"session": session.id},
+                )
 
     async def _run(self, session: Session, listener: socket.socket) -> None:
         try:
@@ -385,10 +415,13 @@ class SessionManager:
                     session.socket_path.unlink()
             self._start_engine(session, handoff)
             await self._check_registered(session, handoff)
+            handoff.verdict()
             await session.source.start(session)
             await session.ended.wait()
         except HandoffError as exc:
-            if exc.code != "attach_timeout":
+            if exc.code == "attach_timeout" and session.last_refusal:
+                exc.message += f"; last handoff refused: {session.last_refusal['message']}"
+            elif exc.code != "attach_timeout":
                 self.count_rejection(exc.code)
             self._end(session, "failed", exc.code, exc.message)
         except asyncio.CancelledError:
@@ -399,15 +432,23 @@ class SessionManager:
 
     async def _check_registered(self, session: Session, handoff: Handoff) -> None:
         """The regions' coverage, checked while the engine already serves the first faults
-        (reading smaps takes milliseconds). A hostile layout ends the session: the listed
-        ranges are unregistered so the workload is never left hanging."""
+        (reading smaps takes milliseconds). A hostile layout ends the session, failing
+        closed: every range the uffd registered is poisoned, never unregistered."""
         try:
             await asyncio.to_thread(check_registered, handoff.pid, handoff.regions)
-        except HandoffError:
+        except HandoffError as exc:
             session.closing = True
-            if session.engine is not None:  # unregisters every listed range, then closes
-                await asyncio.to_thread(session.engine.fail, "not_registered", False)
+            engine = session.engine
+            if engine is not None:
+                await asyncio.to_thread(self._poison_all, engine, handoff)
+                await self._fail_engine(session, engine, exc.code)
+            handoff.verdict(exc)
             raise
+
+    @staticmethod
+    def _poison_all(engine: _uffd.Engine, handoff: Handoff) -> None:
+        with contextlib.suppress(PoisonUnsupported):
+            poison_registered(engine.uffd, handoff.pid)
 
     def _start_engine(self, session: Session, handoff: Handoff, *, recovered: bool = False) -> None:
         session.handoff = handoff
@@ -462,7 +503,7 @@ class SessionManager:
         offsets = engine.take_requests()
         if offsets:
             session.source.on_requests(session, offsets)
-        if engine.state == "completed":
+        if engine.state == "completed" or (engine.state == "failed" and _all_installed(engine)):
             self._end(session, "completed")
         elif engine.state == "failed":
             code = engine.error or "failed"
@@ -489,6 +530,9 @@ class SessionManager:
             os.close(session.notify_fd)
             session.notify_fd = -1
         if session.handoff is not None and session.handoff.conn is not None:
+            # a restore can end before its registration check did: answer the workload
+            ended_ok = state == "completed"
+            session.handoff.verdict(None if ended_ok else HandoffError(code or state, message))
             session.handoff.conn.close()
             session.handoff.conn = None
         asyncio.get_running_loop().create_task(session.source.stop())
@@ -506,17 +550,32 @@ class SessionManager:
         session.closing = True
         engine = session.engine
         if engine is not None:
-            poisoned = await asyncio.to_thread(engine.fail, code, True)
-            if not poisoned and session.handoff is not None:
-                # the workload did not negotiate UFFD_FEATURE_POISON: it cannot be given
-                # SIGBUS per page, and zeros are never an answer, so it is stopped
-                log.warning(
-                    "workload lacks UFFD_FEATURE_POISON; killing it", extra={"session": session.id}
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(session.handoff.pid, signal.SIGKILL)
+            if _all_installed(engine):  # nothing is missing: the restore is complete
                 await asyncio.to_thread(engine.fail, code, False)
+                self._end(session, "completed")
+                return
+            message += await self._fail_engine(session, engine, code)
         self._end(session, state, code, message)
+
+    async def _fail_engine(self, session: Session, engine: _uffd.Engine, code: str) -> str:
+        """Poison what is missing (POISON is probed, so a Firecracker uffd gets it too).
+        Only a kernel without UFFDIO_POISON (before 6.6) leaves one fail-closed answer:
+        killing the workload through its pidfd. Returns what to add to the message."""
+        if await asyncio.to_thread(engine.fail, code, True):
+            return ""
+        h = session.handoff
+        killed = h is not None and kill_through_pidfd(h.pid, h.start_time)
+        log.warning(
+            "kernel lacks UFFDIO_POISON; workload %s through its pidfd",
+            "killed" if killed else "could not be killed",
+            extra={"session": session.id},
+        )
+        await asyncio.to_thread(engine.fail, code, False)
+        return (
+            "; the kernel lacks UFFDIO_POISON, so the workload was killed"
+            if killed
+            else "; the kernel lacks UFFDIO_POISON and the workload could not be killed"
+        )
 
     async def cancel(self, session: Session) -> None:
         if session.state == "awaiting_attach" and session.task is not None:
@@ -543,12 +602,41 @@ class SessionManager:
 
     # ---- records, counters, shutdown -------------------------------------
 
-    def persist(self, session: Session) -> None:
+    def write_record(self, session: Session) -> None:
+        """Write the session's record durably enough to survive an agent restart; OSError
+        (read-only dir, ENOSPC) leaves no temp file behind."""
         path = self.records_dir / f"{session.id}.json"
         tmp = path.with_suffix(".tmp")
-        with contextlib.suppress(OSError):
+        try:
             tmp.write_text(json.dumps(session.record()))
             tmp.replace(path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def persist(self, session: Session) -> None:
+        """Update a record; a failure is logged and makes the agent not ready."""
+        try:
+            self.write_record(session)
+            self.state_writable = True
+        except OSError as exc:
+            if self.state_writable:
+                log.error("session record cannot be written: %s", exc, extra={"session": session.id})
+            self.state_writable = False
+
+    def probe_state_dir(self) -> bool:
+        """Whether a record can be written now (for /readyz, after a failed write)."""
+        probe = self.records_dir / ".probe.tmp"
+        try:
+            probe.write_bytes(b"{}")
+            probe.unlink()
+            self.state_writable = True
+        except OSError:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            self.state_writable = False
+        return self.state_writable
 
     def count_rejection(self, reason: str) -> None:
         self.handoff_rejections[reason] = self.handoff_rejections.get(reason, 0) + 1
@@ -586,6 +674,12 @@ class SessionManager:
             session.engine.close_uffd()
         self.persist(session)
         log.warning("session handed over to the next agent", extra={"session": session.id})
+
+
+def _all_installed(engine: _uffd.Engine) -> bool:
+    """Every page present, zero or removed: whatever happened afterwards, it restored."""
+    s = engine.stats()
+    return s.get("pages_total", 0) > 0 and s.get("pages_missing", 1) == 0
 
 
 _FAILURE_TEXT = {
