@@ -28,7 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pagewire.remote")
 
 BACKOFF_MIN_S = 0.05
-BACKOFF_MAX_S = 2.0
+BACKOFF_MAX_S = 0.5  # a returning source is used within a second of being ready
+# Consecutive chunks failing their digest from one source before it counts as lost (the
+# session pauses and on_source_lost applies after pause_timeout_s): one bad chunk is a
+# glitch fetched again, a run of them is a source serving wrong data.
+INTEGRITY_FAILURES_LOST = 3
 BULK_BATCH_BYTES = 1 << 20
 URGENT_DEADLINE_S = 3.0  # a fault's chunk that takes longer means the peer is in trouble
 BULK_IDLE_S = 5.0  # a bulk stream silent this long is dead (keepalive backs this up)
@@ -88,6 +92,7 @@ class RemoteSource:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopped = False
         self.integrity_failures = 0
+        self.integrity_run = 0  # consecutive digest failures; a good answer resets it
         # urgent chunks in flight, so one session stays within WINDOW_BYTES
         self.urgent_slots = asyncio.Semaphore(max(1, WINDOW_BYTES // 2 // remote.chunk_size))
 
@@ -349,9 +354,15 @@ class RemoteSource:
                 return
             except PeerIntegrityError as exc:
                 self.integrity_failures += 1
+                self.integrity_run += 1
                 log.warning(
-                    "peer sent a bad chunk; fetching again: %s", exc, extra=self._log_extra()
+                    "peer sent a bad chunk (%d in a row); fetching again: %s",
+                    self.integrity_run,
+                    exc,
+                    extra=self._log_extra(),
                 )
+                if self.integrity_run >= INTEGRITY_FAILURES_LOST and await self._paused(exc):
+                    return
             except PeerError as exc:
                 if await self._paused(exc):
                     return
@@ -378,6 +389,7 @@ class RemoteSource:
         return False
 
     def _resumed(self) -> None:
+        self.integrity_run = 0
         session = self.session
         if session is not None and session.state == "paused":
             session.state = "running"

@@ -25,8 +25,9 @@ OUTCOMES: list[Outcome] = []
 
 def table() -> str:
     rows = [
-        "| scenario | runs | wrong bytes | hangs | time to recover (s) | total (s) | detail |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | runs | wrong bytes | hangs | SIGBUS | time to recover (s) | total (s) "
+        "| detail |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     by: dict[str, list[Outcome]] = {}
     for o in OUTCOMES:
@@ -36,7 +37,8 @@ def table() -> str:
         recover_text = f"{max(recover):.2f}" if recover else "-"
         rows.append(
             f"| {name} | {len(outs)} | {sum(o.wrong_bytes for o in outs)} | "
-            f"{sum(o.hung for o in outs)} | {recover_text} | "
+            f"{sum(o.hung for o in outs)} | "
+            f"{sum(o.detail.endswith(', SIGBUS') for o in outs)} | {recover_text} | "
             f"{max(o.total_s for o in outs):.2f} | {outs[-1].detail} |"
         )
     return "\n".join(rows)
