@@ -3178,9 +3178,13 @@ static PyObject *Snapshot_start(Snapshot *s, PyObject *unused)
             if (st != 'T')
                 usleep(200);
         }
+        /* a process that never stopped (traced, uninterruptible) gives no instant: it is
+         * never write-protected while it runs */
         struct uffdio_writeprotect wp = {.range = {s->base, s->size},
                                          .mode = UFFDIO_WRITEPROTECT_MODE_WP};
-        if (ioctl(s->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+        if (st != 'T')
+            err = EBUSY;
+        else if (ioctl(s->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
             err = errno;
         kill(s->pid, SIGCONT);
     }
