@@ -28,8 +28,10 @@ from pagewire.exports import ChunkGeometry, unpack_bits
 from pagewire.peer_server import (
     COMMON_OPTIONS,
     MAX_CHUNKS_PER_REQUEST,
+    MAX_SUSPECTS,
     MAX_URGENT_BYTES,
     SERVICE_NAME,
+    SUSPECT_METADATA,
     require_secure_or_loopback,
     tls_material,
 )
@@ -74,7 +76,12 @@ class PeerError(Exception):
 
 
 class PeerIntegrityError(PeerError):
-    """The peer sent data that does not match what it published."""
+    """The peer sent data that does not match what it published (chunk: which one, when
+    it failed its digest)."""
+
+    def __init__(self, message: str, chunk: int | None = None) -> None:
+        super().__init__(message)
+        self.chunk = chunk
 
 
 # --- the export as seen from here ---------------------------------------------------
@@ -156,7 +163,7 @@ def rebuild_chunk(remote: RemoteExport, index: int, data: bytes) -> bytes:
             page = flags.find(0, stop)
         chunk = bytes(buf)
     if hashlib.sha256(chunk).digest() != remote.digests[index]:
-        raise PeerIntegrityError(f"chunk {index}: digest mismatch")
+        raise PeerIntegrityError(f"chunk {index}: digest mismatch", chunk=index)
     return chunk
 
 
@@ -259,9 +266,18 @@ class PeerClient:
 
     # --- unary calls ---
 
-    async def describe(self, export: str, timeout: float | None = 30.0) -> RemoteExport:
+    async def describe(
+        self, export: str, timeout: float | None = 30.0, suspects: list[int] | None = None
+    ) -> RemoteExport:
+        """The export's description; suspects names chunks that failed their digest, which
+        the source re-reads and re-hashes (marking the export stale if its file changed)."""
+        metadata = (SUSPECT_METADATA, ",".join(map(str, suspects[:MAX_SUSPECTS]))) if suspects else None
         try:
-            desc = await self.stub.Describe(pb.DescribeRequest(export=export), timeout=timeout)
+            desc = await self.stub.Describe(
+                pb.DescribeRequest(export=export),
+                timeout=timeout,
+                metadata=(metadata,) if metadata else None,
+            )
         except grpc.aio.AioRpcError as exc:
             raise PeerError.from_rpc(exc) from None
         try:

@@ -361,6 +361,8 @@ class RemoteSource:
                     exc,
                     extra=self._log_extra(),
                 )
+                if exc.chunk is not None:
+                    self._spawn(self._complain(exc.chunk))
                 if self.integrity_run >= INTEGRITY_FAILURES_LOST and await self._paused(exc):
                     return
             except PeerError as exc:
@@ -368,6 +370,14 @@ class RemoteSource:
                     return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _complain(self, chunk: int) -> None:
+        """Tell the source which chunk failed its digest: it re-reads and re-hashes it, and
+        marks the export stale if its file no longer matches (then Describe says so)."""
+        try:
+            await self.client.describe(self.remote.name, timeout=5.0, suspects=[chunk])
+        except PeerError as exc:
+            log.warning("digest complaint answered: %s", exc, extra=self._log_extra())
 
     def _log_extra(self) -> dict[str, str]:
         return {"session": self.session.id if self.session else "", "peer": self.address}

@@ -476,6 +476,9 @@ def test_corrupt_source_is_a_lost_source(
     assert got_sigbus, (run.proc.returncode, report)
     assert status["state"] == "failed" and status["error"]["code"] == "source_lost", status
     assert "paused" in run.watch.states()
+    # the destination's complaint made the source re-hash the chunk and withdraw its trust
+    export = pair.source.request("GET", "/v1/exports/img").json()
+    assert export["state"] == "stale", export
 
 
 @pytest.mark.parametrize("kind", KINDS)
