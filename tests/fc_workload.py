@@ -79,7 +79,10 @@ DEFECTS = [
 ]
 
 # the code the agent names for each defect
-FC_DEFECT_CODES = {d: d for d in DEFECTS} | {"deep_nesting": "invalid_json", "huge_number": "invalid_json"}
+FC_DEFECT_CODES = {d: d for d in DEFECTS} | {
+    "deep_nesting": "invalid_json",
+    "huge_number": "invalid_json",
+}
 
 
 def bad_handoff(sock_path: str, size: int, defect: str, features: int) -> list[Region]:
@@ -109,7 +112,7 @@ def bad_handoff(sock_path: str, size: int, defect: str, features: int) -> list[R
     elif defect == "deep_nesting":
         body = b"[" * 200000
     elif defect == "huge_number":
-        body = body.replace(f"\"size\": {half}".encode(), b"\"size\": " + b"9" * 5000, 1)
+        body = body.replace(f'"size": {half}'.encode(), b'"size": ' + b"9" * 5000, 1)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(sock_path)
     sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])

@@ -197,15 +197,16 @@ def fail_closed(fds: list[int], pid: int | None) -> str:
     """A refused handoff: poison through every fd that is a uffd, then close every fd.
     Returns what the workload was given ('' when no uffd came)."""
     uffds = [fd for fd in fds if is_uffd(fd)]
-    outcome = ""
+    if not uffds or not pid:
+        _close_all(fds)
+        return ""
+    outcome = "poisoned"
     try:
-        if uffds and pid:
-            outcome = "poisoned"
-            for fd in uffds:
-                poison_registered(fd, pid)
+        for fd in uffds:
+            poison_registered(fd, pid)
     except PoisonUnsupported:
-        outcome = "killed" if kill_through_pidfd(pid) else "kill_failed"
-        log.warning("kernel lacks UFFDIO_POISON: workload %d killed through its pidfd", pid)
+        outcome = "killed" if kill_through_pidfd(pid) else "not killed"
+        log.warning("kernel lacks UFFDIO_POISON: workload %d %s through its pidfd", pid, outcome)
     finally:
         _close_all(fds)
     return outcome
@@ -216,9 +217,7 @@ def send_verdict(conn: socket.socket | None, error: HandoffError | None = None) 
     if conn is None:
         return
     line = (
-        {"ok": True}
-        if error is None
-        else {"error": {"code": error.code, "message": error.message}}
+        {"ok": True} if error is None else {"error": {"code": error.code, "message": error.message}}
     )
     with contextlib.suppress(OSError):
         conn.send(json.dumps(line).encode() + b"\n")

@@ -271,7 +271,9 @@ class PeerClient:
     ) -> RemoteExport:
         """The export's description; suspects names chunks that failed their digest, which
         the source re-reads and re-hashes (marking the export stale if its file changed)."""
-        metadata = (SUSPECT_METADATA, ",".join(map(str, suspects[:MAX_SUSPECTS]))) if suspects else None
+        metadata = (
+            (SUSPECT_METADATA, ",".join(map(str, suspects[:MAX_SUSPECTS]))) if suspects else None
+        )
         try:
             desc = await self.stub.Describe(
                 pb.DescribeRequest(export=export),

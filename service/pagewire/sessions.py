@@ -622,7 +622,9 @@ class SessionManager:
             self.state_writable = True
         except OSError as exc:
             if self.state_writable:
-                log.error("session record cannot be written: %s", exc, extra={"session": session.id})
+                log.error(
+                    "session record cannot be written: %s", exc, extra={"session": session.id}
+                )
             self.state_writable = False
 
     def probe_state_dir(self) -> bool:

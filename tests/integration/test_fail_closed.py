@@ -208,7 +208,10 @@ def test_cancel_gives_sigbus(agent: LocalAgent, img: Path, kind: str, tmp_path: 
 def test_shutdown_policy_fail_gives_sigbus(tmp_path: Path, image, kind: str) -> None:
     src = image(4 * MiB)
     a = LocalAgent(
-        tmp_path, "shut", [src.parent], extra=["--shutdown-grace-s", "0.2", "--shutdown-policy", "fail"]
+        tmp_path,
+        "shut",
+        [src.parent],
+        extra=["--shutdown-grace-s", "0.2", "--shutdown-policy", "fail"],
     ).start()
     try:
 
