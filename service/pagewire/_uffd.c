@@ -2364,7 +2364,8 @@ static PyObject *Engine_page_states(Engine *e, PyObject *unused)
 
 /* Stop the session from Python: join the fault thread, poison what is still
  * missing if asked, unregister and close. Returns False if poison was asked
- * for but the workload did not negotiate UFFD_FEATURE_POISON. */
+ * for but the kernel has no UFFDIO_POISON (probed: before 6.6); the uffd is
+ * then left open so the caller can kill the workload before unregistering. */
 static PyObject *Engine_fail(Engine *e, PyObject *args)
 {
     const char *code;

@@ -355,6 +355,18 @@ async def receive_handoff(
         raise error from None
 
 
+def refuse_handoff(handoff: Handoff, code: str, message: str = "") -> None:
+    """Refuse a handoff that was read whole (a second workload, a uid not allowed)."""
+    conn, handoff.conn = handoff.conn, None
+    fds = [handoff.uffd] if handoff.uffd >= 0 else []
+    handoff.uffd = -1
+    error = HandoffError(code, message or f"handoff refused: {code}")
+    if conn is None:
+        fail_closed(fds, handoff.pid)
+        return
+    refuse(conn, fds, error)
+
+
 def refuse(conn: socket.socket, fds: list[int], error: HandoffError) -> None:
     """Fail closed: poison what any uffd that came has registered, close every fd, tell
     the workload why, close the connection."""

@@ -25,10 +25,9 @@ from .handoff import (
     check_registered,
     kill_through_pidfd,
     listen,
-    peer_credentials,
     poison_registered,
     receive_handoff,
-    send_verdict,
+    refuse_handoff,
 )
 from .layout import SYSTEM_PAGE_SIZE, Limits
 from .metrics import Retired
@@ -38,6 +37,7 @@ from .settings import Settings
 log = logging.getLogger("pagewire.sessions")
 
 WINDOW_PAGES = {"around": 16, "none": 1, "working_set": 16}
+MAX_PENDING_HANDOFFS = 8  # connections of one session read at once (each times out in 5 s)
 
 
 class Source(Protocol):
@@ -368,6 +368,9 @@ class SessionManager:
     # ---- lifecycle ------------------------------------------------------
 
     async def _accept(self, session: Session, listener: socket.socket) -> Handoff:
+        """The first good handoff before attach_timeout_s. Connections are read side by
+        side (up to MAX_PENDING_HANDOFFS), so a silent or bad one neither ends the session
+        nor delays the real workload; each refusal fails closed and is logged."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + session.request.attach_timeout_s
         limits = Limits(
@@ -375,35 +378,62 @@ class SessionManager:
             max_bytes=self.settings.max_session_bytes,
             image_size=session.source.size,
         )
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise HandoffError("attach_timeout", "no workload attached in time")
-            try:
-                conn, _ = await asyncio.wait_for(loop.sock_accept(listener), remaining)
-            except TimeoutError:
-                raise HandoffError("attach_timeout", "no workload attached in time") from None
-            if self.settings.allowed_uids:
-                _pid, uid, _gid = peer_credentials(conn)
-                if uid not in self.settings.allowed_uids:
-                    self.count_rejection("peer_not_allowed")
-                    log.warning("handoff from uid %d refused", uid, extra={"session": session.id})
-                    send_verdict(conn, HandoffError("peer_not_allowed", f"uid {uid} refused"))
-                    conn.close()
-                    continue
-            try:
-                return await receive_handoff(conn, limits, check_registration=False)
-            except HandoffError as exc:
-                # one bad or silent connection must not end the session: the real
-                # workload may still come before attach_timeout_s
-                self.count_rejection(exc.code)
-                session.last_refusal = {"code": exc.code, "message": exc.message}
-                log.warning(
-                    "handoff refused: %s: %s",
-                    exc.code,
-                    exc.message,
-                    extra={"session": session.id},
+        pending: set[asyncio.Future[Any]] = set()
+        accepting: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise HandoffError("attach_timeout", "no workload attached in time")
+                if accepting is None and len(pending) < MAX_PENDING_HANDOFFS:
+                    accepting = asyncio.ensure_future(loop.sock_accept(listener))
+                waiting = pending | ({accepting} if accepting is not None else set())
+                done, _ = await asyncio.wait(
+                    waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
+                for task in done:
+                    if task is accepting:
+                        accepting = None
+                        conn, _ = task.result()
+                        pending.add(asyncio.ensure_future(self._receive(conn, limits)))
+                        continue
+                    pending.discard(task)
+                    try:
+                        handoff: Handoff = task.result()
+                    except HandoffError as exc:
+                        self._refused(session, exc)
+                        continue
+                    for other in done - {task, accepting}:  # a second one in the same instant
+                        if other in pending and not other.exception():
+                            pending.discard(other)
+                            refuse_handoff(other.result(), "already_attached")
+                    return handoff
+        finally:
+            if accepting is not None and accepting.done() and not accepting.cancelled():
+                with contextlib.suppress(Exception):
+                    accepting.result()[0].close()  # accepted in the same instant: dropped
+            elif accepting is not None:
+                accepting.cancel()
+                pending.add(accepting)
+            for task in pending:  # cancelled handoffs are refused and fail closed
+                task.cancel()
+            # wait for the cancellations to remove their readers: the listener's fd number
+            # is reused (by the session's eventfd) as soon as it is closed
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _receive(self, conn: socket.socket, limits: Limits) -> Handoff:
+        handoff = await receive_handoff(conn, limits, check_registration=False)
+        if self.settings.allowed_uids and handoff.uid not in self.settings.allowed_uids:
+            refuse_handoff(handoff, "peer_not_allowed", f"handoff from uid {handoff.uid} refused")
+            raise HandoffError("peer_not_allowed", f"handoff from uid {handoff.uid} refused")
+        return handoff
+
+    def _refused(self, session: Session, exc: HandoffError) -> None:
+        """One bad or silent connection must not end the session: the real workload may
+        still come before attach_timeout_s."""
+        self.count_rejection(exc.code)
+        session.last_refusal = {"code": exc.code, "message": exc.message}
+        log.warning("handoff refused: %s: %s", exc.code, exc.message, extra={"session": session.id})
 
     async def _run(self, session: Session, listener: socket.socket) -> None:
         try:
@@ -437,11 +467,12 @@ class SessionManager:
         try:
             await asyncio.to_thread(check_registered, handoff.pid, handoff.regions)
         except HandoffError as exc:
-            session.closing = True
             engine = session.engine
-            if engine is not None:
-                await asyncio.to_thread(self._poison_all, engine, handoff)
-                await self._fail_engine(session, engine, exc.code)
+            if engine is None or engine.state == "completed" or _all_installed(engine):
+                return  # a fast restore completed and unregistered its ranges meanwhile
+            session.closing = True
+            await asyncio.to_thread(self._poison_all, engine, handoff)
+            await self._fail_engine(session, engine, exc.code)
             handoff.verdict(exc)
             raise
 
