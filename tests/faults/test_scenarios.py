@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -511,3 +512,23 @@ def test_wait_policy_outlasts_pause_timeout(pair: Peers, image, record, kind: st
         pause_timeout_s=1.0,
     )
     assert status["error"] is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shutdown_policy_fail(pair: Peers, image, record, tmp_path: Path, kind: str) -> None:
+    """SIGTERM with --shutdown-policy fail and a short grace: what is still missing is
+    poisoned (SIGBUS), the session ends failed/agent_shutdown, never exit 137 or zeros."""
+    pair.dest.stop()
+    pair.dest.extra += ["--shutdown-grace-s", "0.2", "--shutdown-policy", "fail"]
+    pair.dest.start()
+
+    def inject(p: Peers, run: Run) -> None:
+        p.dest.signal(signal.SIGTERM)
+        assert p.dest.proc is not None and p.dest.proc.wait(30) == 0
+        p.dest.start()  # to read the session's ending back from its record
+
+    sigbus_scenario(
+        pair, image, record, "agent SIGTERM, shutdown policy fail", tmp_path, inject, kind
+    )
+    status = pair.dest.request("GET", "/v1/sessions").json()["sessions"][0]
+    assert status["state"] == "failed" and status["error"]["code"] == "agent_shutdown", status
