@@ -344,14 +344,14 @@ async def receive_handoff(
         body, fds = await _read_message(loop, conn, fds)
         return _validate(conn, body, fds, limits, check_registration)
     except HandoffError as exc:
-        refuse(conn, fds, exc)
+        await asyncio.to_thread(refuse, conn, fds, exc)  # poisoning a large VM takes a while
         raise
     except asyncio.CancelledError:
         refuse(conn, fds, HandoffError("cancelled", "the session ended during the handoff"))
         raise
     except Exception as exc:  # never leak the fd nor leave the workload hanging
         error = HandoffError("handoff_failed", f"reading the handoff failed: {exc}")
-        refuse(conn, fds, error)
+        await asyncio.to_thread(refuse, conn, fds, error)
         raise error from None
 
 

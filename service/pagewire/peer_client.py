@@ -52,11 +52,12 @@ TRANSPORT_CODES = {
 }
 # A returning source is used within a second of being ready: gRPC's default reconnect
 # backoff grows to 120 s (seen: 6 to 12 s of peer_unreachable after a 20 s outage).
-RECONNECT_BACKOFF_MIN_MS = 100
+# Not grpc.min_reconnect_backoff_ms: gRPC also takes it as the minimum connect timeout
+# (20 s by default), and 100 ms fails every connection over a slow link.
+RECONNECT_BACKOFF_INITIAL_MS = 100
 RECONNECT_BACKOFF_MAX_MS = 500
 CLIENT_OPTIONS: list[tuple[str, Any]] = COMMON_OPTIONS + [
-    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MIN_MS),
-    ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MIN_MS),
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
     ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
 ]
 # Verify batches larger than this in a worker thread so the loop keeps serving faults.
