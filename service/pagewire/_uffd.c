@@ -1221,15 +1221,14 @@ typedef struct {
     uint64_t addr, t0;
 } fault_t;
 
+/* POISON is probed, not read from the feature bits: from 6.6 the kernel offers it on
+ * every uffd (Firecracker negotiates only EVENT_REMOVE). */
 static void poison_page_or_fail(Engine *e, uint64_t addr)
 {
     e->faults_unknown++;
-    if (e->features & UFFD_FEATURE_POISON) {
-        struct uffdio_poison po = {.range = {addr & ~(e->sys_page - 1), e->sys_page}, .mode = 0};
-        ioctl(e->uffd, UFFDIO_POISON, &po);
-    } else {
+    struct uffdio_poison po = {.range = {addr & ~(e->sys_page - 1), e->sys_page}, .mode = 0};
+    if (ioctl(e->uffd, UFFDIO_POISON, &po) < 0 && (errno == ENOTTY || errno == EINVAL))
         engine_fail_locked(e, "fault_outside_regions");
-    }
 }
 
 /* Read every queued message; apply events; decide faults, deferring any that
@@ -1358,10 +1357,58 @@ static void close_uffd(Engine *e)
     }
 }
 
+/* Read and drop the events queued on a uffd (closing forked uffds), so an
+ * install or poison that met -EAGAIN can go on. */
+static void discard_events(int uffd)
+{
+    struct uffd_msg msgs[UFFD_MSG_BATCH];
+    for (int i = 0; i < 1000; i++) {
+        ssize_t n = read(uffd, msgs, sizeof msgs);
+        if (n <= 0)
+            break;
+        for (int k = 0; k < (int)(n / (ssize_t)sizeof(struct uffd_msg)); k++)
+            if (msgs[k].event == UFFD_EVENT_FORK)
+                close((int)msgs[k].arg.fork.ufd);
+    }
+}
+
+/* Poison [addr, addr+len) in steps of page: skip pages already present (-EEXIST),
+ * drain events on -EAGAIN. Returns pages poisoned, or -1 with errno ENOTTY/EINVAL when
+ * the kernel has no UFFDIO_POISON (before 6.6) and -2 for other errors (range not
+ * registered with this uffd, process gone). */
+static int64_t poison_range(int uffd, uint64_t addr, uint64_t len, uint64_t page)
+{
+    int64_t poisoned = 0;
+    uint64_t pos = addr, end = addr + len;
+    for (int again = 0; pos < end && again < 1000;) {
+        struct uffdio_poison po = {.range = {pos, end - pos}, .mode = 0};
+        if (ioctl(uffd, UFFDIO_POISON, &po) == 0) {
+            poisoned += (int64_t)((end - pos) / page);
+            return poisoned;
+        }
+        int err = errno;
+        uint64_t done = po.updated > 0 ? (uint64_t)po.updated : 0;
+        poisoned += (int64_t)(done / page);
+        pos += done;
+        if (err == EEXIST)
+            pos += page; /* that page is present: the workload has its data */
+        else if (err == EAGAIN) {
+            discard_events(uffd);
+            again++;
+        } else if (err == ENOTTY || (err == EINVAL && poisoned == 0 && done == 0 && pos == addr)) {
+            errno = err;
+            return -1;
+        } else {
+            errno = err;
+            return -2;
+        }
+    }
+    return poisoned;
+}
+
+/* Poison every page still missing. Returns -1 only when the kernel lacks the ioctl. */
 static int poison_missing(Engine *e)
 {
-    if (!(e->features & UFFD_FEATURE_POISON))
-        return -1;
     for (int i = 0; i < e->nregions; i++) {
         region_t *r = &e->regions[i];
         for (uint64_t p = 0; p < r->npages;) {
@@ -1372,13 +1419,9 @@ static int poison_missing(Engine *e)
             uint64_t s = p;
             while (p < r->npages && !page_done(r->state[p]))
                 p++;
-            for (int tries = 0; tries < 100; tries++) {
-                struct uffdio_poison po = {
-                    .range = {r->base + s * r->page_size, (p - s) * r->page_size}, .mode = 0};
-                if (ioctl(e->uffd, UFFDIO_POISON, &po) == 0 || errno != EAGAIN)
-                    break;
-                drain_events(e);
-            }
+            if (poison_range(e->uffd, r->base + s * r->page_size, (p - s) * r->page_size,
+                             r->page_size) == -1)
+                return -1;
         }
     }
     return 0;
@@ -1407,7 +1450,9 @@ static void *fault_thread(void *arg)
             if (read(e->ctl_fd, &v, sizeof v) < 0) { /* spurious */
             }
         }
-        if (nfds == 3 && (fds[2].revents & (POLLIN | POLLHUP))) {
+        /* a workload that exits right after its last page arrived restored fine: the
+         * channel receiver's last install may land between poll and here */
+        if (nfds == 3 && (fds[2].revents & (POLLIN | POLLHUP)) && !all_done(e)) {
             engine_fail_locked(e, "workload_exited");
         }
         size_t nreq_before = e->requests.len;
@@ -2671,7 +2716,8 @@ static PyObject *Engine_page_states(Engine *e, PyObject *unused)
 
 /* Stop the session from Python: join the fault thread, poison what is still
  * missing if asked, unregister and close. Returns False if poison was asked
- * for but the workload did not negotiate UFFD_FEATURE_POISON. */
+ * for but the kernel has no UFFDIO_POISON (probed: before 6.6); the uffd is
+ * then left open so the caller can kill the workload before unregistering. */
 static PyObject *Engine_fail(Engine *e, PyObject *args)
 {
     const char *code;
@@ -3781,9 +3827,13 @@ static PyObject *Snapshot_start(Snapshot *s, PyObject *unused)
             if (st != 'T')
                 usleep(200);
         }
+        /* a process that never stopped (traced, uninterruptible) gives no instant: it is
+         * never write-protected while it runs */
         struct uffdio_writeprotect wp = {.range = {s->base, s->size},
                                          .mode = UFFDIO_WRITEPROTECT_MODE_WP};
-        if (ioctl(s->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+        if (st != 'T')
+            err = EBUSY;
+        else if (ioctl(s->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
             err = errno;
         kill(s->pid, SIGCONT);
     }
@@ -3939,6 +3989,20 @@ static PyObject *mod_uffd_unregister(PyObject *m, PyObject *args)
     if (ioctl(fd, UFFDIO_UNREGISTER, &rg) < 0)
         return PyErr_Format(UffdError, "UFFDIO_UNREGISTER: %s", strerror(errno));
     Py_RETURN_NONE;
+}
+
+static PyObject *mod_uffd_poison(PyObject *m, PyObject *args)
+{
+    int fd;
+    unsigned long long addr, size, page = (unsigned long long)sysconf(_SC_PAGESIZE);
+    if (!PyArg_ParseTuple(args, "iKK|K", &fd, &addr, &size, &page))
+        return NULL;
+    if (page == 0 || (page & (page - 1)))
+        return PyErr_Format(PyExc_ValueError, "page size must be a power of two");
+    int64_t n;
+    Py_BEGIN_ALLOW_THREADS n = poison_range(fd, addr, size, page);
+    Py_END_ALLOW_THREADS if (n < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLongLong(n);
 }
 
 static PyObject *mod_uffd_copy(PyObject *m, PyObject *args)
@@ -4311,6 +4375,8 @@ static PyMethodDef module_methods[] = {
     {"uffd_register", (PyCFunction)(void (*)(void))mod_uffd_register,
      METH_VARARGS | METH_KEYWORDS, "Register a range in MISSING (and WP) mode."},
     {"uffd_unregister", mod_uffd_unregister, METH_VARARGS, "Unregister a range."},
+    {"uffd_poison", mod_uffd_poison, METH_VARARGS,
+     "UFFDIO_POISON a range page by page, skipping present pages; pages poisoned."},
     {"pidfd_getfd", mod_pidfd_getfd, METH_VARARGS, "Copy another process's fd (pidfd_getfd)."},
     {"process_read", mod_process_read, METH_VARARGS,
      "Read another process's memory (process_vm_readv)."},

@@ -25,6 +25,40 @@ DEFAULT_FEATURES = _uffd.FEATURE_EVENT_REMOVE | (
 )
 
 
+class HandoffRefused(Exception):
+    """The agent refused the handoff; code names the defect (DESIGN.md section 3). The
+    region's missing pages were poisoned by the agent, and the region is unmapped."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def read_verdict(sock: socket.socket, timeout: float) -> None:
+    """Wait for the agent's one-line verdict; HandoffRefused unless it is {"ok": true}."""
+    sock.settimeout(timeout)
+    line = b""
+    try:
+        while not line.endswith(b"\n") and len(line) < 65536:
+            data = sock.recv(4096)
+            if not data:
+                break
+            line += data
+    except TimeoutError:
+        raise HandoffRefused("no_verdict", f"no verdict from the agent in {timeout} s") from None
+    try:
+        verdict = json.loads(line)
+    except ValueError:
+        raise HandoffRefused("no_verdict", "the agent closed without a verdict") from None
+    if isinstance(verdict, dict) and verdict.get("ok") is True:
+        return
+    error = verdict.get("error") if isinstance(verdict, dict) else None
+    if not isinstance(error, dict):
+        raise HandoffRefused("no_verdict", f"unexpected verdict {line[:200]!r}")
+    raise HandoffRefused(str(error.get("code")), str(error.get("message")))
+
+
 @dataclass
 class Attachment:
     """Regions being restored by an agent. Keep it alive while the memory is used."""
@@ -113,6 +147,8 @@ def attach(
         sock.settimeout(timeout)
         sock.connect(socket_path)
         send_handoff(sock, regions, uffd)
+        read_verdict(sock, timeout)
+        sock.settimeout(None)
     except BaseException:
         Attachment(regions, uffd).close()
         raise

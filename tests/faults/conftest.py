@@ -3,6 +3,7 @@ recover, printed at the end of the run and written to bench/results/faults.md.""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,21 @@ class Outcome:
 
 
 OUTCOMES: list[Outcome] = []
+# PAGEWIRE_FAULT_RUNS=10 runs every scenario ten times (bench/results/faults.md counts them)
+RUNS = int(os.environ.get("PAGEWIRE_FAULT_RUNS", "1"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if RUNS > 1 and "record" in metafunc.fixturenames:
+        metafunc.fixturenames.append("fault_run")
+        metafunc.parametrize("fault_run", range(RUNS), ids=lambda i: f"run{i}")
 
 
 def table() -> str:
     rows = [
-        "| scenario | runs | wrong bytes | hangs | time to recover (s) | total (s) | detail |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | runs | wrong bytes | hangs | SIGBUS | time to recover (s) | total (s) "
+        "| detail |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     by: dict[str, list[Outcome]] = {}
     for o in OUTCOMES:
@@ -36,7 +46,8 @@ def table() -> str:
         recover_text = f"{max(recover):.2f}" if recover else "-"
         rows.append(
             f"| {name} | {len(outs)} | {sum(o.wrong_bytes for o in outs)} | "
-            f"{sum(o.hung for o in outs)} | {recover_text} | "
+            f"{sum(o.hung for o in outs)} | "
+            f"{sum('SIGBUS' in o.detail.split(', ') for o in outs)} | {recover_text} | "
             f"{max(o.total_s for o in outs):.2f} | {outs[-1].detail} |"
         )
     return "\n".join(rows)

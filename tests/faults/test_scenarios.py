@@ -10,6 +10,7 @@ one-way delay, loss from an nftables rule dropping 1% of packets at random, and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,10 +24,10 @@ from typing import Any
 
 import pytest
 from pagewire.tools.localagents import LocalAgent
-from pagewire.tools.workload import command as workload_command
 
 from tests.conftest import need
 from tests.peers import Peers, publish, start_pair, stop_pair
+from tests.workloads import KINDS, SIGBUS_EXIT, workload_command
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20
@@ -120,12 +121,19 @@ class Run:
     started: float
 
 
-def begin(p: Peers, image: Path, args: list[str], peer: str | None = None, **options: Any) -> Run:
+def begin(
+    p: Peers,
+    image: Path,
+    args: list[str],
+    peer: str | None = None,
+    kind: str = "client",
+    **options: Any,
+) -> Run:
     body = {"source": {"peer": peer or p.source.grpc, "export": "img"}, **options}
     r = p.dest.request("POST", "/v1/sessions", json=body)
     assert r.status_code == 201, r.text
     session = r.json()
-    cmd = workload_command(session["socket"], image.stat().st_size, *args)
+    cmd = workload_command(kind, session["socket"], image.stat().st_size, *args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return Run(session, proc, Watch(p.dest, session["id"]).start(), time.monotonic())
 
@@ -166,12 +174,13 @@ def scenario(
     inject: Callable[[Peers, Run, int], float | None],
     size: int = 24 * MiB,
     args: tuple[str, ...] = ("--threads", "2"),
+    kind: str = "client",
     **options: Any,
 ) -> dict[str, Any]:
     img = image(size)
     export = publish(p, img)
     slow_link(p)
-    run = begin(p, img, [*args, "--verify", str(img)], **options)
+    run = begin(p, img, [*args, "--verify", str(img)], kind=kind, **options)
     fault_end = inject(p, run, export["pages"])
     report, hung = finish(run)
     status = final_state(p, run)
@@ -191,7 +200,8 @@ def scenario(
     return status
 
 
-def test_kill_9_source_then_restart(pair: Peers, image, record) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_kill_9_source_then_restart(pair: Peers, image, record, kind: str) -> None:
     def inject(p: Peers, run: Run, pages: int) -> float:
         run.watch.wait_present(0.15, pages)
         p.source.kill()
@@ -199,7 +209,7 @@ def test_kill_9_source_then_restart(pair: Peers, image, record) -> None:
         p.source.start()
         return time.monotonic()
 
-    status = scenario(pair, image, record, "kill -9 source, restart", inject)
+    status = scenario(pair, image, record, f"kill -9 source, restart [{kind}]", inject, kind=kind)
     assert status["error"] is None
 
 
@@ -215,7 +225,8 @@ def test_link_cut_for_5s(pair: Peers, image, record) -> None:
     scenario(pair, image, record, "link cut 5 s", inject)
 
 
-def test_kill_9_destination_then_restart(pair: Peers, image, record) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_kill_9_destination_then_restart(pair: Peers, image, record, kind: str) -> None:
     def inject(p: Peers, run: Run, pages: int) -> float:
         run.watch.wait_present(0.15, pages)
         p.dest.kill()
@@ -223,7 +234,7 @@ def test_kill_9_destination_then_restart(pair: Peers, image, record) -> None:
         p.dest.start()
         return time.monotonic()
 
-    scenario(pair, image, record, "kill -9 destination, restart", inject)
+    scenario(pair, image, record, f"kill -9 destination, restart [{kind}]", inject, kind=kind)
 
 
 def test_remove_storm(pair: Peers, image, record) -> None:
@@ -333,6 +344,7 @@ def sigbus_scenario(
     name: str,
     tmp: Path,
     inject: Callable[[Peers, Run], None],
+    kind: str = "client",
     **options: Any,
 ) -> None:
     img = image(24 * MiB)
@@ -352,6 +364,7 @@ def sigbus_scenario(
             "--verify",
             str(img),
         ],
+        kind=kind,
         prefetch="none",
         **options,
     )
@@ -363,9 +376,9 @@ def sigbus_scenario(
     go.touch()
     report, hung = finish(run)
     status = final_state(p, run)
-    got_sigbus = run.proc.returncode == -signal.SIGBUS
+    got_sigbus = run.proc.returncode == SIGBUS_EXIT
     record(
-        name,
+        f"{name} [{kind}]",
         0 if got_sigbus or verdict(report) == 0 else 1,
         hung,
         None,
@@ -374,18 +387,22 @@ def sigbus_scenario(
         f"{'SIGBUS' if got_sigbus else 'no SIGBUS'}",
     )
     assert not hung
-    assert got_sigbus, (run.proc.returncode, report)
+    assert got_sigbus, (run.proc.returncode, report)  # SIGBUS: not 137, not zeros
 
 
-def test_cancel_mid_restore(pair: Peers, image, record, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_cancel_mid_restore(pair: Peers, image, record, tmp_path: Path, kind: str) -> None:
     def inject(p: Peers, run: Run) -> None:
         r = p.dest.request("DELETE", f"/v1/sessions/{run.session['id']}")
         assert r.json()["state"] == "cancelled"
 
-    sigbus_scenario(pair, image, record, "cancel mid-restore", tmp_path, inject)
+    sigbus_scenario(pair, image, record, "cancel mid-restore", tmp_path, inject, kind)
 
 
-def test_sigbus_policy_when_the_source_is_gone(pair: Peers, image, record, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_sigbus_policy_when_the_source_is_gone(
+    pair: Peers, image, record, tmp_path: Path, kind: str
+) -> None:
     def inject(p: Peers, run: Run) -> None:
         p.source.kill()
 
@@ -396,8 +413,122 @@ def test_sigbus_policy_when_the_source_is_gone(pair: Peers, image, record, tmp_p
         "source gone, on_source_lost sigbus",
         tmp_path,
         inject,
+        kind,
         on_source_lost="sigbus",
         pause_timeout_s=1.0,
     )
     status = pair.dest.request("GET", "/v1/sessions").json()["sessions"][0]
     assert status["state"] == "failed" and status["error"]["code"] == "source_lost"
+
+
+def corrupt_in_place(path: Path) -> None:
+    """Change the file's bytes and restore its mtime: disk corruption, as the agent sees it."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        for i in range(0, len(data), 4096):
+            data[i] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_corrupt_source_is_a_lost_source(
+    pair: Peers, image, record, tmp_path: Path, kind: str
+) -> None:
+    """A source serving bad data: N consecutive digest failures pause the session, and
+    after pause_timeout_s the sigbus policy fails it (source_lost); no wrong byte, no hang."""
+
+    img = image(24 * MiB)
+    publish(pair, img)
+    slow_link(pair, "20mbit")
+    ready, go = tmp_path / "c.ready", tmp_path / "c.go"
+    run = begin(
+        pair,
+        img,
+        ["--order", "sequential", "--ready-file", str(ready), "--go-file", str(go)]
+        + ["--verify", str(img)],
+        kind=kind,
+        prefetch="none",
+        on_source_lost="sigbus",
+        pause_timeout_s=1.0,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    corrupt_in_place(img)
+    t0 = time.monotonic()
+    go.touch()
+    report, hung = finish(run)
+    status = final_state(pair, run)
+    got_sigbus = run.proc.returncode == SIGBUS_EXIT
+    record(
+        f"corrupt source, on_source_lost sigbus [{kind}]",
+        0 if got_sigbus or verdict(report) == 0 else 1,
+        hung,
+        time.monotonic() - t0,
+        time.monotonic() - run.started,
+        f"{status['state']} ({(status['error'] or {}).get('code')}), "
+        f"{'SIGBUS' if got_sigbus else 'no SIGBUS'}",
+    )
+    assert not hung
+    assert got_sigbus, (run.proc.returncode, report)
+    assert status["state"] == "failed" and status["error"]["code"] == "source_lost", status
+    assert "paused" in run.watch.states()
+    # the destination's complaint made the source re-hash the chunk and withdraw its trust
+    export = pair.source.request("GET", "/v1/exports/img").json()
+    assert export["state"] == "stale", export
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wait_policy_outlasts_pause_timeout(pair: Peers, image, record, kind: str) -> None:
+    """on_source_lost "wait": an outage longer than pause_timeout_s leaves the session
+    paused; the source returns, is used within a second, and the restore is byte-exact."""
+
+    def inject(p: Peers, run: Run, pages: int) -> float:
+        run.watch.wait_present(0.15, pages)
+        p.source.kill()
+        deadline = time.monotonic() + 20
+        while run.watch.last()[1] != "paused":
+            assert time.monotonic() < deadline, run.watch.samples[-3:]
+            time.sleep(0.05)
+        time.sleep(2.5)  # the outage outlasts pause_timeout_s (1 s)
+        assert run.watch.last()[1] == "paused", run.watch.samples[-3:]
+        p.source.start()
+        return time.monotonic()
+
+    img_args = ("--threads", "2")
+    status = scenario(
+        pair,
+        image,
+        record,
+        f"source gone 3 s, on_source_lost wait [{kind}]",
+        inject,
+        args=img_args,
+        kind=kind,
+        on_source_lost="wait",
+        pause_timeout_s=1.0,
+    )
+    assert status["error"] is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shutdown_policy_fail(pair: Peers, image, record, tmp_path: Path, kind: str) -> None:
+    """SIGTERM with --shutdown-policy fail and a short grace: what is still missing is
+    poisoned (SIGBUS), the session ends failed/agent_shutdown, never exit 137 or zeros."""
+    pair.dest.stop()
+    pair.dest.extra += ["--shutdown-grace-s", "0.2", "--shutdown-policy", "fail"]
+    pair.dest.start()
+
+    def inject(p: Peers, run: Run) -> None:
+        p.dest.signal(signal.SIGTERM)
+        assert p.dest.proc is not None and p.dest.proc.wait(30) == 0
+        p.dest.start()  # to read the session's ending back from its record
+
+    sigbus_scenario(
+        pair, image, record, "agent SIGTERM, shutdown policy fail", tmp_path, inject, kind
+    )
+    status = pair.dest.request("GET", "/v1/sessions").json()["sessions"][0]
+    assert status["state"] == "failed" and status["error"]["code"] == "agent_shutdown", status

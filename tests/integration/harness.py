@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pagewire import _uffd, engine
-from pagewire.core.handoff import Handoff, SocketSpec, listen, receive_handoff
+from pagewire.core.handoff import Handoff, SocketSpec, listen, receive_handoff, send_verdict
 from pagewire.core.layout import SYSTEM_PAGE_SIZE, Limits
 
 CHUNK = 64 << 10
@@ -37,7 +37,9 @@ async def accept_handoff(sock_path: Path, image_size: int) -> tuple[Any, Handoff
     loop = asyncio.get_running_loop()
     conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 20)
     listener.close()
-    return conn, await receive_handoff(conn, Limits(image_size=image_size))
+    handoff = await receive_handoff(conn, Limits(image_size=image_size))
+    send_verdict(conn)  # pagewire.client waits for it; Firecracker never reads it
+    return conn, handoff
 
 
 async def run_session(

@@ -101,19 +101,21 @@ def test_attach_timeout(agent: LocalAgent, image) -> None:
     assert not Path(s["socket"]).exists()
 
 
-def test_bad_handoff_fails_only_its_own_session(agent: LocalAgent, image) -> None:
+def test_bad_handoff_does_not_end_its_session(agent: LocalAgent, image) -> None:
+    """A refused handoff is logged and counted; the socket keeps listening, so the real
+    workload that comes next still restores (issue 14, item 20)."""
     img = image(8 * MiB)
-    bad = create(agent, {"source": {"path": str(img)}})
-    good = create(agent, {"source": {"path": str(img)}})
+    s = create(agent, {"source": {"path": str(img)}})
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-        c.connect(bad["socket"])
+        c.connect(s["socket"])
         c.sendall(b"[{definitely not json")
-        status = wait_state(agent, bad["id"], ("failed",), timeout=10)
-    assert status["error"]["code"] == "no_fd"  # the first defect found is named
-    proc = workload(good["socket"], "--size", str(8 * MiB), "--verify", str(img))
+        verdict = c.recv(4096)
+    assert b'"no_fd"' in verdict  # the first defect found is named
+    assert agent.request("GET", f"/v1/sessions/{s['id']}").json()["state"] == "awaiting_attach"
+    proc = workload(s["socket"], "--size", str(8 * MiB), "--verify", str(img))
     out, _ = proc.communicate(timeout=60)
-    assert b'"verified": true' in out
-    assert wait_state(agent, good["id"], ("completed",))["error"] is None
+    assert b'"verified": true' in out and proc.returncode == 0
+    assert wait_state(agent, s["id"], ("completed",))["error"] is None
 
 
 def test_sigterm_lets_a_running_restore_finish(tmp_path: Path, image) -> None:
@@ -180,7 +182,8 @@ def test_handoff_from_a_uid_not_allowed_is_refused(tmp_path: Path, image) -> Non
 
 def test_layout_the_uffd_does_not_cover_is_refused(agent: LocalAgent, image) -> None:
     """A hostile handoff naming a range the uffd does not cover fails its session, and the
-    ranges that were registered are unregistered, so nothing is left hanging."""
+    ranges that were registered are poisoned, never unregistered with pages missing (the
+    SIGBUS itself is asserted in a separate process by test_fail_closed.py)."""
     from pagewire.client import map_regions, send_handoff
 
     img = image(1 * MiB)
@@ -191,16 +194,11 @@ def test_layout_the_uffd_does_not_cover_is_refused(agent: LocalAgent, image) -> 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
         c.connect(s["socket"])
         send_handoff(c, regions, uffd)
-        deadline = time.monotonic() + 10
-        while (status := agent.request("GET", f"/v1/sessions/{s['id']}").json())["state"] in (
-            "awaiting_attach",
-            "running",
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    assert status["state"] == "failed" and status["error"]["code"] == "not_registered"
-    from pagewire.core.handoff import unregistered_ranges
-
-    assert unregistered_ranges(os.getpid(), regions[:1]) == regions[:1]  # unregistered
-    assert _uffd.read_memory(regions[0].base, 16) == bytes(16)  # no handler needed any more
+        status = wait_state(agent, s["id"], ("failed",), timeout=10)
+        assert b'"not_registered"' in c.recv(4096)
+    assert status["error"]["code"] == "not_registered"
+    with pytest.raises(OSError):  # poisoned: a read through the kernel fails, never zeros
+        _uffd.process_read(os.getpid(), regions[0].base, 16)
+    _uffd.munmap(regions[0].base, regions[0].size)  # poisoned: never touched here
+    _uffd.munmap(regions[1].base, regions[1].size)
     os.close(uffd)

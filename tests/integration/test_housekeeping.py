@@ -55,7 +55,10 @@ def test_json_logs_carry_the_session_id(tmp_path: Path, image) -> None:
             capture_output=True,
             timeout=60,
         )
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30  # the "session completed" line is written by then
+        while a.request("GET", f"/v1/sessions/{s['id']}").json()["state"] != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     finally:
         a.stop()
     lines = [

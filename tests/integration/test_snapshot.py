@@ -78,3 +78,58 @@ def test_snapshot_of_a_running_writer(tmp_path: Path) -> None:
         assert export["size"] == PAGES * PAGE and export["state"] == "ready"
     finally:
         agent.stop()
+
+
+TRACED_WORKLOAD = """
+import os, sys, time
+from pagewire import _uffd
+from pagewire.client import attach_for_snapshot
+base = _uffd.mmap_anon(64 * 4096)
+_uffd.write_memory(base, b"x" * 4096)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+att = attach_for_snapshot(sys.argv[1], base, 64 * 4096)
+time.sleep(60)
+"""
+
+
+def test_snapshot_of_a_process_that_does_not_stop(tmp_path: Path) -> None:
+    """A traced process does not reach the stopped state on SIGSTOP: the snapshot fails
+    with process_not_stopped, removes its partial file, and never write-protects it."""
+    import ctypes
+    import os
+
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    agent = LocalAgent(tmp_path, "agent", [roots]).start()
+    out = roots / "snap.img"
+    go = tmp_path / "go"
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        r = agent.request("POST", "/v1/snapshots", json={"name": "s", "path": str(out)})
+        assert r.status_code == 201, r.text
+        snap = r.json()
+        proc = subprocess.Popen([sys.executable, "-c", TRACED_WORKLOAD, snap["socket"], str(go)])
+        ptrace_seize = 0x4206
+        assert libc.ptrace(ptrace_seize, proc.pid, None, None) == 0, ctypes.get_errno()
+        go.touch()
+        deadline = time.monotonic() + 30
+        while (status := agent.request("GET", f"/v1/snapshots/{snap['id']}").json())["state"] in (
+            "awaiting_attach",
+            "running",
+        ):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status["state"] == "failed", status
+        assert status["error"]["code"] == "process_not_stopped", status
+        assert not out.exists()
+        ptrace_detach = 17
+        libc.ptrace(ptrace_detach, proc.pid, None, None)
+        proc.kill()
+        while True:  # the first reports may be ptrace stops
+            _, st = os.waitpid(proc.pid, 0)
+            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                break
+        proc.returncode = -9
+    finally:
+        agent.stop()

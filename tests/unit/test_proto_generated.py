@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.conftest import need
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_up_to_date() -> None:
-    pytest.importorskip("grpc_tools", reason="grpcio-tools is needed to regenerate")
+    need(
+        importlib.util.find_spec("grpc_tools") is not None,
+        "grpcio-tools is needed to regenerate (pip install grpcio-tools)",
+    )
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check"],
         capture_output=True,

@@ -166,6 +166,8 @@ class AgentState:
             "grpc": self.peer_server is not None,
             "accepting": not (self.sessions.shutting_down or self.sessions.draining),
             "file_pool": filework.pool().healthy(),
+            # no session without its record: after a failed write, probe until one works
+            "state_dir": self.sessions.state_writable or self.sessions.probe_state_dir(),
         }
 
     def info(self) -> dict[str, Any]:

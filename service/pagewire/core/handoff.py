@@ -10,8 +10,11 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import json
+import logging
 import os
+import signal
 import socket
 import struct
 import time
@@ -19,7 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pagewire import _uffd
-from pagewire.core.layout import LayoutError, Limits, Region, parse_layout, parse_region
+from pagewire.core.layout import (
+    SYSTEM_PAGE_SIZE,
+    LayoutError,
+    Limits,
+    Region,
+    parse_layout,
+)
+
+log = logging.getLogger("pagewire.core.handoff")
 
 MAX_BODY = 1 << 20
 MAX_FDS = 8
@@ -45,6 +56,13 @@ class Handoff:
     uffd_inode: int
     features: int
     conn: socket.socket | None = field(default=None, repr=False)
+    verdict_sent: bool = False
+
+    def verdict(self, error: HandoffError | None = None) -> None:
+        """Send the workload its one verdict line (once)."""
+        if not self.verdict_sent:
+            self.verdict_sent = True
+            send_verdict(self.conn, error)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -123,21 +141,92 @@ def unregistered_ranges(pid: int, regions: list[Region]) -> list[Region]:
     return bad
 
 
-def release_bad_uffd(uffd: int, body: bytes) -> None:
-    """A real uffd with a bad layout: unregister every range we can make out, then close."""
+def registered_vmas(pid: int) -> list[tuple[int, int, int]]:
+    """(start, end, page size) of every mapping of pid registered for missing faults with
+    some uffd (smaps VmFlags 'um')."""
     try:
-        items = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        items = []
-    for i, item in enumerate(items if isinstance(items, list) else []):
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return []
+    vmas: list[tuple[int, int, int]] = []
+    start = end = 0
+    page = SYSTEM_PAGE_SIZE
+    for line in text.splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            first, last = head.split("-")
+            start, end, page = int(first, 16), int(last, 16), SYSTEM_PAGE_SIZE
+        elif line.startswith("KernelPageSize:"):
+            page = int(line.split()[1]) * 1024
+        elif line.startswith("VmFlags:") and " um" in line:
+            vmas.append((start, end, page))
+    return vmas
+
+
+class PoisonUnsupported(Exception):
+    """The kernel has no UFFDIO_POISON (before 6.6)."""
+
+
+def poison_registered(uffd: int, pid: int) -> int:
+    """Poison every missing page of every range this uffd has registered in pid, so the
+    workload gets SIGBUS on touch (never zeros, never a hang). Ranges registered with
+    another uffd answer ENOENT and are left alone. Returns pages poisoned."""
+    poisoned = 0
+    for start, end, page in registered_vmas(pid):
         try:
-            r = parse_region(item, i)
-        except LayoutError:
-            continue
-        with contextlib.suppress(OSError):
-            _uffd.uffd_unregister(uffd, r.base, r.size)
+            poisoned += _uffd.uffd_poison(uffd, start, end - start, page)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTTY, errno.EINVAL):
+                raise PoisonUnsupported(str(exc)) from None
+    return poisoned
+
+
+def kill_through_pidfd(pid: int, start_time: int | None = None) -> bool:
+    """SIGKILL pid through a pidfd (checked against its start time): the only fail-closed
+    answer where the kernel cannot poison. True if the signal was sent."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if start_time is not None and process_start_time(pid) != start_time:
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def fail_closed(fds: list[int], pid: int | None) -> str:
+    """A refused handoff: poison through every fd that is a uffd, then close every fd.
+    Returns what the workload was given ('' when no uffd came)."""
+    uffds = [fd for fd in fds if is_uffd(fd)]
+    if not uffds or not pid:
+        _close_all(fds)
+        return ""
+    outcome = "poisoned"
+    try:
+        for fd in uffds:
+            poison_registered(fd, pid)
+    except PoisonUnsupported:
+        outcome = "killed" if kill_through_pidfd(pid) else "not killed"
+        log.warning("kernel lacks UFFDIO_POISON: workload %d %s through its pidfd", pid, outcome)
+    finally:
+        _close_all(fds)
+    return outcome
+
+
+def send_verdict(conn: socket.socket | None, error: HandoffError | None = None) -> None:
+    """One JSON line after validation; Firecracker never reads it, pagewire.client does."""
+    if conn is None:
+        return
+    line = (
+        {"ok": True} if error is None else {"error": {"code": error.code, "message": error.message}}
+    )
     with contextlib.suppress(OSError):
-        os.close(uffd)
+        conn.send(json.dumps(line).encode() + b"\n")
 
 
 async def _wait_readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
@@ -159,10 +248,11 @@ async def _wait_readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: floa
 
 
 async def _read_message(
-    loop: asyncio.AbstractEventLoop, conn: socket.socket
+    loop: asyncio.AbstractEventLoop, conn: socket.socket, fds: list[int]
 ) -> tuple[bytes, list[int]]:
+    """Read the layout; fds received are appended to fds as they come, so a caller that
+    sees a timeout or an error still closes (and poisons through) them."""
     body = b""
-    fds: list[int] = []
     deadline = time.monotonic() + READ_TIMEOUT_S
     fd_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
     while True:
@@ -193,6 +283,8 @@ def _complete_or_broken(body: bytes) -> bool:
         if exc.msg.startswith("Unterminated string"):
             return False  # reported at the string's start, though it is cut at the end
         return exc.pos < len(text.rstrip())
+    except (ValueError, RecursionError):
+        return True  # a 5000-digit number or "[" nested 200000 deep: no byte fixes it
     return True
 
 
@@ -224,6 +316,9 @@ def _validate(
         regions = parse_layout(body, limits)
     except LayoutError as exc:
         raise HandoffError(exc.code, str(exc)) from None
+    except (ValueError, RecursionError, TypeError, OverflowError) as exc:
+        # e.g. a size of 5000 digits (int conversion limit) or "[" nested 200000 deep
+        raise HandoffError("invalid_json", f"the layout cannot be parsed: {exc}") from None
     pid, uid, _gid = peer_credentials(conn)
     if check_registration:
         check_registered(pid, regions)
@@ -250,21 +345,45 @@ async def receive_handoff(
     may run it once the engine is serving, so the first fault does not wait for it."""
     loop = asyncio.get_running_loop()
     conn.setblocking(False)
-    body, fds = b"", list[int]()
+    fds = list[int]()
     try:
-        body, fds = await _read_message(loop, conn)
+        body, fds = await _read_message(loop, conn, fds)
         return _validate(conn, body, fds, limits, check_registration)
-    except HandoffError:
-        if len(fds) == 1 and is_uffd(fds[0]):
-            release_bad_uffd(fds[0], body)
-            fds = []
-        _close_all(fds)
-        conn.close()
+    except HandoffError as exc:
+        await asyncio.to_thread(refuse, conn, fds, exc)  # poisoning a large VM takes a while
         raise
-    except OSError as exc:
-        _close_all(fds)
-        conn.close()
-        raise HandoffError("handoff_failed", f"reading the handoff failed: {exc}") from None
+    except asyncio.CancelledError:
+        refuse(conn, fds, HandoffError("cancelled", "the session ended during the handoff"))
+        raise
+    except Exception as exc:  # never leak the fd nor leave the workload hanging
+        error = HandoffError("handoff_failed", f"reading the handoff failed: {exc}")
+        await asyncio.to_thread(refuse, conn, fds, error)
+        raise error from None
+
+
+def refuse_handoff(handoff: Handoff, code: str, message: str = "") -> None:
+    """Refuse a handoff that was read whole (a second workload, a uid not allowed)."""
+    conn, handoff.conn = handoff.conn, None
+    fds = [handoff.uffd] if handoff.uffd >= 0 else []
+    handoff.uffd = -1
+    error = HandoffError(code, message or f"handoff refused: {code}")
+    if conn is None:
+        fail_closed(fds, handoff.pid)
+        return
+    refuse(conn, fds, error)
+
+
+def refuse(conn: socket.socket, fds: list[int], error: HandoffError) -> None:
+    """Fail closed: poison what any uffd that came has registered, close every fd, tell
+    the workload why, close the connection."""
+    pid = None
+    with contextlib.suppress(OSError):
+        pid = peer_credentials(conn)[0]
+    outcome = fail_closed(fds, pid)
+    if outcome:
+        error.message += f" (workload memory {outcome})"
+    send_verdict(conn, error)
+    conn.close()
 
 
 @dataclass

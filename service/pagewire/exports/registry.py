@@ -83,6 +83,12 @@ class ExportStale(ExportError):
 
 class ExportVerifying(ExportStale):
     code = "export_verifying"
+
+
+class StateUnwritable(ExportError):
+    """The export's record cannot be written (read-only state dir, ENOSPC)."""
+
+    code = "state_unwritable"
     http_status = 503
 
 
@@ -363,6 +369,19 @@ class Export(ChunkGeometry):
         if self._on_stale is not None:
             self._on_stale(self)
 
+    def recheck_chunk(self, index: int) -> bool:
+        """A peer complained that this chunk failed its digest: read it again from the
+        file and hash it; the export is marked stale if the file no longer matches what
+        was published (disk corruption keeps size and mtime). True if it still matches."""
+        self._check_index(index)
+        length = self.chunk_len(index)
+        data = self._read(length, lambda fd: os.pread(fd, length, index * self.chunk_size))
+        if hashlib.sha256(data).digest() == self.digests[index]:
+            return True
+        log.warning("export %s: chunk %d no longer matches its digest", self.name, index)
+        self.mark_stale()
+        return False
+
     def read_chunk(self, index: int) -> bytes:
         """The chunk's non-zero pages, concatenated in order (empty for a zero chunk)."""
         runs = self._data_runs(index)
@@ -571,7 +590,10 @@ class ExportRegistry:
                 _check_name(name)
                 self._reserve(name)
             exp = self._scan_fd(name, str(opened.path), opened.fd)
-            self._save(exp)
+            try:
+                self._save(exp)
+            except OSError as exc:  # no export without its record (its fd is closed below)
+                raise StateUnwritable(f"the export record cannot be written: {exc}") from None
             with self._lock:
                 self._exports[name] = exp
         except BaseException:
@@ -692,11 +714,15 @@ class ExportRegistry:
             self.dir.mkdir(parents=True, exist_ok=True)
             target = self._record_path(exp.name)
             tmp = target.with_name(f".{target.name}.tmp")
-            with open(tmp, "w") as f:
-                json.dump(exp.record(), f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(exp.record(), f, separators=(",", ":"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
 
     def load(self) -> builtins.list[Export]:
         """Reload every record from the state dir (agent start); returns what was loaded."""

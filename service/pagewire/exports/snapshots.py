@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -184,8 +185,18 @@ class SnapshotManager:
             os.close(h.uffd)
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
+        try:
+            await asyncio.to_thread(snap.engine.start)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                snap.path.unlink()  # the partial file holds no instant
+            if exc.errno == errno.EBUSY:
+                raise HandoffError(
+                    "process_not_stopped",
+                    f"process {h.pid} did not stop, so no instant could be taken",
+                ) from None
+            raise
         loop.add_reader(snap.notify_fd, done.set)
-        snap.engine.start()
         snap.attached_at = time.time()
         snap.state = "running"
         log.info("snapshot started", extra={"snapshot": snap.id, "pid": h.pid})

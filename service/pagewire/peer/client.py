@@ -33,8 +33,10 @@ from pagewire.exports.registry import (
 from pagewire.peer.server import (
     COMMON_OPTIONS,
     MAX_CHUNKS_PER_REQUEST,
+    MAX_SUSPECTS,
     MAX_URGENT_BYTES,
     SERVICE_NAME,
+    SUSPECT_METADATA,
     require_secure_or_loopback,
     tls_material,
 )
@@ -53,6 +55,16 @@ TRANSPORT_CODES = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
 }
+# A returning source is used within a second of being ready: gRPC's default reconnect
+# backoff grows to 120 s (seen: 6 to 12 s of peer_unreachable after a 20 s outage).
+# Not grpc.min_reconnect_backoff_ms: gRPC also takes it as the minimum connect timeout
+# (20 s by default), and 100 ms fails every connection over a slow link.
+RECONNECT_BACKOFF_INITIAL_MS = 100
+RECONNECT_BACKOFF_MAX_MS = 500
+CLIENT_OPTIONS: list[tuple[str, Any]] = COMMON_OPTIONS + [
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
+]
 # Verify batches larger than this in a worker thread so the loop keeps serving faults.
 INLINE_VERIFY_BYTES = 256 * 1024
 
@@ -70,7 +82,12 @@ class PeerError(Exception):
 
 
 class PeerIntegrityError(PeerError):
-    """The peer sent data that does not match what it published."""
+    """The peer sent data that does not match what it published (chunk: which one, when
+    it failed its digest)."""
+
+    def __init__(self, message: str, chunk: int | None = None) -> None:
+        super().__init__(message)
+        self.chunk = chunk
 
 
 # --- the export as seen from here ---------------------------------------------------
@@ -161,7 +178,7 @@ def rebuild_chunk(remote: RemoteExport, index: int, data: bytes) -> bytes:
             page = flags.find(0, stop)
         chunk = bytes(buf)
     if not chunk_matches(remote, index, chunk):
-        raise PeerIntegrityError(f"chunk {index}: digest mismatch")
+        raise PeerIntegrityError(f"chunk {index}: digest mismatch", chunk=index)
     return chunk
 
 
@@ -262,7 +279,7 @@ class PeerClient:
         if material is None:
             require_secure_or_loopback(address, insecure_peers)
             self.channel = grpc.aio.insecure_channel(
-                address, options=COMMON_OPTIONS, interceptors=interceptors
+                address, options=CLIENT_OPTIONS, interceptors=interceptors
             )
         else:
             cert, key, ca = material
@@ -270,7 +287,7 @@ class PeerClient:
                 root_certificates=ca, private_key=key, certificate_chain=cert
             )
             self.channel = grpc.aio.secure_channel(
-                address, creds, options=COMMON_OPTIONS, interceptors=interceptors
+                address, creds, options=CLIENT_OPTIONS, interceptors=interceptors
             )
         self.stub = pb_grpc.PageServiceStub(self.channel)
         self.bytes_received = 0
@@ -305,9 +322,20 @@ class PeerClient:
 
     # --- unary calls ---
 
-    async def describe(self, export: str, timeout: float | None = 30.0) -> RemoteExport:
+    async def describe(
+        self, export: str, timeout: float | None = 30.0, suspects: list[int] | None = None
+    ) -> RemoteExport:
+        """The export's description; suspects names chunks that failed their digest, which
+        the source re-reads and re-hashes (marking the export stale if its file changed)."""
+        metadata = (
+            (SUSPECT_METADATA, ",".join(map(str, suspects[:MAX_SUSPECTS]))) if suspects else None
+        )
         try:
-            desc = await self.stub.Describe(pb.DescribeRequest(export=export), timeout=timeout)
+            desc = await self.stub.Describe(
+                pb.DescribeRequest(export=export),
+                timeout=timeout,
+                metadata=(metadata,) if metadata else None,
+            )
         except grpc.aio.AioRpcError as exc:
             raise PeerError.from_rpc(exc) from None
         try:

@@ -70,6 +70,28 @@ SERVER_OPTIONS: list[tuple[str, Any]] = COMMON_OPTIONS + [
 ]
 
 
+# --- digest complaints -------------------------------------------------------------
+
+# A destination that got a chunk failing its digest names it in this metadata key on a
+# Describe call; the source re-reads and re-hashes at most this many of them.
+SUSPECT_METADATA = "pagewire-suspect-chunks"
+MAX_SUSPECTS = 16
+
+
+def suspect_chunks(metadata: Any) -> list[int]:
+    for key, value in metadata or ():
+        if key == SUSPECT_METADATA and isinstance(value, str):
+            items = value.split(",")[:MAX_SUSPECTS]
+            return [int(i) for i in items if i.strip().isdigit() and len(i.strip()) < 20]
+    return []
+
+
+def recheck_chunks(export: Any, chunks: list[int]) -> None:
+    for index in chunks:
+        if not 0 <= index < export.chunks or not export.recheck_chunk(index):
+            return
+
+
 # --- transport security ------------------------------------------------------------
 
 
@@ -464,6 +486,9 @@ class PageServicer(pb_grpc.PageServiceServicer):
         try:
             peer = self._identify(context)
             export = self._export(request.export)
+            suspects = suspect_chunks(context.invocation_metadata())
+            if suspects:  # a peer's digest complaint: re-read, re-hash, stale if changed
+                await asyncio.to_thread(recheck_chunks, export, suspects)
             await asyncio.to_thread(export.check)
         except Exception as exc:
             await self._fail("Describe", context, exc, peer, request.export)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -25,11 +24,14 @@ from pagewire.core.engine import EngineOptions, Histogram, histogram, open_engin
 from pagewire.core.handoff import (
     Handoff,
     HandoffError,
+    PoisonUnsupported,
     SocketSpec,
     check_registered,
+    kill_through_pidfd,
     listen,
-    peer_credentials,
+    poison_registered,
     receive_handoff,
+    refuse_handoff,
 )
 from pagewire.core.layout import SYSTEM_PAGE_SIZE, Limits
 from pagewire.core.paths import open_beneath
@@ -37,6 +39,7 @@ from pagewire.core.paths import open_beneath
 log = logging.getLogger("pagewire.sessions")
 
 WINDOW_PAGES = {"around": 16, "none": 1, "working_set": 16}
+MAX_PENDING_HANDOFFS = 8  # connections of one session read at once (each times out in 5 s)
 
 
 class Source(Protocol):
@@ -146,6 +149,7 @@ class Session:
     final_hist: dict[str, Histogram] | None = None
     paused_since: float | None = None
     closing: bool = False  # a policy or request is ending it; engine notices are not news
+    last_refusal: dict[str, str] | None = None  # the latest refused handoff, while awaiting
     frozen_status: dict[str, Any] | None = None  # an ended session read back from its record
 
     @property
@@ -245,6 +249,7 @@ class SessionManager:
         self.reserved = 0  # creates under way: counted against max_sessions
         self.reserved_remote = 0
         self.records_dir = settings.state_dir / "sessions"
+        self.state_writable = True  # the last record write (or probe) succeeded
 
     # ---- creation -------------------------------------------------------
 
@@ -326,8 +331,20 @@ class SessionManager:
                 400, "socket_failed", f"cannot create the session socket: {exc}"
             ) from None
         session = Session(session_id, request, source, socket_path)
+        try:
+            await asyncio.to_thread(self.write_record, session)
+        except OSError as exc:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+            await source.stop()
+            self.state_writable = False
+            log.error("session refused: its record cannot be written: %s", exc)
+            raise ApiError(
+                503, "state_unwritable", f"the session record cannot be written: {exc}"
+            ) from None
+        self.state_writable = True
         self.sessions[session_id] = session
-        self.persist(session)
         session.task = asyncio.create_task(self._run(session, listener))
         log.info("session created", extra={"session": session_id, "source": source.describe()})
         return session
@@ -362,6 +379,9 @@ class SessionManager:
     # ---- lifecycle ------------------------------------------------------
 
     async def _accept(self, session: Session, listener: socket.socket) -> Handoff:
+        """The first good handoff before attach_timeout_s. Connections are read side by
+        side (up to MAX_PENDING_HANDOFFS), so a silent or bad one neither ends the session
+        nor delays the real workload; each refusal fails closed and is logged."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + session.request.attach_timeout_s
         limits = Limits(
@@ -369,22 +389,62 @@ class SessionManager:
             max_bytes=self.settings.max_session_bytes,
             image_size=session.source.size,
         )
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise HandoffError("attach_timeout", "no workload attached in time")
-            try:
-                conn, _ = await asyncio.wait_for(loop.sock_accept(listener), remaining)
-            except TimeoutError:
-                raise HandoffError("attach_timeout", "no workload attached in time") from None
-            if self.settings.allowed_uids:
-                _pid, uid, _gid = peer_credentials(conn)
-                if uid not in self.settings.allowed_uids:
-                    self.count_rejection("peer_not_allowed")
-                    log.warning("handoff from uid %d refused", uid, extra={"session": session.id})
-                    conn.close()
-                    continue
-            return await receive_handoff(conn, limits, check_registration=False)
+        pending: set[asyncio.Future[Any]] = set()
+        accepting: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise HandoffError("attach_timeout", "no workload attached in time")
+                if accepting is None and len(pending) < MAX_PENDING_HANDOFFS:
+                    accepting = asyncio.ensure_future(loop.sock_accept(listener))
+                waiting = pending | ({accepting} if accepting is not None else set())
+                done, _ = await asyncio.wait(
+                    waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    if task is accepting:
+                        accepting = None
+                        conn, _ = task.result()
+                        pending.add(asyncio.ensure_future(self._receive(conn, limits)))
+                        continue
+                    pending.discard(task)
+                    try:
+                        handoff: Handoff = task.result()
+                    except HandoffError as exc:
+                        self._refused(session, exc)
+                        continue
+                    for other in done - {task, accepting}:  # a second one in the same instant
+                        if other in pending and not other.exception():
+                            pending.discard(other)
+                            refuse_handoff(other.result(), "already_attached")
+                    return handoff
+        finally:
+            if accepting is not None and accepting.done() and not accepting.cancelled():
+                with contextlib.suppress(Exception):
+                    accepting.result()[0].close()  # accepted in the same instant: dropped
+            elif accepting is not None:
+                accepting.cancel()
+                pending.add(accepting)
+            for task in pending:  # cancelled handoffs are refused and fail closed
+                task.cancel()
+            # wait for the cancellations to remove their readers: the listener's fd number
+            # is reused (by the session's eventfd) as soon as it is closed
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _receive(self, conn: socket.socket, limits: Limits) -> Handoff:
+        handoff = await receive_handoff(conn, limits, check_registration=False)
+        if self.settings.allowed_uids and handoff.uid not in self.settings.allowed_uids:
+            refuse_handoff(handoff, "peer_not_allowed", f"handoff from uid {handoff.uid} refused")
+            raise HandoffError("peer_not_allowed", f"handoff from uid {handoff.uid} refused")
+        return handoff
+
+    def _refused(self, session: Session, exc: HandoffError) -> None:
+        """One bad or silent connection must not end the session: the real workload may
+        still come before attach_timeout_s."""
+        self.count_rejection(exc.code)
+        session.last_refusal = {"code": exc.code, "message": exc.message}
+        log.warning("handoff refused: %s: %s", exc.code, exc.message, extra={"session": session.id})
 
     async def _run(self, session: Session, listener: socket.socket) -> None:
         try:
@@ -396,10 +456,13 @@ class SessionManager:
                     session.socket_path.unlink()
             self._start_engine(session, handoff)
             await self._check_registered(session, handoff)
+            handoff.verdict()
             await session.source.start(session)
             await session.ended.wait()
         except HandoffError as exc:
-            if exc.code != "attach_timeout":
+            if exc.code == "attach_timeout" and session.last_refusal:
+                exc.message += f"; last handoff refused: {session.last_refusal['message']}"
+            elif exc.code != "attach_timeout":
                 self.count_rejection(exc.code)
             self._end(session, "failed", exc.code, exc.message)
         except asyncio.CancelledError:
@@ -410,15 +473,24 @@ class SessionManager:
 
     async def _check_registered(self, session: Session, handoff: Handoff) -> None:
         """The regions' coverage, checked while the engine already serves the first faults
-        (reading smaps takes milliseconds). A hostile layout ends the session: the listed
-        ranges are unregistered so the workload is never left hanging."""
+        (reading smaps takes milliseconds). A hostile layout ends the session, failing
+        closed: every range the uffd registered is poisoned, never unregistered."""
         try:
             await asyncio.to_thread(check_registered, handoff.pid, handoff.regions)
-        except HandoffError:
+        except HandoffError as exc:
+            engine = session.engine
+            if engine is None or engine.state == "completed" or _all_installed(engine):
+                return  # a fast restore completed and unregistered its ranges meanwhile
             session.closing = True
-            if session.engine is not None:  # unregisters every listed range, then closes
-                await asyncio.to_thread(session.engine.fail, "not_registered", False)
+            await asyncio.to_thread(self._poison_all, engine, handoff)
+            await self._fail_engine(session, engine, exc.code)
+            handoff.verdict(exc)
             raise
+
+    @staticmethod
+    def _poison_all(engine: _uffd.Engine, handoff: Handoff) -> None:
+        with contextlib.suppress(PoisonUnsupported):
+            poison_registered(engine.uffd, handoff.pid)
 
     def _start_engine(self, session: Session, handoff: Handoff, *, recovered: bool = False) -> None:
         session.handoff = handoff
@@ -473,7 +545,7 @@ class SessionManager:
         offsets = engine.take_requests()
         if offsets:
             session.source.on_requests(session, offsets)
-        if engine.state == "completed":
+        if engine.state == "completed" or (engine.state == "failed" and _all_installed(engine)):
             self._end(session, "completed")
         elif engine.state == "failed":
             code = engine.error or "failed"
@@ -500,6 +572,9 @@ class SessionManager:
             os.close(session.notify_fd)
             session.notify_fd = -1
         if session.handoff is not None and session.handoff.conn is not None:
+            # a restore can end before its registration check did: answer the workload
+            ended_ok = state == "completed"
+            session.handoff.verdict(None if ended_ok else HandoffError(code or state, message))
             session.handoff.conn.close()
             session.handoff.conn = None
         asyncio.get_running_loop().create_task(session.source.stop())
@@ -517,17 +592,32 @@ class SessionManager:
         session.closing = True
         engine = session.engine
         if engine is not None:
-            poisoned = await asyncio.to_thread(engine.fail, code, True)
-            if not poisoned and session.handoff is not None:
-                # the workload did not negotiate UFFD_FEATURE_POISON: it cannot be given
-                # SIGBUS per page, and zeros are never an answer, so it is stopped
-                log.warning(
-                    "workload lacks UFFD_FEATURE_POISON; killing it", extra={"session": session.id}
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(session.handoff.pid, signal.SIGKILL)
+            if _all_installed(engine):  # nothing is missing: the restore is complete
                 await asyncio.to_thread(engine.fail, code, False)
+                self._end(session, "completed")
+                return
+            message += await self._fail_engine(session, engine, code)
         self._end(session, state, code, message)
+
+    async def _fail_engine(self, session: Session, engine: _uffd.Engine, code: str) -> str:
+        """Poison what is missing (POISON is probed, so a Firecracker uffd gets it too).
+        Only a kernel without UFFDIO_POISON (before 6.6) leaves one fail-closed answer:
+        killing the workload through its pidfd. Returns what to add to the message."""
+        if await asyncio.to_thread(engine.fail, code, True):
+            return ""
+        h = session.handoff
+        killed = h is not None and kill_through_pidfd(h.pid, h.start_time)
+        log.warning(
+            "kernel lacks UFFDIO_POISON; workload %s through its pidfd",
+            "killed" if killed else "could not be killed",
+            extra={"session": session.id},
+        )
+        await asyncio.to_thread(engine.fail, code, False)
+        return (
+            "; the kernel lacks UFFDIO_POISON, so the workload was killed"
+            if killed
+            else "; the kernel lacks UFFDIO_POISON and the workload could not be killed"
+        )
 
     async def cancel(self, session: Session) -> None:
         if session.state == "awaiting_attach" and session.task is not None:
@@ -554,12 +644,43 @@ class SessionManager:
 
     # ---- records, counters, shutdown -------------------------------------
 
-    def persist(self, session: Session) -> None:
+    def write_record(self, session: Session) -> None:
+        """Write the session's record durably enough to survive an agent restart; OSError
+        (read-only dir, ENOSPC) leaves no temp file behind."""
         path = self.records_dir / f"{session.id}.json"
         tmp = path.with_suffix(".tmp")
-        with contextlib.suppress(OSError):
+        try:
             tmp.write_text(json.dumps(session.record()))
             tmp.replace(path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def persist(self, session: Session) -> None:
+        """Update a record; a failure is logged and makes the agent not ready."""
+        try:
+            self.write_record(session)
+            self.state_writable = True
+        except OSError as exc:
+            if self.state_writable:
+                log.error(
+                    "session record cannot be written: %s", exc, extra={"session": session.id}
+                )
+            self.state_writable = False
+
+    def probe_state_dir(self) -> bool:
+        """Whether a record can be written now (for /readyz, after a failed write)."""
+        probe = self.records_dir / ".probe.tmp"
+        try:
+            probe.write_bytes(b"{}")
+            probe.unlink()
+            self.state_writable = True
+        except OSError:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            self.state_writable = False
+        return self.state_writable
 
     def count_rejection(self, reason: str) -> None:
         self.handoff_rejections[reason] = self.handoff_rejections.get(reason, 0) + 1
@@ -597,6 +718,12 @@ class SessionManager:
             session.engine.close_uffd()
         self.persist(session)
         log.warning("session handed over to the next agent", extra={"session": session.id})
+
+
+def _all_installed(engine: _uffd.Engine) -> bool:
+    """Every page present, zero or removed: whatever happened afterwards, it restored."""
+    s = engine.stats()
+    return s.get("pages_total", 0) > 0 and s.get("pages_missing", 1) == 0
 
 
 _FAILURE_TEXT = {

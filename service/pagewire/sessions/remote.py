@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pagewire.sessions.remote")
 
 BACKOFF_MIN_S = 0.05
-BACKOFF_MAX_S = 2.0
+BACKOFF_MAX_S = 0.5  # a returning source is used within a second of being ready
+# Consecutive chunks failing their digest from one source before it counts as lost (the
+# session pauses and on_source_lost applies after pause_timeout_s): one bad chunk is a
+# glitch fetched again, a run of them is a source serving wrong data.
+INTEGRITY_FAILURES_LOST = 3
 BULK_BATCH_BYTES = 1 << 20
 URGENT_DEADLINE_S = 3.0  # a fault's chunk that takes longer means the peer is in trouble
 BULK_IDLE_S = 5.0  # a bulk stream silent this long is dead (keepalive backs this up)
@@ -104,6 +108,7 @@ class RemoteSource:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopped = False
         self.integrity_failures = 0
+        self.integrity_run = 0  # consecutive digest failures; a good answer resets it
         # urgent chunks in flight, so one session stays within WINDOW_BYTES
         self.urgent_slots = asyncio.Semaphore(max(1, WINDOW_BYTES // 2 // remote.chunk_size))
 
@@ -432,14 +437,30 @@ class RemoteSource:
                 return
             except PeerIntegrityError as exc:
                 self.integrity_failures += 1
+                self.integrity_run += 1
                 log.warning(
-                    "peer sent a bad chunk; fetching again: %s", exc, extra=self._log_extra()
+                    "peer sent a bad chunk (%d in a row); fetching again: %s",
+                    self.integrity_run,
+                    exc,
+                    extra=self._log_extra(),
                 )
+                if exc.chunk is not None:
+                    self._spawn(self._complain(exc.chunk))
+                if self.integrity_run >= INTEGRITY_FAILURES_LOST and await self._paused(exc):
+                    return
             except PeerError as exc:
                 if await self._paused(exc):
                     return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _complain(self, chunk: int) -> None:
+        """Tell the source which chunk failed its digest: it re-reads and re-hashes it, and
+        marks the export stale if its file no longer matches (then Describe says so)."""
+        try:
+            await self.client.describe(self.remote.name, timeout=5.0, suspects=[chunk])
+        except PeerError as exc:
+            log.warning("digest complaint answered: %s", exc, extra=self._log_extra())
 
     def _log_extra(self) -> dict[str, str]:
         return {"session": self.session.id if self.session else "", "peer": self.address}
@@ -461,6 +482,7 @@ class RemoteSource:
         return False
 
     def _resumed(self) -> None:
+        self.integrity_run = 0
         session = self.session
         if session is not None and session.state == "paused":
             session.state = "running"

@@ -1,7 +1,7 @@
 """A test and demo workload: attach a region through pagewire.client, touch it, verify it.
 
 Run as a separate process: python -m pagewire.tools.workload --socket S --size N ...
-Prints one JSON line with what it saw.
+Prints one JSON line with what it saw; exits 2 when --verify finds a wrong byte.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import threading
 import time
 
 from pagewire import _uffd
-from pagewire.client import MADV_DONTNEED, attach
+from pagewire.client import MADV_DONTNEED, HandoffRefused, attach
+
+EXIT_MISMATCH = 2  # --verify found a byte that differs from the image
+EXIT_REFUSED = 4  # the agent refused the handoff
 
 
 def command(socket_path: str, size: int, *args: str) -> list[str]:
@@ -117,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--go-file", help="wait for this file before touching the second half")
     a = p.parse_args(argv)
     layout = parse_pairs(a.layout) if a.layout else None
-    att = attach(
-        a.socket, a.size, layout=layout, **({"page_size": a.page_size} if a.page_size else {})
-    )
+    try:
+        att = attach(
+            a.socket, a.size, layout=layout, **({"page_size": a.page_size} if a.page_size else {})
+        )
+    except HandoffRefused as exc:
+        print(json.dumps({"refused": exc.code, "message": exc.message}), flush=True)
+        return EXIT_REFUSED
     base, page_size = att.regions[0].base, att.regions[0].page_size
     pages = att.regions[0].size // page_size
     order = touch_order(pages, a.order, a.seed)
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         report["madvise_after_s"] = round(time.monotonic() - t, 6)
     print(json.dumps(report), flush=True)
     att.close()
-    return 0
+    return 0 if report.get("verified", True) else EXIT_MISMATCH
 
 
 if __name__ == "__main__":
