@@ -26,7 +26,8 @@ from pagewire.core.errors import PagewireError
 from pagewire.core.handoff import Handoff, HandoffError, SocketSpec, listen, receive_handoff
 from pagewire.core.layout import Limits
 from pagewire.core.paths import BeneathFile, open_beneath, reopen_read_only
-from pagewire.exports.registry import ExportError, ExportRegistry
+from pagewire.exports.errors import ExportError
+from pagewire.exports.registry import ExportRegistry
 
 log = logging.getLogger("pagewire.exports.snapshots")
 
