@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pagewire.exports.registry import Export, ExportRegistry
+from pagewire.exports.export import Export
+from pagewire.exports.registry import ExportRegistry
 from pagewire.peer.server import PageServicer, serve_peers
 
 

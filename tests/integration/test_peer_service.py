@@ -11,14 +11,13 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from pagewire.exports.registry import PAGE_SIZE, Export, ExportRegistry, pack_bits
-from pagewire.peer.client import (
-    TRANSPORT_CODES,
-    PeerClient,
-    PeerError,
-    PeerIntegrityError,
-    RemoteExport,
-)
+from pagewire.core.layout import SYSTEM_PAGE_SIZE
+from pagewire.exports.chunks import pack_bits
+from pagewire.exports.export import Export
+from pagewire.exports.registry import ExportRegistry
+from pagewire.peer.client import TRANSPORT_CODES, PeerClient
+from pagewire.peer.errors import PeerError, PeerIntegrityError
+from pagewire.peer.remote_export import RemoteExport
 from pagewire.peer.server import PageServicer, PeerServer, serve_peers
 from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
 from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
@@ -26,7 +25,7 @@ from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
 from tests.conftest import need
 from tests.pki import make_ca, make_cert
 
-PS = PAGE_SIZE
+PS = SYSTEM_PAGE_SIZE
 CHUNK = 4 * PS
 PAGES = 64  # 16 chunks
 T = TypeVar("T")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pagewire.exports.registry import pack_bits
+from pagewire.exports.chunks import pack_bits
 from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
 
 from tests.peers import publish, start_pair, stop_pair

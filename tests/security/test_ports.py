@@ -55,6 +55,6 @@ def test_a_taken_port_stops_the_second_agent(tmp_path: Path, image, port: str) -
 def test_grpc_server_options_refuse_port_sharing() -> None:
     """The option itself, so a gRPC upgrade that changes the default cannot bring reuse
     back unnoticed."""
-    from pagewire.peer.server import SERVER_OPTIONS
+    from pagewire.peer.wire import SERVER_OPTIONS
 
     assert ("grpc.so_reuseport", 0) in SERVER_OPTIONS

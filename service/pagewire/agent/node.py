@@ -18,8 +18,10 @@ from pagewire.core import filework
 from pagewire.exports.registry import ExportRegistry
 from pagewire.exports.snapshots import SnapshotManager
 from pagewire.peer.channel import ChannelLimits, ChannelServer
-from pagewire.peer.client import PeerClient, PeerError
-from pagewire.peer.server import PageServicer, PeerLimits, PeerServer, serve_peers
+from pagewire.peer.client import PeerClient
+from pagewire.peer.errors import PeerError
+from pagewire.peer.flow import PeerLimits
+from pagewire.peer.server import PageServicer, PeerServer, serve_peers
 from pagewire.sessions.manager import SessionManager
 from pagewire.sessions.recovery import recover
 from pagewire.sessions.remote import RemoteSource

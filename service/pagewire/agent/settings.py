@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -11,21 +10,14 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from pagewire.peer.wire import host_is_loopback
+
 
 def split_host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Settings(BaseSettings):
@@ -213,7 +205,7 @@ class Settings(BaseSettings):
         if self.token_file is not None:
             read_token(self.token_file)
         host, _ = split_host_port(self.grpc)
-        if not any(tls) and not self.insecure_peers and not is_loopback(host):
+        if not any(tls) and not self.insecure_peers and not host_is_loopback(host):
             raise ValueError(
                 f"plain-text gRPC on {self.grpc} is not loopback: give --tls-cert/--tls-key/"
                 "--tls-ca, or --insecure-peers"

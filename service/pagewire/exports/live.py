@@ -21,30 +21,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagewire import _uffd
+from pagewire.core.errors import Forbidden
 from pagewire.core.handoff import process_start_time
-from pagewire.exports.registry import (
-    PAGE_SIZE,
-    STATE_READY,
-    Export,
-    ExportError,
-    ExportInvalid,
-    ExportRegistry,
-    ExportStale,
-    FileIdentity,
-)
+from pagewire.core.layout import SYSTEM_PAGE_SIZE
+from pagewire.exports.errors import ExportError, ExportInvalid, ExportStale
+from pagewire.exports.export import STATE_READY, Export
+from pagewire.exports.identity import FileIdentity
+from pagewire.exports.registry import ExportRegistry
 
 MAX_RANGES = 4096
 FREEZE_TIMEOUT_S = 5.0
 
 
-class LiveExportDisabled(ExportError, PermissionError):
+class LiveExportDisabled(ExportError, Forbidden, PermissionError):
     code = "live_export_disabled"
-    http_status = 403
 
 
-class LiveExportForbidden(ExportError, PermissionError):
+class LiveExportForbidden(ExportError, Forbidden, PermissionError):
     code = "live_export_forbidden"
-    http_status = 403
 
 
 def _status_fields(pid: int) -> dict[str, str]:
@@ -207,7 +201,7 @@ def _layout(pid: int, wanted: list[tuple[int, int]] | None) -> list[Range]:
         raise ExportInvalid(f"between 1 and {MAX_RANGES} ranges are needed")
     ranges, offset = [], 0
     for start, size in pairs:
-        if start % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+        if start % SYSTEM_PAGE_SIZE or size % SYSTEM_PAGE_SIZE or size <= 0:
             raise ExportInvalid(f"range at 0x{start:x} is not page aligned")
         ranges.append(Range(start, size, offset))
         offset += size
@@ -245,7 +239,7 @@ def publish_process(
         name=name,
         path=f"pid:{pid}",
         size=size,
-        page_size=PAGE_SIZE,
+        page_size=SYSTEM_PAGE_SIZE,
         chunk_size=registry.chunk_size,
         zero_map=b"",
         digests=[],

@@ -20,14 +20,14 @@ from typing import Any
 
 from pagewire import _uffd
 from pagewire.agent.settings import Settings
-from pagewire.control.errors import ApiError
 from pagewire.control.models import SnapshotRequest
 from pagewire.core import filework
-from pagewire.core.errors import PagewireError
+from pagewire.core.errors import InvalidRequest, LimitReached, NotFound, PagewireError
 from pagewire.core.handoff import Handoff, HandoffError, SocketSpec, listen, receive_handoff
 from pagewire.core.layout import Limits
 from pagewire.core.paths import BeneathFile, open_beneath, reopen_read_only
-from pagewire.exports.registry import ExportError, ExportRegistry
+from pagewire.exports.errors import ExportError, ExportExists, ExportNotFound
+from pagewire.exports.registry import ExportRegistry
 
 log = logging.getLogger("pagewire.exports.snapshots")
 
@@ -105,23 +105,23 @@ class SnapshotManager:
     def get(self, snapshot_id: str) -> Snapshot:
         snap = self.snapshots.get(snapshot_id)
         if snap is None:
-            raise ApiError(404, "snapshot_not_found", f"no snapshot {snapshot_id}")
+            raise NotFound("snapshot_not_found", f"no snapshot {snapshot_id}")
         return snap
 
     async def create(self, request: SnapshotRequest) -> Snapshot:
         pending = sum(1 for s in self.snapshots.values() if s.active) + self._creating
         if pending >= self.settings.max_snapshots:
-            raise ApiError(
-                429,
+            raise LimitReached(
                 "too_many_snapshots",
                 f"{pending} snapshots pending, at most {self.settings.max_snapshots} "
                 "(--max-snapshots)",
             )
         try:
             self.exports.get(request.name)
-            raise ApiError(409, "export_exists", f"export {request.name!r} already exists")
-        except ExportError:
+        except ExportNotFound:
             pass
+        else:
+            raise ExportExists(f"export {request.name!r} already exists")
         self._creating += 1  # the slot is taken before the first await
         try:
             out = await filework.pool().run(
@@ -140,7 +140,7 @@ class SnapshotManager:
         except OSError as exc:
             out.remove()
             out.close()
-            raise ApiError(400, "socket_failed", f"cannot create the socket: {exc}") from None
+            raise InvalidRequest("socket_failed", f"cannot create the socket: {exc}") from None
         snap = Snapshot(snap_id, request, out.path, socket_path, out=out)
         self.snapshots[snap_id] = snap
         asyncio.get_running_loop().create_task(self._run(snap, listener))
@@ -164,9 +164,11 @@ class SnapshotManager:
             await self._copy(snap)
         except HandoffError as exc:
             self._end(snap, "failed", exc.code, exc.message)
-        except (ApiError, PagewireError) as exc:
+        except ExportError as exc:  # publishing the finished file
+            self._end(snap, "failed", "snapshot_failed", str(exc))
+        except PagewireError as exc:
             self._end(snap, "failed", exc.code, exc.message)
-        except (OSError, ExportError) as exc:
+        except OSError as exc:
             self._end(snap, "failed", "snapshot_failed", str(exc))
 
     async def _copy(self, snap: Snapshot) -> None:

@@ -15,7 +15,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from pagewire import _uffd
-from pagewire.exports.registry import Export, ExportInvalid, ExportStale
+from pagewire.exports.errors import ExportInvalid, ExportStale
+from pagewire.exports.export import Export
 
 
 class ChannelBusy(Exception):
@@ -84,14 +85,7 @@ class ChannelServer:
             return self.ids[key]
         fd = os.open(export.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            st = os.fstat(fd)
-            ident = export.identity
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
-                ident.dev,
-                ident.ino,
-                ident.size,
-                ident.mtime_ns,
-            ):
+            if not export.identity.matches(fd):
                 export.mark_stale()
                 raise ExportStale(f"export {export.name!r} is stale: its file changed")
             export_id = self._new_id()

@@ -20,14 +20,10 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pagewire import _uffd
-from pagewire.exports.registry import pack_bits, unpack_bits
-from pagewire.peer.client import (
-    PeerClient,
-    PeerError,
-    PeerIntegrityError,
-    RemoteExport,
-    UrgentStream,
-)
+from pagewire.exports.chunks import pack_bits, unpack_bits
+from pagewire.peer.client import PeerClient, UrgentStream
+from pagewire.peer.errors import PeerError, PeerIntegrityError
+from pagewire.peer.remote_export import RemoteExport
 
 if TYPE_CHECKING:
     from pagewire.sessions.manager import Session

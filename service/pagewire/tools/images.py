@@ -6,7 +6,7 @@ import os
 import random
 from pathlib import Path
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+from pagewire.core.layout import SYSTEM_PAGE_SIZE
 
 # Target page mix of make_image (fractions of pages; holes come on top of this).
 ZERO_FRACTION = 0.25
@@ -42,12 +42,14 @@ def make_image(path: Path, size: int, seed: int) -> None:
     as zeros). ``size`` must be a positive multiple of the page size. The same seed
     gives the same bytes.
     """
-    if size <= 0 or size % PAGE_SIZE:
-        raise ValueError(f"size {size} is not a positive multiple of the page size {PAGE_SIZE}")
-    pages = size // PAGE_SIZE
+    if size <= 0 or size % SYSTEM_PAGE_SIZE:
+        raise ValueError(
+            f"size {size} is not a positive multiple of the page size {SYSTEM_PAGE_SIZE}"
+        )
+    pages = size // SYSTEM_PAGE_SIZE
     rng = random.Random(seed)
-    templates = [rng.randbytes(PAGE_SIZE) for _ in range(TEMPLATE_COUNT)]
-    zero_block = bytes(ZERO_RUN[1] * PAGE_SIZE)
+    templates = [rng.randbytes(SYSTEM_PAGE_SIZE) for _ in range(TEMPLATE_COUNT)]
+    zero_block = bytes(ZERO_RUN[1] * SYSTEM_PAGE_SIZE)
 
     # Probability of each run kind, so that the expected share of *pages* matches.
     weights = [
@@ -72,14 +74,14 @@ def make_image(path: Path, size: int, seed: int) -> None:
             kind = rng.choices(kinds, weights)[0]
             if kind == "zero":
                 n = min(rng.randint(*ZERO_RUN), limit - page)
-                data = zero_block[: n * PAGE_SIZE]
+                data = zero_block[: n * SYSTEM_PAGE_SIZE]
             elif kind == "template":
                 n = min(rng.randint(*TEMPLATE_RUN), limit - page)
                 data = b"".join(rng.choice(templates) for _ in range(n))
             else:
                 n = min(rng.randint(*DATA_RUN), limit - page)
-                data = rng.randbytes(n * PAGE_SIZE)
-            _pwrite_all(fd, data, page * PAGE_SIZE)
+                data = rng.randbytes(n * SYSTEM_PAGE_SIZE)
+            _pwrite_all(fd, data, page * SYSTEM_PAGE_SIZE)
             page += n
     finally:
         os.close(fd)

@@ -12,8 +12,8 @@ from pagewire.control.errors import ApiError, ErrorResponse
 from pagewire.control.models import ExportRequest
 from pagewire.control.routes.deps import Agent, require_token
 from pagewire.core import filework
+from pagewire.exports.errors import ExportError
 from pagewire.exports.live import publish_process
-from pagewire.exports.registry import ExportError
 
 router = APIRouter(prefix="/v1/exports", tags=["exports"], dependencies=[Depends(require_token)])
 
@@ -47,10 +47,6 @@ def _registry(agent: Any) -> Any:
     return agent.exports
 
 
-def _api_error(exc: ExportError) -> ApiError:
-    return ApiError(exc.http_status, exc.code, exc.message)
-
-
 @router.post("", status_code=201, response_model=ExportStatus, responses=ERRORS)
 async def publish(body: ExportRequest, agent: Agent) -> dict[str, Any]:
     registry = _registry(agent)
@@ -60,25 +56,22 @@ async def publish(body: ExportRequest, agent: Agent) -> dict[str, Any]:
         with contextlib.suppress(ExportError):  # withdrawn meanwhile
             registry.withdraw(exp.name)
 
-    try:
-        registry.precheck(body.name)
-        if body.pid is not None:
-            ranges = [(r.start, r.size) for r in body.ranges] if body.ranges else None
-            export = await pool.run(
-                f"exporting process {body.pid}",
-                publish_process,
-                registry,
-                body.name,
-                body.pid,
-                ranges,
-                undo=undo,
-            )
-        else:
-            export = await pool.run(
-                f"publishing {body.path!r}", registry.publish, body.name, body.path, undo=undo
-            )
-    except ExportError as exc:
-        raise _api_error(exc) from None
+    registry.precheck(body.name)
+    if body.pid is not None:
+        ranges = [(r.start, r.size) for r in body.ranges] if body.ranges else None
+        export = await pool.run(
+            f"exporting process {body.pid}",
+            publish_process,
+            registry,
+            body.name,
+            body.pid,
+            ranges,
+            undo=undo,
+        )
+    else:
+        export = await pool.run(
+            f"publishing {body.path!r}", registry.publish, body.name, body.path, undo=undo
+        )
     result: dict[str, Any] = export.to_json()
     return result
 
@@ -90,17 +83,11 @@ async def list_exports(agent: Agent) -> dict[str, Any]:
 
 @router.get("/{name}", response_model=ExportStatus, responses=ERRORS)
 async def get_export(name: str, agent: Agent) -> dict[str, Any]:
-    try:
-        result: dict[str, Any] = _registry(agent).get(name).to_json()
-    except ExportError as exc:
-        raise _api_error(exc) from None
+    result: dict[str, Any] = _registry(agent).get(name).to_json()
     return result
 
 
 @router.delete("/{name}", response_model=ExportStatus, responses=ERRORS)
 async def withdraw(name: str, agent: Agent) -> dict[str, Any]:
-    try:
-        result: dict[str, Any] = _registry(agent).withdraw(name).to_json()
-    except ExportError as exc:
-        raise _api_error(exc) from None
+    result: dict[str, Any] = _registry(agent).withdraw(name).to_json()
     return result
