@@ -128,6 +128,7 @@ static uint64_t now_ns(void)
  */
 
 #include <dlfcn.h>
+#include <openssl/sha.h>
 #include <sched.h>
 /* XXH3 from libxxhash-dev, compiled in (the runtime image needs no extra library) */
 #define XXH_INLINE_ALL
@@ -147,72 +148,9 @@ static uint64_t now_ns(void)
 #define CHAN_BUSY 4 /* hello refused: the source's connection limit (per peer or total) */
 #define CHAN_ZSTD (1u << 16) /* answer flag: data is zstd; hello kind flag: please compress */
 
-typedef unsigned char *(*sha256_fn_t)(const unsigned char *, size_t, unsigned char *);
-static sha256_fn_t libcrypto_sha256;
-
-/* portable SHA-256, used only when libcrypto cannot be loaded */
-static const uint32_t K256[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-    0xc67178f2};
-
-#define ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
-
-static void sha256_block(uint32_t h[8], const uint8_t *p)
-{
-    uint32_t w[64], a, b, c, d, e, f, g, k;
-    for (int i = 0; i < 16; i++)
-        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
-               (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
-    for (int i = 16; i < 64; i++) {
-        uint32_t s0 = ROR(w[i - 15], 7) ^ ROR(w[i - 15], 18) ^ (w[i - 15] >> 3);
-        uint32_t s1 = ROR(w[i - 2], 17) ^ ROR(w[i - 2], 19) ^ (w[i - 2] >> 10);
-        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-    }
-    a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
-    for (int i = 0; i < 64; i++) {
-        uint32_t t1 = k + (ROR(e, 6) ^ ROR(e, 11) ^ ROR(e, 25)) + ((e & f) ^ (~e & g)) +
-                      K256[i] + w[i];
-        uint32_t t2 = (ROR(a, 2) ^ ROR(a, 13) ^ ROR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-        k = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
-    }
-    h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e, h[5] += f, h[6] += g, h[7] += k;
-}
-
-static void sha256_portable(const uint8_t *data, size_t len, uint8_t out[32])
-{
-    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                     0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-    size_t i = 0;
-    for (; i + 64 <= len; i += 64)
-        sha256_block(h, data + i);
-    uint8_t tail[128] = {0};
-    size_t rest = len - i, tl = rest < 56 ? 64 : 128;
-    memcpy(tail, data + i, rest);
-    tail[rest] = 0x80;
-    uint64_t bits = (uint64_t)len * 8;
-    for (int b = 0; b < 8; b++)
-        tail[tl - 1 - b] = (uint8_t)(bits >> (8 * b));
-    for (size_t off = 0; off < tl; off += 64)
-        sha256_block(h, tail + off);
-    for (int j = 0; j < 8; j++)
-        for (int b = 0; b < 4; b++)
-            out[4 * j + b] = (uint8_t)(h[j] >> (24 - 8 * b));
-}
-
 static void sha256(const uint8_t *data, size_t len, uint8_t out[32])
 {
-    if (libcrypto_sha256)
-        libcrypto_sha256(data, len, out);
-    else
-        sha256_portable(data, len, out);
+    SHA256(data, len, out);
 }
 
 /* The per-chunk check on the hot path: XXH3-128 (libxxhash) runs near memory speed.
@@ -222,16 +160,6 @@ static void fast_digest(const uint8_t *data, size_t len, uint8_t out[16])
     XXH128_canonical_t canon;
     XXH128_canonicalFromHash(&canon, XXH3_128bits(data, len));
     memcpy(out, canon.digest, 16);
-}
-
-static void load_libcrypto(void)
-{
-    const char *names[] = {"libcrypto.so.3", "libcrypto.so", NULL};
-    for (int i = 0; names[i] && !libcrypto_sha256; i++) {
-        void *h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-        if (h)
-            libcrypto_sha256 = (sha256_fn_t)dlsym(h, "SHA256");
-    }
 }
 
 /* zstd, loaded at run time like libcrypto: wire compression is optional */
@@ -677,6 +605,7 @@ static PyObject *ChunkCache_clear(ChunkCache *c, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+#ifdef PAGEWIRE_TEST_HOOKS
 /* Test hook: flip one byte of a cached chunk, to prove hits are verified. */
 static PyObject *ChunkCache_corrupt(ChunkCache *c, PyObject *arg)
 {
@@ -692,6 +621,7 @@ static PyObject *ChunkCache_corrupt(ChunkCache *c, PyObject *arg)
     PyBuffer_Release(&d);
     return PyBool_FromLong(done);
 }
+#endif
 
 static PyObject *ChunkCache_stats(ChunkCache *c, PyObject *unused)
 {
@@ -713,7 +643,9 @@ static PyMethodDef ChunkCache_methods[] = {
      "claim(digest, length, owner) -> (state, data or None)"},
     {"release", (PyCFunction)ChunkCache_release, METH_O, "Give back an owner's claims."},
     {"clear", (PyCFunction)ChunkCache_clear, METH_NOARGS, "Drop every ready entry."},
+#ifdef PAGEWIRE_TEST_HOOKS
     {"corrupt", (PyCFunction)ChunkCache_corrupt, METH_O, "Test hook: damage one entry."},
+#endif
     {"stats", (PyCFunction)ChunkCache_stats, METH_NOARGS, "Counters."},
     {NULL, NULL, 0, NULL}};
 
@@ -1253,7 +1185,12 @@ static void handle_messages(Engine *e)
             }
             if (ndef == capdef) {
                 capdef = capdef ? capdef * 2 : 64;
-                deferred = realloc(deferred, capdef * sizeof *deferred);
+                void *grown = realloc(deferred, capdef * sizeof *deferred);
+                if (!grown) {  /* fail closed: the session's policy poisons what is missing */
+                    engine_fail_locked(e, "out_of_memory");
+                    break;
+                }
+                deferred = grown;
             }
             deferred[ndef].addr = msgs[i].arg.pagefault.address;
             deferred[ndef].t0 = t0;
@@ -2617,7 +2554,11 @@ static PyObject *Engine_take_requests(Engine *e, PyObject *unused)
     pthread_mutex_lock(&e->lock);
     size_t n = e->requests.len;
     uint64_t *copy = n ? malloc(n * sizeof(uint64_t)) : NULL;
-    if (n && copy)
+    if (n && !copy) {  /* keep the requests queued for the next call */
+        pthread_mutex_unlock(&e->lock);
+        return PyErr_NoMemory();
+    }
+    if (n)
         memcpy(copy, e->requests.items, n * sizeof(uint64_t));
     e->requests.len = 0;
     pthread_mutex_unlock(&e->lock);
@@ -2628,23 +2569,15 @@ static PyObject *Engine_take_requests(Engine *e, PyObject *unused)
     return list;
 }
 
-#define STAT(name, val)                                                               \
-    do {                                                                              \
-        PyObject *v_ = PyLong_FromUnsignedLongLong(val);                              \
-        if (!v_ || PyDict_SetItemString(d, name, v_) < 0) {                           \
-            Py_XDECREF(v_);                                                           \
-            Py_DECREF(d);                                                             \
-            pthread_mutex_unlock(&e->lock);                                           \
-            return NULL;                                                              \
-        }                                                                             \
-        Py_DECREF(v_);                                                                \
-    } while (0)
-
+/* Counters are copied under the engine lock; Python objects are built after it. */
 static PyObject *Engine_stats(Engine *e, PyObject *unused)
 {
-    PyObject *d = PyDict_New();
-    if (!d)
-        return NULL;
+    struct {
+        const char *name;
+        uint64_t value;
+    } s[28];
+    int n = 0;
+#define STAT(name_, value_) (s[n].name = (name_), s[n].value = (uint64_t)(value_), n++)
     pthread_mutex_lock(&e->lock);
     STAT("pages_total", e->total);
     STAT("pages_present", e->n_present + e->n_zero);
@@ -2675,6 +2608,14 @@ static PyObject *Engine_stats(Engine *e, PyObject *unused)
     STAT("channel_bytes_raw", e->chan ? e->chan->bytes_raw : 0);
     STAT("channel_chunks_cached", e->chan ? e->chan->chunks_cached : 0);
     pthread_mutex_unlock(&e->lock);
+#undef STAT
+    PyObject *d = PyDict_New();
+    for (int i = 0; d && i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(s[i].value);
+        if (!v || PyDict_SetItemString(d, s[i].name, v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
     return d;
 }
 
@@ -4294,17 +4235,6 @@ static PyObject *mod_xxh128(PyObject *m, PyObject *arg)
     return PyBytes_FromStringAndSize((const char *)out, 16);
 }
 
-static PyObject *mod_sha256_portable(PyObject *m, PyObject *arg)
-{
-    Py_buffer b;
-    uint8_t d[32];
-    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
-        return NULL;
-    sha256_portable(b.buf, (size_t)b.len, d);
-    PyBuffer_Release(&b);
-    return PyBytes_FromStringAndSize((const char *)d, 32);
-}
-
 static PyObject *mod_zstd_compress(PyObject *m, PyObject *args)
 {
     Py_buffer b;
@@ -4368,7 +4298,6 @@ static PyMethodDef module_methods[] = {
     {"zstd_available", mod_zstd_available, METH_NOARGS, "Whether libzstd could be loaded."},
     {"sha256", mod_sha256, METH_O, "SHA-256 as the native channel computes it."},
     {"xxh128", mod_xxh128, METH_O, "XXH3-128 (canonical bytes): the per-chunk fast digest."},
-    {"sha256_portable", mod_sha256_portable, METH_O, "The built-in SHA-256 fallback."},
     {"uffd_create", (PyCFunction)(void (*)(void))mod_uffd_create, METH_VARARGS | METH_KEYWORDS,
      "Create a userfaultfd with the given features."},
     {"uffd_features", mod_uffd_features, METH_O, "Negotiated features of a uffd (fdinfo)."},
@@ -4394,7 +4323,14 @@ static PyMethodDef module_methods[] = {
      "-1 if memory equals the file range, else the first differing offset."},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "pagewire._uffd",
+#ifdef PAGEWIRE_TEST_HOOKS
+#define MODULE_NAME "_uffd_hooks" /* the test build: tests/native_hooks.py */
+#define MODULE_INIT PyInit__uffd_hooks
+#else
+#define MODULE_NAME "pagewire._uffd"
+#define MODULE_INIT PyInit__uffd
+#endif
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, MODULE_NAME,
                                        "pagewire's native userfaultfd engine.", -1,
                                        module_methods, NULL, NULL, NULL, NULL};
 
@@ -4409,12 +4345,11 @@ static uint64_t probe_features(void)
     return f;
 }
 
-PyMODINIT_FUNC PyInit__uffd(void)
+PyMODINIT_FUNC MODULE_INIT(void)
 {
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&DataServerType) < 0 ||
         PyType_Ready(&ChunkCacheType) < 0 || PyType_Ready(&SnapshotType) < 0)
         return NULL;
-    load_libcrypto();
     load_libzstd();
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
