@@ -16,6 +16,7 @@ from pagewire.core.layout import SYSTEM_PAGE_SIZE as PAGE
 from pagewire.tools.workload import command as workload_command
 
 from tests.integration.test_native_channel import CHUNK, fake_channel_server
+from tests.native_hooks import build_hooks_module
 from tests.peers import Peers, publish, restore, start_pair, stop_pair
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
@@ -99,22 +100,26 @@ def test_cache_stays_bounded_and_refills(tmp_path: Path, image) -> None:
 
 
 def test_corrupted_cache_entry_is_caught_by_its_digest(image) -> None:
+    """A cached chunk damaged in memory is caught when it is used, refetched and cached
+    again. The damage comes from ChunkCache.corrupt, a hook that only the test build of
+    the extension has (tests/native_hooks.py), so that build runs the whole test."""
+    hooks = build_hooks_module()
     img: Path = image(1 * MiB, seed=4)
     data = img.read_bytes()
     size = len(data)
     fd = os.open(img, os.O_RDONLY)
-    zero = _uffd.zero_map(fd, size, PAGE)
+    zero = hooks.zero_map(fd, size, PAGE)
     os.close(fd)
-    digests = [_uffd.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK)]
-    cache = _uffd.ChunkCache(64 * MiB)
+    digests = [hooks.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK)]
+    cache = hooks.ChunkCache(64 * MiB)
     victim = next(i for i in range(size // CHUNK) if zero[i * (CHUNK // PAGE)] == 0)
     cache.put(digests[victim], data[victim * CHUNK : (victim + 1) * CHUNK])
     assert cache.corrupt(digests[victim])
-    base = _uffd.mmap_anon(size)
-    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
-    _uffd.uffd_register(uffd, base, size)
+    base = hooks.mmap_anon(size)
+    uffd = hooks.uffd_create(hooks.FEATURE_EVENT_REMOVE)
+    hooks.uffd_register(uffd, base, size)
     efd = os.eventfd(0, os.EFD_NONBLOCK)
-    eng = _uffd.Engine(
+    eng = hooks.Engine(
         uffd, [(base, size, 0, PAGE)], efd, background=False, zero_map=zero, zero_map_page_size=PAGE
     )
     port, _ = fake_channel_server(data, zero, corrupt=0)
@@ -133,7 +138,7 @@ def test_corrupted_cache_entry_is_caught_by_its_digest(image) -> None:
     eng.start()
     seen: list[bytes] = []
     t = threading.Thread(
-        target=lambda: seen.append(_uffd.read_memory(base + victim * CHUNK, CHUNK))
+        target=lambda: seen.append(hooks.read_memory(base + victim * CHUNK, CHUNK))
     )
     t.start()
     t.join(10)
@@ -146,7 +151,7 @@ def test_corrupted_cache_entry_is_caught_by_its_digest(image) -> None:
     eng.close()
     os.close(efd)
     os.close(uffd)
-    _uffd.munmap(base, size)
+    hooks.munmap(base, size)
 
 
 def test_a_chunk_enters_the_cache_only_under_its_own_sha256() -> None:

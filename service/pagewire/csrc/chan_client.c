@@ -1,0 +1,725 @@
+/*
+ * The native data channel, destination side, inside the engine: urgent and bulk
+ * connections to the source's DataServer, chunks checked and installed as they land.
+ */
+#include "uffd.h"
+static void chan_fail(Engine *e, const char *why);
+
+static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const uint8_t *buf,
+                             int kind, int wait);
+
+static int chan_connect(const char *host, int port, const uint8_t token[16], uint32_t kind)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICSERV};
+    struct addrinfo *res = NULL;
+    char portstr[16];
+    snprintf(portstr, sizeof portstr, "%d", port);
+    if (getaddrinfo(host, portstr, &hints, &res) != 0 || !res)
+        return -1;
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct timeval tv = {5, 0};
+    int one = 1, big = 4 << 20;
+    if (fd >= 0) {
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if ((kind & 0xff) == 2)
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+    }
+    if (fd < 0 || connect(fd, res->ai_addr, res->ai_addrlen) < 0) {
+        if (fd >= 0)
+            close(fd);
+        freeaddrinfo(res);
+        return -1;
+    }
+    freeaddrinfo(res);
+    struct {
+        char magic[8];
+        uint8_t token[16];
+        uint32_t kind, zero;
+    } hello = {{0}, {0}, kind, 0};
+    memcpy(hello.magic, CHAN_MAGIC, 8);
+    memcpy(hello.token, token, 16);
+    struct {
+        char ok[4];
+        uint32_t status;
+    } reply;
+    if (write_full(fd, &hello, sizeof hello) < 0 || read_full(fd, &reply, sizeof reply) < 0 ||
+        memcmp(reply.ok, "PWOK", 4) != 0 || reply.status != CHAN_OK) {
+        int busy = memcmp(reply.ok, "PWOK", 4) == 0 && reply.status == CHAN_BUSY;
+        close(fd);
+        errno = busy ? EBUSY : EACCES;
+        return -1;
+    }
+    return fd;
+}
+
+/* Why the source refused a channel connection, for the log line of the fallback. */
+static const char *chan_refusal(int err)
+{
+    if (err == EACCES)
+        return "the source refused the token (unknown, expired, already used or revoked)";
+    if (err == EBUSY)
+        return "the source's data channel is at its connection limit (per peer or total)";
+    return strerror(err);
+}
+
+/* The channel failed: every page it owed goes back to Python's queue (gRPC takes over). */
+static void chan_down_locked(Engine *e, const char *reason)
+{
+    struct chan *c = e->chan;
+    if (!c || !c->up)
+        return;
+    c->up = 0;
+    snprintf(c->down_reason, sizeof c->down_reason, "%s", reason);
+    cache_release(c->cache, e);
+    shutdown(c->urgent_fd, SHUT_RDWR);
+    if (c->bulk_fd >= 0)
+        shutdown(c->bulk_fd, SHUT_RDWR);
+    pending_t *items = e->pending.items;
+    for (size_t i = 0; i < e->pending.len; i++) {
+        region_t *r = &e->regions[items[i].region];
+        if ((r->state[items[i].page] & ST_MASK) == ST_REQUESTED)
+            queue_request(e, r, items[i].page);
+    }
+    signal_fd(e->notify_fd);
+}
+
+/* Does chunk k still hold a missing data page (in the region of its first page)? */
+static int chunk_missing(Engine *e, struct chan *c, uint64_t k)
+{
+    for (int i = 0; i < e->nregions; i++) {
+        region_t *r = &e->regions[i];
+        uint64_t lo = k * c->chunk_size, hi = lo + c->chunk_size;
+        if (hi <= r->offset || lo >= r->offset + r->size)
+            continue;
+        uint64_t p0 = lo > r->offset ? (lo - r->offset) / r->page_size : 0;
+        uint64_t p1 = (hi - r->offset) / r->page_size;
+        if (p1 > r->npages)
+            p1 = r->npages;
+        for (uint64_t p = p0; p < p1; p++)
+            if ((r->state[p] & ST_MASK) == ST_MISSING && !page_is_zero_src(r, p))
+                return 1;
+    }
+    return 0;
+}
+
+/* Does chunk k still hold a data page that is missing or waited for? */
+static int chunk_needed(Engine *e, struct chan *c, uint64_t k)
+{
+    for (int i = 0; i < e->nregions; i++) {
+        region_t *r = &e->regions[i];
+        uint64_t lo = k * c->chunk_size, hi = lo + c->chunk_size;
+        if (hi <= r->offset || lo >= r->offset + r->size)
+            continue;
+        uint64_t p0 = lo > r->offset ? (lo - r->offset) / r->page_size : 0;
+        uint64_t p1 = (hi - r->offset) / r->page_size;
+        if (p1 > r->npages)
+            p1 = r->npages;
+        for (uint64_t p = p0; p < p1; p++) {
+            int st = r->state[p] & ST_MASK;
+            if ((st == ST_MISSING || st == ST_REQUESTED) && !page_is_zero_src(r, p))
+                return 1;
+        }
+    }
+    return 0;
+}
+
+static uint64_t chunk_len_of(struct chan *c, uint64_t k)
+{
+    uint64_t end = (k + 1) * c->chunk_size;
+    return (end > c->export_size ? c->export_size : end) - k * c->chunk_size;
+}
+
+/* Under the engine lock: a fault's chunk (and, while faults run forward, the chunks its
+ * window reaches) goes to the outbox; nothing is written or hashed here. A chunk already
+ * on its way, urgent or bulk, is waited for, never fetched twice. */
+int chan_request_locked(Engine *e, region_t *r, uint64_t p)
+{
+    struct chan *c = e->chan;
+    if (!c || !c->up)
+        return 0;
+    uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
+    if (chunk >= c->nchunks)
+        return 0;
+    if (c->asked[chunk] == ASK_URGENT || (c->asked[chunk] == ASK_BULK &&
+                                          c->bulk_seq[chunk] - c->bulk_done_seq < BULK_WAIT)) {
+        c->chunks_waited++;
+        return 1;
+    }
+    uint64_t ahead = e->window * r->page_size / c->chunk_size;
+    uint32_t n = 0;
+    for (uint64_t k = chunk; k < c->nchunks && k <= chunk + (ahead > 8 ? 8 : ahead); k++) {
+        if (c->nout >= CHAN_MAX_REQ)
+            break;
+        if ((k == chunk && c->asked[k] != ASK_URGENT) || (!c->asked[k] && chunk_missing(e, c, k))) {
+            c->outbox[c->nout++] = k;
+            c->asked[k] = ASK_URGENT;
+            record_offset(e, k * c->chunk_size); /* fault-around: the touch it predicts */
+            n++;
+        }
+    }
+    if (n == 0)
+        return 0; /* the outbox is full: Python takes this one */
+    if (c->outstanding == 0)
+        c->last_answer_ns = now_ns();
+    c->outstanding += n;
+    return 1;
+}
+
+/* The fault thread, without the engine lock: install what the host's cache holds, send
+ * the rest of the outbox on the urgent connection. */
+void chan_flush_urgent(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c)
+        return;
+    pthread_mutex_lock(&e->lock);
+    uint32_t n = c->up ? c->nout : 0;
+    memcpy(c->sendbuf, c->outbox, n * sizeof(uint64_t));
+    c->nout = 0;
+    pthread_mutex_unlock(&e->lock);
+    if (n == 0)
+        return;
+    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t k = c->sendbuf[i], len = chunk_len_of(c, k);
+        if (cache && cache_take(cache, c->digests + k * 32, c->hitbuf, (uint32_t)len, e, 0) ==
+                         CACHE_READY) {
+            __atomic_add_fetch(&c->chunks_cached, 1, __ATOMIC_RELAXED);
+            /* the fault thread cannot wait for events it drains itself: if the install
+             * stops short, the chunk is asked for over the network as usual */
+            chan_install_run(e, &k, 1, c->hitbuf, KIND_PREFETCH, 0);
+            pthread_mutex_lock(&e->lock);
+            int short_of = chunk_needed(e, c, k);
+            if (short_of)
+                c->asked[k] = ASK_URGENT;
+            else
+                c->outstanding--;
+            pthread_mutex_unlock(&e->lock);
+            if (!short_of)
+                continue;
+        }
+        c->sendbuf[m++] = k;
+    }
+    uint32_t head[2] = {m, 0};
+    if (m && (write_full(c->urgent_fd, head, sizeof head) < 0 ||
+              write_full(c->urgent_fd, c->sendbuf, m * 8) < 0))
+        chan_fail(e, "urgent request failed");
+}
+
+/* The chunk matches what the export published: its fast digest when Describe carried
+ * one, its SHA-256 otherwise (an older source). */
+static int chan_verify(struct chan *c, uint64_t index, const uint8_t *buf, uint64_t len)
+{
+    if (c->fast) {
+        uint8_t d[16];
+        fast_digest(buf, len, d);
+        return memcmp(d, c->fast + index * 16, 16) == 0;
+    }
+    uint8_t d[32];
+    sha256(buf, len, d);
+    return memcmp(d, c->digests + index * 32, 32) == 0;
+}
+
+/* Read one answer into buf (the whole chunk, zero pages filled in) and verify it. */
+static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage,
+                            uint64_t *len_out, const char **why)
+{
+    chan_answer_t a;
+    if (read_full(fd, &a, sizeof a) < 0) {
+        *why = "connection lost";
+        return -1;
+    }
+    int zstd = (a.status & CHAN_ZSTD) != 0;
+    a.status &= 0xffff;
+    if (a.status != CHAN_OK || a.index >= c->nchunks || (zstd && !c->compress)) {
+        *why = a.status == CHAN_STALE ? "export stale" : "refused or out of range";
+        return -1;
+    }
+    uint64_t per = c->chunk_size / c->export_ps, first = a.index * per;
+    uint64_t npages = c->export_size / c->export_ps;
+    uint64_t last = first + per < npages ? first + per : npages, expect = 0;
+    for (uint64_t p = first; p < last; p++)
+        expect += c->zmap[p] ? 0 : c->export_ps;
+    int whole = expect == (last - first) * c->export_ps; /* no zero page: read in place */
+    if (zstd) {
+        uint8_t *packed = buf + c->chunk_size; /* buf has room for one packed chunk */
+        if (a.data_len > c->chunk_size + 4096 || read_full(fd, packed, a.data_len) < 0 ||
+            zstd_unpack(whole ? buf : stage, expect, packed, a.data_len) != (int64_t)expect) {
+            *why = "bad compressed chunk";
+            return -1;
+        }
+    } else if (a.data_len != expect || read_full(fd, whole ? buf : stage, a.data_len) < 0) {
+        *why = a.data_len != expect ? "wrong chunk size" : "connection lost";
+        return -1;
+    }
+    __atomic_add_fetch(&c->bytes_raw, expect, __ATOMIC_RELAXED);
+    uint64_t used = 0;
+    for (uint64_t p = first; p < last && !whole; p++) {
+        uint8_t *dst = buf + (p - first) * c->export_ps;
+        if (c->zmap[p]) {
+            memset(dst, 0, c->export_ps);
+        } else {
+            memcpy(dst, stage + used, c->export_ps);
+            used += c->export_ps;
+        }
+    }
+    *len_out = (last - first) * c->export_ps;
+    __atomic_add_fetch(&c->bytes_received, a.data_len, __ATOMIC_RELAXED);
+    if (!chan_verify(c, a.index, buf, *len_out)) {
+        __atomic_add_fetch(&c->digest_failures, 1, __ATOMIC_RELAXED);
+        *why = "digest mismatch";
+        return -1;
+    }
+    return (int64_t)a.index;
+}
+
+/* Install chunks received into one buffer, chunk i at buf + i * chunk_size (consecutive
+ * indexes go in with one copy per run), and forget that they were asked for. */
+static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const uint8_t *buf,
+                             int kind, int wait)
+{
+    struct chan *c = e->chan;
+    pthread_mutex_lock(&e->lock);
+    int notify = 0;
+    if (e->state == E_RUNNING) {
+        for (size_t i = 0; i < n;) {
+            size_t j = i + 1;
+            while (j < n && index[j] == index[j - 1] + 1)
+                j++;
+            uint64_t off = index[i] * c->chunk_size;
+            uint64_t end = (index[j - 1] + 1) * c->chunk_size;
+            if (end > c->export_size)
+                end = c->export_size;
+            install_image_range(e, off, buf + i * c->chunk_size, end - off, kind, wait);
+            i = j;
+        }
+        settle_pending(e);
+        notify = all_done(e);
+    }
+    for (size_t i = 0; i < n; i++)
+        c->asked[index[i]] = ASK_NONE;
+    pthread_mutex_unlock(&e->lock);
+    if (notify)
+        signal_fd(e->ctl_fd);
+}
+
+static void chan_fail(Engine *e, const char *why)
+{
+    pthread_mutex_lock(&e->lock);
+    if (e->state == E_RUNNING)
+        chan_down_locked(e, why);
+    pthread_mutex_unlock(&e->lock);
+}
+
+static void *chan_urgent_thread(void *arg)
+{
+    Engine *e = arg;
+    struct chan *c = e->chan;
+    uint8_t *buf = malloc(2 * c->chunk_size + 4096), *stage = malloc(c->chunk_size);
+    while (buf && stage && __atomic_load_n(&c->up, __ATOMIC_ACQUIRE) &&
+           e->state == E_RUNNING) {
+        struct pollfd pfd = {c->urgent_fd, POLLIN, 0};
+        if (poll(&pfd, 1, 200) == 0) {
+            pthread_mutex_lock(&e->lock);
+            int stalled = c->outstanding && now_ns() - c->last_answer_ns > CHAN_STALL_NS;
+            if (stalled)
+                chan_down_locked(e, "urgent answers stalled");
+            pthread_mutex_unlock(&e->lock);
+            continue;
+        }
+        const char *why = "";
+        uint64_t len = 0;
+        int64_t index = chan_receive(c, c->urgent_fd, buf, stage, &len, &why);
+        if (index < 0) {
+            chan_fail(e, why);
+            break;
+        }
+        pthread_mutex_lock(&e->lock);
+        c->outstanding--;
+        c->last_answer_ns = now_ns();
+        c->chunks_urgent++;
+        pthread_mutex_unlock(&e->lock);
+        uint64_t k = (uint64_t)index;
+        chan_install_run(e, &k, 1, buf, KIND_PREFETCH, 1); /* asked-for pages count as faults */
+        cache_fill(__atomic_load_n(&c->cache, __ATOMIC_ACQUIRE), c->digests + k * 32, buf,
+                   (uint32_t)len);
+    }
+    free(buf);
+    free(stage);
+    return NULL;
+}
+static size_t chan_next_bulk(Engine *e, uint64_t *out, size_t max)
+{
+    struct chan *c = e->chan;
+    size_t n = 0;
+    pthread_mutex_lock(&e->lock);
+    for (; n < max && c->ws_pos < c->nws; c->ws_pos++) {
+        uint64_t k = c->ws[c->ws_pos];
+        if (k < c->nchunks && !c->asked[k] && chunk_missing(e, c, k)) {
+            c->asked[k] = ASK_BULK;
+            out[n++] = k;
+        }
+    }
+    if (!c->background) { /* only the working set comes this way */
+        pthread_mutex_unlock(&e->lock);
+        return n;
+    }
+    for (uint64_t seen = 0; n < max && seen < BULK_SCAN && c->bulk_cursor < c->nchunks; seen++) {
+        uint64_t k = c->bulk_cursor++;
+        if (!c->asked[k] && chunk_missing(e, c, k)) {
+            c->asked[k] = ASK_BULK;
+            out[n++] = k;
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+static void chan_unask(Engine *e, const uint64_t *index, size_t n)
+{
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < n; i++)
+        e->chan->asked[index[i]] = ASK_NONE;
+    pthread_mutex_unlock(&e->lock);
+}
+
+static int chan_send_batch(int fd, const uint64_t *idx, size_t n)
+{
+    uint32_t head[2] = {(uint32_t)n, 0};
+    return write_full(fd, head, sizeof head) < 0 || write_full(fd, idx, n * 8) < 0 ? -1 : 0;
+}
+
+/* Bulk work yields the CPU to demand faults when they wake up, but keeps its fair share:
+ * SCHED_BATCH, not a nice level (a niced bulk thread starves on a busy host, and a fault
+ * waiting for a chunk already on the bulk connection would starve with it). */
+void bulk_priority(void)
+{
+    struct sched_param sp = {0};
+    sched_setscheduler((pid_t)syscall(SYS_gettid), SCHED_BATCH, &sp);
+}
+
+/* Install what the host's cache holds, skip what another session is fetching (a later
+ * pass comes back to it), and claim the rest; returns how many chunks are left to fetch
+ * (compacted into want). */
+static size_t chan_bulk_from_cache(Engine *e, uint64_t *want, size_t n, uint8_t *buf,
+                                   size_t *deferred)
+{
+    struct chan *c = e->chan;
+    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    if (!cache)
+        return n;
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t k = want[i], len = chunk_len_of(c, k);
+        int st = cache_take(cache, c->digests + k * 32, buf, (uint32_t)len, e, 1);
+        if (st == CACHE_READY) {
+            __atomic_add_fetch(&c->chunks_cached, 1, __ATOMIC_RELAXED);
+            chan_install_run(e, &k, 1, buf, KIND_BACKGROUND, 1);
+        } else if (st == CACHE_PENDING) {
+            (*deferred)++;
+            chan_unask(e, &k, 1);
+        } else {
+            want[m++] = k;
+        }
+    }
+    return m;
+}
+
+/* Is more of an answer already waiting on fd (so an install can wait to batch it)? */
+static int readable_now(int fd)
+{
+    struct pollfd pfd = {fd, POLLIN, 0};
+    return poll(&pfd, 1, 0) > 0;
+}
+
+/* Install the received run (then keep it in the host's cache, outside the engine lock). */
+static void bulk_flush(Engine *e, bulk_t *b)
+{
+    struct chan *c = e->chan;
+    if (b->nrun == 0)
+        return;
+    chan_install_run(e, b->run, b->nrun, b->buf, KIND_BACKGROUND, 1);
+    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    for (size_t i = 0; cache && i < b->nrun; i++)
+        cache_fill(cache, c->digests + b->run[i] * 32, b->buf + i * c->chunk_size,
+                   (uint32_t)chunk_len_of(c, b->run[i]));
+    b->nrun = 0;
+}
+
+/* Ask for more while less than the depth is on its way; returns -1 if the request fails,
+ * else how many chunks were asked for. */
+static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
+{
+    struct chan *c = e->chan;
+    size_t limit = c->ws_pos < c->nws ? b->cap : b->depth; /* the working set: one burst */
+    if (b->count >= limit)
+        return 0;
+    size_t room = limit - b->count;
+    if (room < limit / 2 && b->count > 0)
+        return 0; /* ask in batches of at least half the depth */
+    uint64_t want[CHAN_MAX_REQ];
+    size_t n = chan_next_bulk(e, want, room < CHAN_MAX_REQ ? room : CHAN_MAX_REQ);
+    n = chan_bulk_from_cache(e, want, n, b->stage, deferred); /* buf may hold a run */
+    if (n == 0)
+        return 0;
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < n; i++)
+        c->bulk_seq[want[i]] = ++c->bulk_asked_seq;
+    pthread_mutex_unlock(&e->lock);
+    if (chan_send_batch(c->bulk_fd, want, n) < 0)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        b->fifo[(b->head + b->count + i) % b->cap] = want[i];
+    b->count += n;
+    return (int)n;
+}
+
+static void *chan_bulk_thread(void *arg)
+{
+    Engine *e = arg;
+    bulk_priority();
+    struct chan *c = e->chan;
+    bulk_t b = {0};
+    b.depth = BULK_DEPTH_BYTES / c->chunk_size;
+    b.depth = b.depth < 2 ? 2 : b.depth > CHAN_MAX_REQ ? CHAN_MAX_REQ : b.depth;
+    b.cap = c->nws > b.depth ? (c->nws > CHAN_MAX_REQ ? CHAN_MAX_REQ : c->nws) : b.depth;
+    b.run_cap = BULK_RUN_BYTES / c->chunk_size;
+    b.run_cap = b.run_cap < 1 ? 1 : b.run_cap;
+    b.fifo = malloc(b.cap * sizeof(uint64_t));
+    b.run = malloc(b.run_cap * sizeof(uint64_t));
+    /* one more chunk of room: a packed answer is read just past the slot it unpacks into */
+    b.buf = malloc((b.run_cap + 1) * c->chunk_size + 4096);
+    b.stage = malloc(c->chunk_size);
+    const char *why = NULL;
+    size_t idle_passes = 0, sent_this_pass = 0;
+    while (b.fifo && b.run && b.buf && b.stage && c->up && e->state == E_RUNNING && !why) {
+        size_t deferred = 0;
+        int asked = bulk_top_up(e, &b, &deferred);
+        if (asked < 0) {
+            why = "bulk request failed";
+            break;
+        }
+        sent_this_pass += (size_t)asked;
+        if (b.count == 0) {
+            pthread_mutex_lock(&e->lock);
+            int pass_over = c->bulk_cursor >= c->nchunks, done = all_done(e);
+            if (!c->background && c->ws_pos >= c->nws)
+                done = 1; /* the working set is in: faults take the urgent way */
+            if (pass_over)
+                c->bulk_cursor = 0; /* go round again for what was on its way or deferred */
+            pthread_mutex_unlock(&e->lock);
+            if (done)
+                break;
+            if (pass_over) {
+                idle_passes = sent_this_pass ? 0 : idle_passes + 1;
+                sent_this_pass = 0;
+                if (idle_passes) { /* only urgent answers are owed: let them land */
+                    struct timespec ts = {0, 2 * 1000000};
+                    nanosleep(&ts, NULL);
+                }
+            }
+            continue;
+        }
+        uint64_t len = 0;
+        uint64_t expect = b.fifo[b.head];
+        int64_t index = chan_receive(c, c->bulk_fd, b.buf + b.nrun * c->chunk_size, b.stage,
+                                     &len, &why);
+        if (index < 0)
+            break;
+        if ((uint64_t)index != expect) {
+            why = "bulk answer out of order";
+            break;
+        }
+        b.head = (b.head + 1) % b.cap;
+        b.count--;
+        __atomic_add_fetch(&c->chunks_bulk, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&c->bulk_done_seq, 1, __ATOMIC_RELAXED);
+        b.run[b.nrun++] = (uint64_t)index;
+        int next_follows = b.count > 0 && b.fifo[b.head] == (uint64_t)index + 1;
+        /* a fault may be waiting for this run: do not hold it back to batch more */
+        int waited = __atomic_load_n(&e->pending.len, __ATOMIC_RELAXED) > 0;
+        if (b.nrun == b.run_cap || !next_follows || waited || !readable_now(c->bulk_fd))
+            bulk_flush(e, &b);
+    }
+    bulk_flush(e, &b);
+    if (why)
+        chan_fail(e, why);
+    free(b.fifo);
+    free(b.run);
+    free(b.buf);
+    free(b.stage);
+    return NULL;
+}
+
+void chan_stop(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c)
+        return;
+    pthread_mutex_lock(&e->lock);
+    c->up = 0;
+    pthread_mutex_unlock(&e->lock);
+    shutdown(c->urgent_fd, SHUT_RDWR);
+    if (c->bulk_fd >= 0)
+        shutdown(c->bulk_fd, SHUT_RDWR);
+    Py_BEGIN_ALLOW_THREADS if (c->urx_started) pthread_join(c->urx, NULL);
+    if (c->bulk_started)
+        pthread_join(c->bulk, NULL);
+    cache_release(c->cache, e);
+    Py_END_ALLOW_THREADS c->urx_started = c->bulk_started = 0;
+}
+
+void chan_free(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c)
+        return;
+    if (c->urgent_fd >= 0)
+        close(c->urgent_fd);
+    if (c->bulk_fd >= 0)
+        close(c->bulk_fd);
+    free(c->zmap);
+    free(c->digests);
+    free(c->fast);
+    free(c->asked);
+    free(c->hitbuf);
+    free(c->outbox);
+    free(c->sendbuf);
+    free(c->ws);
+    free(c->bulk_seq);
+    Py_XDECREF((PyObject *)c->cache);
+    free(c);
+    e->chan = NULL;
+}
+
+/* The channel's threads run only while the engine does. */
+void chan_start_threads(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c || c->urx_started)
+        return;
+    c->urx_started = pthread_create(&c->urx, NULL, chan_urgent_thread, e) == 0;
+    if (c->background || c->nws)
+        c->bulk_started = pthread_create(&c->bulk, NULL, chan_bulk_thread, e) == 0;
+}
+
+PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"host",     "port",    "token",      "chunk_size",  "export_size",
+                             "export_page_size", "zero_map", "digests", "background",
+                             "compression", "cache", "fast_digests", "working_set", NULL};
+    const char *host;
+    int port, background = 1, compression = 0;
+    PyObject *cache_obj = Py_None;
+    Py_buffer tok, zm, dg, fd = {0}, ws = {0};
+    unsigned long long cs, size, eps;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppOz*z*", kwlist, &host, &port,
+                                     &tok, &cs, &size, &eps, &zm, &dg, &background, &compression,
+                                     &cache_obj, &fd, &ws))
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
+    if (cache_obj != Py_None && !PyObject_TypeCheck(cache_obj, &ChunkCacheType)) {
+        PyErr_SetString(PyExc_TypeError, "cache must be a ChunkCache or None");
+        goto out;
+    }
+    if (e->chan || e->state > E_RUNNING || tok.len != 16 || eps == 0 || cs % eps ||
+        size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32 ||
+        (fd.buf && (uint64_t)fd.len != nchunks * 16) || (ws.buf && ws.len % 8)) {
+        PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
+        goto out;
+    }
+    int ufd, bfd = -1;
+    uint8_t token[16];
+    memcpy(token, tok.buf, 16);
+    uint32_t zflag = compression && zstd_compress_fn ? CHAN_ZSTD : 0;
+    int want_bulk = background || (ws.buf && ws.len > 0);
+    Py_BEGIN_ALLOW_THREADS ufd = chan_connect(host, port, token, 1 | zflag);
+    if (ufd >= 0 && want_bulk)
+        bfd = chan_connect(host, port, token, 2 | zflag);
+    Py_END_ALLOW_THREADS if (ufd < 0 || (want_bulk && bfd < 0))
+    {
+        if (ufd >= 0)
+            close(ufd);
+        PyErr_Format(PyExc_ConnectionError, "native channel to %s:%d: %s", host, port,
+                     chan_refusal(errno));
+        goto out;
+    }
+    struct chan *c = calloc(1, sizeof *c);
+    c->urgent_fd = ufd, c->bulk_fd = bfd, c->background = background, c->compress = zflag != 0;
+    c->chunk_size = cs, c->export_size = size, c->export_ps = eps, c->nchunks = nchunks;
+    c->zmap = malloc((size_t)zm.len + 1);
+    memcpy(c->zmap, zm.buf, (size_t)zm.len);
+    c->digests = malloc((size_t)dg.len + 1);
+    memcpy(c->digests, dg.buf, (size_t)dg.len);
+    c->asked = calloc(nchunks + 1, 1);
+    c->hitbuf = malloc(cs);
+    c->outbox = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
+    c->bulk_seq = calloc(nchunks + 1, sizeof(uint32_t));
+    c->sendbuf = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
+    if (fd.buf && fd.len) {
+        c->fast = malloc((size_t)fd.len);
+        memcpy(c->fast, fd.buf, (size_t)fd.len);
+    }
+    if (ws.buf && ws.len) {
+        c->nws = (uint64_t)ws.len / 8;
+        c->ws = malloc((size_t)ws.len);
+        memcpy(c->ws, ws.buf, (size_t)ws.len);
+    }
+    if (cache_obj != Py_None) {
+        Py_INCREF(cache_obj);
+        c->cache = (ChunkCache *)cache_obj;
+    }
+    pthread_mutex_lock(&e->lock);
+    e->chan = c;
+    c->up = 1;
+    pthread_mutex_unlock(&e->lock);
+    if (e->state == E_RUNNING)
+        chan_start_threads(e);
+    result = Py_None;
+    Py_INCREF(result);
+out:
+    PyBuffer_Release(&tok);
+    PyBuffer_Release(&zm);
+    PyBuffer_Release(&dg);
+    if (fd.buf)
+        PyBuffer_Release(&fd);
+    if (ws.buf)
+        PyBuffer_Release(&ws);
+    return result;
+}
+
+/* Start sharing chunks through the host's cache (once another session wants them too). */
+PyObject *Engine_share_cache(Engine *e, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &ChunkCacheType))
+        return PyErr_Format(PyExc_TypeError, "a ChunkCache is needed");
+    struct chan *c = e->chan;
+    if (!c || c->cache)
+        Py_RETURN_FALSE;
+    Py_INCREF(arg);
+    pthread_mutex_lock(&e->lock);
+    __atomic_store_n(&c->cache, (ChunkCache *)arg, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&e->lock);
+    Py_RETURN_TRUE;
+}
+
+PyObject *Engine_get_channel(Engine *e, void *unused)
+{
+    struct chan *c = e->chan;
+    if (!c)
+        Py_RETURN_NONE;
+    pthread_mutex_lock(&e->lock);
+    PyObject *d = Py_BuildValue(
+        "{sOsssKsKsKsKsK}", "up", c->up ? Py_True : Py_False, "down_reason", c->down_reason,
+        "chunks_cached", (unsigned long long)c->chunks_cached,
+        "bytes_received", (unsigned long long)c->bytes_received, "digest_failures",
+        (unsigned long long)c->digest_failures, "chunks_urgent",
+        (unsigned long long)c->chunks_urgent, "chunks_bulk", (unsigned long long)c->chunks_bulk);
+    pthread_mutex_unlock(&e->lock);
+    return d;
+}
