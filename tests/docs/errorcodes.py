@@ -26,11 +26,23 @@ def _code(node: ast.AST) -> str | None:
     return None
 
 
+def _call_pair(args: list[ast.expr]) -> tuple[int | None, str | None]:
+    """A status among a call's positional arguments and the first code after it:
+    `ApiError(404, "x")`, `refuse(send, 408, "x", ...)`, `raw_response(503, "Service
+    Unavailable", "x", ...)` (a reason phrase is not a code)."""
+    for i, arg in enumerate(args):
+        status = _status(arg)
+        if status is not None:
+            code = next((c for a in args[i + 1 :] if (c := _code(a))), None)
+            return status, code
+    return None, None
+
+
 def _pairs_in(tree: ast.AST) -> set[tuple[int, str]]:
     found: set[tuple[int, str]] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and len(node.args) >= 2:
-            pair = (_status(node.args[0]), _code(node.args[1]))
+            pair = _call_pair(node.args)
         elif isinstance(node, ast.Tuple) and len(node.elts) >= 2:
             pair = (_status(node.elts[0]), _code(node.elts[1]))
         elif isinstance(node, ast.Dict):

@@ -82,7 +82,8 @@ class RemoteSource:
         self.fail = fail
         self.rpc_latency = rpc_latency
         self.native = native  # try the native data channel first
-        self.compression = "" if compression == "none" else compression
+        # without libzstd here, ask for raw chunks (a compressed one could not be read)
+        self.compression = "zstd" if compression == "zstd" and _uffd.zstd_available() else ""
         # the host's chunk cache, used once another session restores the same image: a
         # lone restore does not pay for copies nobody will read
         self.host_cache = cache
