@@ -86,8 +86,8 @@ static void chan_down_locked(Engine *e, const char *reason)
     signal_fd(e->notify_fd);
 }
 
-/* Does chunk k still hold a missing data page (in the region of its first page)? */
-static int chunk_missing(Engine *e, struct chan *c, uint64_t k)
+/* Does chunk k still hold a data page whose state is in `states` (a bit per state)? */
+static int chunk_holds(Engine *e, struct chan *c, uint64_t k, unsigned states)
 {
     for (int i = 0; i < e->nregions; i++) {
         region_t *r = &e->regions[i];
@@ -99,31 +99,22 @@ static int chunk_missing(Engine *e, struct chan *c, uint64_t k)
         if (p1 > r->npages)
             p1 = r->npages;
         for (uint64_t p = p0; p < p1; p++)
-            if ((r->state[p] & ST_MASK) == ST_MISSING && !page_is_zero_src(r, p))
+            if ((states & (1u << (r->state[p] & ST_MASK))) && !page_is_zero_src(r, p))
                 return 1;
     }
     return 0;
 }
 
+/* Does chunk k still hold a missing data page? */
+static int chunk_missing(Engine *e, struct chan *c, uint64_t k)
+{
+    return chunk_holds(e, c, k, 1u << ST_MISSING);
+}
+
 /* Does chunk k still hold a data page that is missing or waited for? */
 static int chunk_needed(Engine *e, struct chan *c, uint64_t k)
 {
-    for (int i = 0; i < e->nregions; i++) {
-        region_t *r = &e->regions[i];
-        uint64_t lo = k * c->chunk_size, hi = lo + c->chunk_size;
-        if (hi <= r->offset || lo >= r->offset + r->size)
-            continue;
-        uint64_t p0 = lo > r->offset ? (lo - r->offset) / r->page_size : 0;
-        uint64_t p1 = (hi - r->offset) / r->page_size;
-        if (p1 > r->npages)
-            p1 = r->npages;
-        for (uint64_t p = p0; p < p1; p++) {
-            int st = r->state[p] & ST_MASK;
-            if ((st == ST_MISSING || st == ST_REQUESTED) && !page_is_zero_src(r, p))
-                return 1;
-        }
-    }
-    return 0;
+    return chunk_holds(e, c, k, 1u << ST_MISSING | 1u << ST_REQUESTED);
 }
 
 static uint64_t chunk_len_of(struct chan *c, uint64_t k)

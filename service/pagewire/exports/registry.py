@@ -168,9 +168,12 @@ class ExportRegistry:
         is queued; publish checks them again, holding the lock."""
         _check_name(name)
         with self._lock:
-            if name in self._exports or name in self._publishing:
-                raise ExportExists(f"export {name!r} already exists")
-            held = len(self._exports) + len(self._publishing)
+            self._check_room_locked(name)
+
+    def _check_room_locked(self, name: object) -> None:
+        if name in self._exports or name in self._publishing:
+            raise ExportExists(f"export {name!r} already exists")
+        held = len(self._exports) + len(self._publishing)
         if held >= self.max_exports:
             raise ExportLimit(
                 f"{held} exports are held, at most {self.max_exports} (--max-exports)"
@@ -178,13 +181,7 @@ class ExportRegistry:
 
     def _reserve(self, name: str) -> None:
         with self._lock:
-            if name in self._exports or name in self._publishing:
-                raise ExportExists(f"export {name!r} already exists")
-            held = len(self._exports) + len(self._publishing)
-            if held >= self.max_exports:
-                raise ExportLimit(
-                    f"{held} exports are held, at most {self.max_exports} (--max-exports)"
-                )
+            self._check_room_locked(name)
             self._publishing.add(name)
 
     def _unreserve(self, name: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from pagewire.control.models import epoch_seconds
 from pagewire.tools.images import make_image
 from pagewire.tools.localagents import LocalAgent
+from pagewire.tools.workload import command as workload_command
 
 MiB = 1 << 20
 
@@ -48,21 +49,9 @@ def _check(response: Any, what: str) -> dict[str, Any]:
 def _start_workload(
     socket_path: str, size: int, threads: int, image: Path
 ) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pagewire.tools.workload",
-        "--socket",
-        socket_path,
-        "--size",
-        str(size),
-        "--order",
-        "random",
-        "--threads",
-        str(threads),
-        "--verify",
-        str(image),
-    ]
+    cmd = workload_command(
+        socket_path, size, "--order", "random", "--threads", str(threads), "--verify", str(image)
+    )
     return subprocess.Popen(cmd, stdout=subprocess.PIPE)
 
 
