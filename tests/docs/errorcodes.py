@@ -67,8 +67,9 @@ def _name(node: ast.AST) -> str | None:
 
 
 def _domain_pairs(trees: list[ast.AST]) -> set[tuple[int, str]]:
-    """Domain errors (core/errors.py): `NotFound("code", ...)` calls and classes with a
-    `code = "x"` below a domain kind; control/errors.py's STATUS_OF gives the status."""
+    """Domain errors (core/errors.py): `NotFound("code", ...)` calls, `(NotFound, "code")`
+    pairs and classes with a `code = "x"` below a domain kind; control/errors.py's
+    STATUS_OF gives the status."""
     from pagewire.control.errors import STATUS_OF
 
     status_of_kind = {kind.__name__: status for kind, status in STATUS_OF}
@@ -102,8 +103,14 @@ def _domain_pairs(trees: list[ast.AST]) -> set[tuple[int, str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and node.args and (name := _name(node.func)):
                 st, code = status(name), _code(node.args[0])
-                if st and code:
-                    found.add((st, code))
+            elif isinstance(node, ast.Tuple) and len(node.elts) == 2 and (
+                name := _name(node.elts[0])
+            ):
+                st, code = status(name), _code(node.elts[1])  # (NotFound, "x") in a map
+            else:
+                continue
+            if st and code:
+                found.add((st, code))
     return found
 
 

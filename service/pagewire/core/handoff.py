@@ -23,7 +23,6 @@ from pagewire.core.layout import LayoutError, Limits, Region, parse_layout
 from pagewire.core.poison import fail_closed
 from pagewire.core.proc import is_uffd, process_alive, process_start_time, unregistered_ranges
 
-
 MAX_BODY = 1 << 20
 MAX_FDS = 8
 READ_TIMEOUT_S = 5.0
