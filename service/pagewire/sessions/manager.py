@@ -14,15 +14,21 @@ from pagewire.agent.settings import Settings
 from pagewire.control.metrics import Retired
 from pagewire.control.models import PathSource, SessionRequest
 from pagewire.core import filework
-from pagewire.core.engine import EngineOptions, open_engine
+from pagewire.core.engine import FAILURE_TEXT, EngineOptions, all_installed, open_engine
 from pagewire.core.errors import InvalidRequest, LimitReached, NotFound, Unavailable
 from pagewire.core.handoff import Handoff, HandoffError, SocketSpec, check_registered, listen
 from pagewire.core.poison import PoisonUnsupported, kill_through_pidfd, poison_registered
 from pagewire.sessions.attach import accept_handoff
 from pagewire.sessions.lanes import WINDOW_BYTES
 from pagewire.sessions.records import RecordStore
-from pagewire.sessions.session import Session, all_installed
-from pagewire.sessions.sources import LocalSource, Source, SourceFactory, open_local_source
+from pagewire.sessions.session import Session
+from pagewire.sessions.sources import (
+    LocalSource,
+    Source,
+    SourceFactory,
+    is_remote,
+    open_local_source,
+)
 
 log = logging.getLogger("pagewire.sessions")
 
@@ -83,7 +89,7 @@ class SessionManager:
             raise Unavailable("shutting_down", "the agent is shutting down")
         if self.draining:
             raise Unavailable("draining", "the node is being drained")
-        remote = not isinstance(request.source, PathSource)
+        remote = is_remote(request)
         # the slot is taken before the first await and given back on every way out, so
         # concurrent creates can never pass the count together
         self._reserve(remote)
@@ -222,6 +228,8 @@ class SessionManager:
             poison_registered(engine.uffd, handoff.pid)
 
     def start_engine(self, session: Session, handoff: Handoff, *, recovered: bool = False) -> None:
+        """Serve the workload: the engine takes its uffd (a recovered session's too, after
+        an agent restart) and the session runs."""
         session.handoff = handoff
         session.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         options = EngineOptions(
@@ -276,7 +284,7 @@ class SessionManager:
             self.end(session, "completed")
         elif engine.state == "failed":
             code = engine.error or "failed"
-            self.end(session, "failed", code, _FAILURE_TEXT.get(code, code))
+            self.end(session, "failed", code, FAILURE_TEXT.get(code, code))
 
     def end(self, session: Session, state: str, code: str | None = None, message: str = "") -> None:
         """End a session (once): count it, stop its source, keep its record."""
@@ -384,12 +392,3 @@ class SessionManager:
             session.engine.close_uffd()
         self.records.persist(session)
         log.warning("session handed over to the next agent", extra={"session": session.id})
-
-
-_FAILURE_TEXT = {
-    "workload_exited": "the workload exited before the restore completed",
-    "source_read_failed": "reading the source image failed",
-    "install_failed": "installing pages into the workload failed",
-    "fault_outside_regions": "the workload faulted outside its regions",
-    "uffd_read_failed": "reading the userfaultfd failed",
-}

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from pagewire import _uffd
-from pagewire.control.models import ACTIVE_STATES, PathSource, SessionRequest
+from pagewire.control.models import ACTIVE_STATES, SessionRequest
 from pagewire.core.engine import Histogram, histogram
 from pagewire.core.handoff import Handoff, HandoffError
-from pagewire.sessions.sources import Source
+from pagewire.sessions.sources import Source, is_remote
 
 
 @dataclass
@@ -49,8 +49,7 @@ class Session:
 
     @property
     def remote(self) -> bool:
-        """Its pages come from a peer (they cross the network)."""
-        return not isinstance(self.request.source, PathSource)
+        return is_remote(self.request)
 
     def begin(self, *, recovered: bool = False) -> None:
         """The engine serves the workload now (again, for a recovered session)."""
@@ -174,9 +173,3 @@ class Session:
                 "regions": [r.as_tuple() for r in h.regions],
             },
         }
-
-
-def all_installed(engine: _uffd.Engine) -> bool:
-    """Every page present, zero or removed: whatever happened afterwards, it restored."""
-    s = engine.stats()
-    return s.get("pages_total", 0) > 0 and s.get("pages_missing", 1) == 0

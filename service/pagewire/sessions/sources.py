@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pagewire import _uffd
-from pagewire.control.models import SessionRequest
+from pagewire.control.models import PathSource, SessionRequest
 from pagewire.core.errors import InvalidRequest
 from pagewire.core.layout import SYSTEM_PAGE_SIZE
 from pagewire.core.paths import open_beneath
@@ -36,6 +36,11 @@ class Source(Protocol):
     def on_requests(self, session: Session, offsets: list[int]) -> None: ...
     async def stop(self) -> None: ...
     def bytes_received(self) -> int: ...
+
+
+def is_remote(request: SessionRequest) -> bool:
+    """Its pages come from a peer (they cross the network)."""
+    return not isinstance(request.source, PathSource)
 
 
 # opens the source of a peer or node request (the agent's composition root provides it)
