@@ -1,5 +1,5 @@
 """The (HTTP status, error code) pairs the agent's source can answer with, found by reading it
-(AST): `ApiError(404, "x", ...)`-like calls, `(502, "x")` tuples, `{404: "x"}` dicts, and
+(AST): `SomeError(404, "x", ...)`-like calls, `(502, "x")` tuples, `{404: "x"}` dicts, and
 exception classes holding both a `code = "x"` and an `http_status = 409`."""
 
 from __future__ import annotations
