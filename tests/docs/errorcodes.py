@@ -1,5 +1,5 @@
 """The (HTTP status, error code) pairs the agent's source can answer with, found by reading it
-(AST): `ApiError(404, "x", ...)`-like calls, `(502, "x")` tuples, `{404: "x"}` dicts, and
+(AST): `SomeError(404, "x", ...)`-like calls, `(502, "x")` tuples, `{404: "x"}` dicts, and
 exception classes holding both a `code = "x"` and an `http_status = 409`."""
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def _name(node: ast.AST) -> str | None:
 
 
 def _domain_pairs(trees: list[ast.AST]) -> set[tuple[int, str]]:
-    """Domain errors (core/errors.py): `NotFound("code", ...)` calls and classes with a
-    `code = "x"` below a domain kind; control/errors.py's STATUS_OF gives the status."""
+    """Domain errors (core/errors.py): `NotFound("code", ...)` calls, `(NotFound, "code")`
+    pairs and classes with a `code = "x"` below a domain kind; control/errors.py's
+    STATUS_OF gives the status."""
     from pagewire.control.errors import STATUS_OF
 
     status_of_kind = {kind.__name__: status for kind, status in STATUS_OF}
@@ -114,8 +115,14 @@ def _domain_pairs(trees: list[ast.AST]) -> set[tuple[int, str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and node.args and (name := _name(node.func)):
                 st, code = status(name), _code(node.args[0])
-                if st and code:
-                    found.add((st, code))
+            elif isinstance(node, ast.Tuple) and len(node.elts) == 2 and (
+                name := _name(node.elts[0])
+            ):
+                st, code = status(name), _code(node.elts[1])  # (NotFound, "x") in a map
+            else:
+                continue
+            if st and code:
+                found.add((st, code))
     return found
 
 

@@ -30,7 +30,7 @@ def agent(tmp_path: Path, image) -> Iterator[LocalAgent]:  # type: ignore[no-unt
     a = LocalAgent(tmp_path, "agent", [tmp_path / "roots"])
     state = a.workdir / "state"
     state.mkdir(parents=True)
-    mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state))
+    mount("-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(state))
     try:
         yield a.start()
     finally:

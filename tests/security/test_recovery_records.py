@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pagewire.core.handoff import process_start_time
+from pagewire.core.proc import process_start_time
 from pagewire.tools.images import make_image
 from pagewire.tools.localagents import LocalAgent
 from pagewire.tools.workload import command as workload_command

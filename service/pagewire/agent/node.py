@@ -11,10 +11,10 @@ import grpc
 
 from pagewire import __version__, _uffd
 from pagewire.agent.settings import Settings, split_host_port
-from pagewire.control.errors import ApiError
 from pagewire.control.metrics import create_registry
 from pagewire.control.models import NodeSource, PeerSource, SessionRequest
 from pagewire.core import filework
+from pagewire.core.errors import Conflict, InvalidRequest, NotFound, PagewireError, PeerUnavailable
 from pagewire.exports.registry import ExportRegistry
 from pagewire.exports.snapshots import SnapshotManager
 from pagewire.peer.channel import ChannelLimits, ChannelServer
@@ -26,12 +26,12 @@ from pagewire.sessions.manager import SessionManager
 from pagewire.sessions.recovery import recover
 from pagewire.sessions.remote import RemoteSource
 
-PEER_ERRORS = {
-    grpc.StatusCode.NOT_FOUND: (404, "export_not_found"),
-    grpc.StatusCode.FAILED_PRECONDITION: (409, "export_stale"),
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_export"),
-    grpc.StatusCode.UNAUTHENTICATED: (502, "peer_refused"),
-    grpc.StatusCode.PERMISSION_DENIED: (502, "peer_refused"),
+PEER_ERRORS: dict[grpc.StatusCode, tuple[type[PagewireError], str]] = {
+    grpc.StatusCode.NOT_FOUND: (NotFound, "export_not_found"),
+    grpc.StatusCode.FAILED_PRECONDITION: (Conflict, "export_stale"),
+    grpc.StatusCode.INVALID_ARGUMENT: (InvalidRequest, "invalid_export"),
+    grpc.StatusCode.UNAUTHENTICATED: (PeerUnavailable, "peer_refused"),
+    grpc.StatusCode.PERMISSION_DENIED: (PeerUnavailable, "peer_refused"),
 }
 
 
@@ -119,19 +119,19 @@ class AgentState:
         elif isinstance(src, NodeSource):
             address = self.settings.peer_dns_pattern.format(node=src.node)
         else:
-            raise ApiError(400, "invalid_source", "not a peer source")
+            raise InvalidRequest("invalid_source", "not a peer source")
         export = src.export
         try:
             client = self.peer_client(address)
         except ValueError as exc:
-            raise ApiError(400, "insecure_peer", str(exc)) from None
+            raise InvalidRequest("insecure_peer", str(exc)) from None
         try:
             with self.rpc_latency.labels("Describe").time():
                 remote = await client.describe(export, timeout=10.0)
         except PeerError as exc:
             await client.close()
-            status, code = PEER_ERRORS.get(exc.code, (502, "peer_unreachable"))  # type: ignore[arg-type]
-            raise ApiError(status, code, f"peer {address}: {exc}") from None
+            kind, code = PEER_ERRORS.get(exc.code, (PeerUnavailable, "peer_unreachable"))  # type: ignore[arg-type]
+            raise kind(code, f"peer {address}: {exc}") from None
         return RemoteSource(
             client,
             remote,
@@ -169,7 +169,7 @@ class AgentState:
             "accepting": not (self.sessions.shutting_down or self.sessions.draining),
             "file_pool": filework.pool().healthy(),
             # no session without its record: after a failed write, probe until one works
-            "state_dir": self.sessions.state_writable or self.sessions.probe_state_dir(),
+            "state_dir": self.sessions.records.writable or self.sessions.records.probe(),
         }
 
     def info(self) -> dict[str, Any]:

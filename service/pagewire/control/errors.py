@@ -13,14 +13,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagewire.core import errors as domain
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -123,10 +115,6 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(domain.PagewireError)
     async def _domain_error(_: Request, exc: domain.PagewireError) -> JSONResponse:
         return error_response(status_of(exc), exc.code, exc.message)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

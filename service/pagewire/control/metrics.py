@@ -23,7 +23,7 @@ from pagewire.core.engine import RESOLUTIONS
 
 if TYPE_CHECKING:
     from pagewire.agent.node import AgentState
-    from pagewire.sessions.manager import Session
+    from pagewire.sessions.session import Session
 
 STATES = ("awaiting_attach", "running", "paused", "completed", "failed", "cancelled")
 # powers of two from 2.048 µs to 1.07 s: exact bucket edges of the engine's histogram

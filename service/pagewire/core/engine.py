@@ -1,4 +1,5 @@
-"""Thin typed facade over the native engine: creation from a handoff, and histograms."""
+"""Thin typed facade over the native engine: creation from a handoff, histograms, and
+what its failure codes and counters mean."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ from pagewire.core.handoff import Handoff
 
 RESOLUTIONS = {"local": _uffd.RES_LOCAL, "remote": _uffd.RES_REMOTE, "zero": _uffd.RES_ZERO}
 BOUNDS_S = [b / 1e9 for b in _uffd.HIST_BOUNDS_NS]
+# what an engine failure code means, for a session's error message
+FAILURE_TEXT = {
+    "workload_exited": "the workload exited before the restore completed",
+    "source_read_failed": "reading the source image failed",
+    "install_failed": "installing pages into the workload failed",
+    "fault_outside_regions": "the workload faulted outside its regions",
+    "uffd_read_failed": "reading the userfaultfd failed",
+}
 
 
 @dataclass
@@ -89,3 +98,9 @@ def open_engine(
         window_pages=options.window_pages,
         batch_bytes=options.batch_bytes,
     )
+
+
+def all_installed(engine: _uffd.Engine) -> bool:
+    """Every page present, zero or removed: whatever happened afterwards, it restored."""
+    s = engine.stats()
+    return s.get("pages_total", 0) > 0 and s.get("pages_missing", 1) == 0

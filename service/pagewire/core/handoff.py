@@ -10,11 +10,8 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import errno
 import json
-import logging
 import os
-import signal
 import socket
 import struct
 import time
@@ -22,15 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pagewire import _uffd
-from pagewire.core.layout import (
-    SYSTEM_PAGE_SIZE,
-    LayoutError,
-    Limits,
-    Region,
-    parse_layout,
-)
-
-log = logging.getLogger("pagewire.core.handoff")
+from pagewire.core.layout import LayoutError, Limits, Region, parse_layout
+from pagewire.core.poison import fail_closed
+from pagewire.core.proc import is_uffd, process_alive, process_start_time, unregistered_ranges
 
 MAX_BODY = 1 << 20
 MAX_FDS = 8
@@ -72,28 +63,6 @@ class Handoff:
             self.conn = None
 
 
-def process_start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat: start time in clock ticks after boot."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def process_alive(pid: int) -> bool:
-    """False for a process that is gone or already a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def is_uffd(fd: int) -> bool:
-    try:
-        return "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return False
-
-
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
@@ -107,115 +76,6 @@ def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             usable = len(data) - len(data) % array.array("i").itemsize
             fds.extend(array.array("i", data[:usable]))
     return fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def unregistered_ranges(pid: int, regions: list[Region]) -> list[Region]:
-    """Regions not fully covered by VMAs registered for missing faults (smaps 'um')."""
-    try:
-        text = Path(f"/proc/{pid}/smaps").read_text()
-    except OSError:
-        return []  # not readable here: the engine will find out on the first install
-    covered: list[tuple[int, int]] = []
-    start = end = 0
-    for line in text.splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            first, last = head.split("-")
-            start, end = int(first, 16), int(last, 16)
-        elif line.startswith("VmFlags:") and " um" in line:
-            covered.append((start, end))
-    bad = []
-    for r in regions:
-        pos = r.base
-        for lo, hi in sorted(covered):
-            if lo <= pos < hi:
-                pos = hi
-        if pos < r.end:
-            bad.append(r)
-    return bad
-
-
-def registered_vmas(pid: int) -> list[tuple[int, int, int]]:
-    """(start, end, page size) of every mapping of pid registered for missing faults with
-    some uffd (smaps VmFlags 'um')."""
-    try:
-        text = Path(f"/proc/{pid}/smaps").read_text()
-    except OSError:
-        return []
-    vmas: list[tuple[int, int, int]] = []
-    start = end = 0
-    page = SYSTEM_PAGE_SIZE
-    for line in text.splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            first, last = head.split("-")
-            start, end, page = int(first, 16), int(last, 16), SYSTEM_PAGE_SIZE
-        elif line.startswith("KernelPageSize:"):
-            page = int(line.split()[1]) * 1024
-        elif line.startswith("VmFlags:") and " um" in line:
-            vmas.append((start, end, page))
-    return vmas
-
-
-class PoisonUnsupported(Exception):
-    """The kernel has no UFFDIO_POISON (before 6.6)."""
-
-
-def poison_registered(uffd: int, pid: int) -> int:
-    """Poison every missing page of every range this uffd has registered in pid, so the
-    workload gets SIGBUS on touch (never zeros, never a hang). Ranges registered with
-    another uffd answer ENOENT and are left alone. Returns pages poisoned."""
-    poisoned = 0
-    for start, end, page in registered_vmas(pid):
-        try:
-            poisoned += _uffd.uffd_poison(uffd, start, end - start, page)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTTY, errno.EINVAL):
-                raise PoisonUnsupported(str(exc)) from None
-    return poisoned
-
-
-def kill_through_pidfd(pid: int, start_time: int | None = None) -> bool:
-    """SIGKILL pid through a pidfd (checked against its start time): the only fail-closed
-    answer where the kernel cannot poison. True if the signal was sent."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        if start_time is not None and process_start_time(pid) != start_time:
-            return False
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(pidfd)
-
-
-def fail_closed(fds: list[int], pid: int | None) -> str:
-    """A refused handoff: poison through every fd that is a uffd, then close every fd.
-    Returns what the workload was given ('' when no uffd came)."""
-    uffds = [fd for fd in fds if is_uffd(fd)]
-    if not uffds or not pid:
-        _close_all(fds)
-        return ""
-    outcome = "poisoned"
-    try:
-        for fd in uffds:
-            poison_registered(fd, pid)
-    except PoisonUnsupported:
-        outcome = "killed" if kill_through_pidfd(pid) else "not killed"
-        log.warning("kernel lacks UFFDIO_POISON: workload %d %s through its pidfd", pid, outcome)
-    finally:
-        _close_all(fds)
-    return outcome
 
 
 def send_verdict(conn: socket.socket | None, error: HandoffError | None = None) -> None:

@@ -22,8 +22,8 @@ from typing import Any
 
 from pagewire import _uffd
 from pagewire.core.errors import Forbidden
-from pagewire.core.handoff import process_start_time
 from pagewire.core.layout import SYSTEM_PAGE_SIZE
+from pagewire.core.proc import process_start_time
 from pagewire.exports.errors import ExportError, ExportInvalid, ExportStale
 from pagewire.exports.export import STATE_READY, Export
 from pagewire.exports.identity import FileIdentity

@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from pagewire import _uffd
-from pagewire.control.errors import ApiError
 from pagewire.control.models import ACTIVE_STATES, SessionRequest, SessionStatus
 from pagewire.core.errors import PagewireError, PeerUnavailable, Unavailable
-from pagewire.core.handoff import Handoff, is_uffd, process_start_time
+from pagewire.core.handoff import Handoff
 from pagewire.core.layout import LayoutError, Limits, Region, check_layout, parse_region
-from pagewire.sessions.manager import PassiveSource, Session, SessionManager
+from pagewire.core.proc import is_uffd, process_start_time
+from pagewire.sessions.manager import SessionManager
+from pagewire.sessions.session import Session
+from pagewire.sessions.sources import PassiveSource, Source
 
 log = logging.getLogger("pagewire.sessions.recovery")
 
@@ -67,76 +67,6 @@ def find_uffd(pid: int, start_time: int, inode: int) -> int:
     raise RecoveryError("uffd_lost", f"the workload (pid {pid}) no longer holds its uffd")
 
 
-SESSION_ID_RE = re.compile(r"^s-[0-9a-f]{16}$")
-STATES = ("awaiting_attach", "running", "paused", "completed", "failed", "cancelled")
-
-
-class BadRecord(ValueError):
-    pass
-
-
-def _number(value: Any, what: str, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise BadRecord(f"{what} is not a number")
-
-
-def _workload(value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict):
-        raise BadRecord("workload is not an object")
-    for key in ("pid", "start_time", "uffd_inode"):
-        v = value.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise BadRecord(f"workload.{key} is not a positive integer")
-    regions = value.get("regions")
-    if not isinstance(regions, list) or not regions:
-        raise BadRecord("workload.regions is not a list of regions")
-    for r in regions:
-        if not isinstance(r, list) or len(r) != 4:
-            raise BadRecord("a region is not [base, size, offset, page_size]")
-
-
-def check_record(record: Any, path: Path) -> dict[str, Any]:
-    """The record if it has the shape this agent writes; BadRecord says what is wrong."""
-    if not isinstance(record, dict):
-        raise BadRecord("not a JSON object")
-    sid = record.get("id")
-    if not isinstance(sid, str) or not SESSION_ID_RE.match(sid) or path.stem != sid:
-        raise BadRecord(f"id {sid!r} is not a session id matching its file name")
-    if record.get("state") not in STATES:
-        raise BadRecord(f"state {record.get('state')!r} is not a session state")
-    _number(record.get("created_at"), "created_at")
-    _number(record.get("attached_at"), "attached_at", optional=True)
-    _number(record.get("completed_at"), "completed_at", optional=True)
-    error = record.get("error")
-    if error is not None and not (
-        isinstance(error, dict)
-        and isinstance(error.get("code"), str)
-        and isinstance(error.get("message"), str)
-    ):
-        raise BadRecord("error is not {code, message}")
-    source = record.get("source")
-    if source is not None and not (
-        isinstance(source, dict) and all(isinstance(v, str) for v in source.values())
-    ):
-        raise BadRecord("source is not an object of strings")
-    if not isinstance(record.get("request"), dict):
-        raise BadRecord("request is not an object")
-    _workload(record.get("workload"))
-    return record
-
-
-def load_record(path: Path) -> dict[str, Any] | None:
-    try:
-        return check_record(json.loads(path.read_text()), path)
-    except (OSError, ValueError) as exc:
-        log.warning("session record %s skipped: %s", path, exc)
-        return None
-
-
 class _Placeholder(PassiveSource):
     """The source of a session that cannot be reopened: describes, holds nothing."""
 
@@ -148,25 +78,21 @@ class _Placeholder(PassiveSource):
 
 
 def _session_from(record: dict[str, Any], request: SessionRequest, socket_dir: Path) -> Session:
-    session = Session(
+    return Session(
         record["id"],
         request,
         _Placeholder(record.get("source") or {}),
         socket_dir / f"{record['id']}.sock",  # rebuilt, never taken from the record
         created_at=record["created_at"],
+        state=record["state"],
+        attached_at=record.get("attached_at"),
+        completed_at=record.get("completed_at"),
+        error=record.get("error"),
     )
-    session.state = record["state"]
-    session.attached_at = record.get("attached_at")
-    session.completed_at = record.get("completed_at")
-    session.error = record.get("error")
-    return session
 
 
 async def recover(manager: SessionManager) -> None:
-    for path in sorted(manager.records_dir.glob("*.json")):
-        record = load_record(path)
-        if record is None:
-            continue
+    for path, record in manager.records.load_all():
         try:
             request = SessionRequest.model_validate(record["request"])
         except (KeyError, ValueError):
@@ -182,7 +108,7 @@ async def recover(manager: SessionManager) -> None:
         except Exception:  # one record must not stop the agent from starting
             log.exception("taking back session %s failed", session.id)
             if session.active:
-                manager._end(session, "failed", "recovery_failed", "taking it back failed")
+                manager.end(session, "failed", "recovery_failed", "taking it back failed")
 
 
 def _frozen_status(record: dict[str, Any], path: Path) -> dict[str, Any] | None:
@@ -243,18 +169,17 @@ async def _take_back(manager: SessionManager, session: Session, record: dict[str
     workload = record.get("workload")
     if workload is None:
         # the workload never attached: nothing can be waiting on the old socket
-        session.state = "awaiting_attach"
-        manager._end(session, "failed", "attach_lost", "the agent restarted before attach")
+        manager.end(session, "failed", "attach_lost", "the agent restarted before attach")
         return
     pid, start_time = workload["pid"], workload["start_time"]
     try:
         regions = _regions(workload, manager.settings, None)
         check_registered_now(pid, start_time, regions)
     except LayoutError as exc:
-        manager._end(session, "failed", "record_mismatch", f"recorded regions: {exc}")
+        manager.end(session, "failed", "record_mismatch", f"recorded regions: {exc}")
         return
     except RecoveryError as exc:
-        manager._end(session, "failed", exc.code, exc.message)
+        manager.end(session, "failed", exc.code, exc.message)
         return
     source = await _reopen_source(manager, session)
     if source is not None:
@@ -262,14 +187,14 @@ async def _take_back(manager: SessionManager, session: Session, record: dict[str
             _regions(workload, manager.settings, source.size)
         except LayoutError as exc:
             await source.stop()
-            manager._end(session, "failed", "record_mismatch", f"recorded regions: {exc}")
+            manager.end(session, "failed", "record_mismatch", f"recorded regions: {exc}")
             return
     try:
         uffd = find_uffd(pid, start_time, workload["uffd_inode"])
     except RecoveryError as exc:
         if source is not None:
             await source.stop()
-        manager._end(session, "failed", exc.code, exc.message)
+        manager.end(session, "failed", exc.code, exc.message)
         return
     handoff = Handoff(
         uffd=uffd,
@@ -283,18 +208,18 @@ async def _take_back(manager: SessionManager, session: Session, record: dict[str
     session.handoff = handoff
     if source is None:
         # policy: the missing pages are poisoned, never left hanging or zero-filled
-        manager._start_engine(session, handoff, recovered=True)
+        manager.start_engine(session, handoff, recovered=True)
         await manager.fail(session, "source_lost", "the source could not be reopened")
         return
     session.source = source
-    manager._start_engine(session, handoff, recovered=True)
+    manager.start_engine(session, handoff, recovered=True)
     await session.source.start(session)
     log.info(
         "session taken back after restart", extra={"session": session.id, "pid": workload["pid"]}
     )
 
 
-async def _reopen_source(manager: SessionManager, session: Session) -> Any:
+async def _reopen_source(manager: SessionManager, session: Session) -> Source | None:
     """Open the session's source again; while it is unreachable the session is paused (its
     workload's threads stay blocked) and, under on_source_lost "sigbus", given up after
     pause_timeout_s. Returns None when given up."""
@@ -305,17 +230,16 @@ async def _reopen_source(manager: SessionManager, session: Session) -> Any:
     while True:
         try:
             return await manager.open_source(request)
-        except (ApiError, PagewireError, OSError) as exc:
-            message = exc.message if isinstance(exc, (ApiError, PagewireError)) else str(exc)
-            permanent = (isinstance(exc, ApiError) and exc.status < 500) or (
-                isinstance(exc, PagewireError)
-                and not isinstance(exc, (PeerUnavailable, Unavailable))
+        except (PagewireError, OSError) as exc:
+            message = exc.message if isinstance(exc, PagewireError) else str(exc)
+            permanent = isinstance(exc, PagewireError) and not isinstance(
+                exc, (PeerUnavailable, Unavailable)
             )
             if permanent or (request.on_source_lost == "sigbus" and loop.time() >= deadline):
                 log.warning(
                     "source of a recovered session lost: %s", message, extra={"session": session.id}
                 )
                 return None
-            session.state = "paused"
+            session.pause()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 
 from pagewire.agent.node import AgentState
-from pagewire.control.errors import ApiError
 from pagewire.control.httpguard import token_matches
 
 
@@ -26,4 +25,4 @@ def require_token(request: Request) -> None:
         return
     header = dict(request.scope["headers"]).get(b"authorization", b"")
     if not token_matches(header, token.encode()):
-        raise ApiError(401, "unauthorized", "a valid bearer token is required")
+        raise HTTPException(401, "a valid bearer token is required")  # code "unauthorized"

@@ -8,10 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
-from pagewire.control.errors import ApiError, ErrorResponse
+from pagewire.control.errors import ErrorResponse
 from pagewire.control.models import ExportRequest
 from pagewire.control.routes.deps import Agent, require_token
 from pagewire.core import filework
+from pagewire.core.errors import Unavailable
 from pagewire.exports.errors import ExportError
 from pagewire.exports.live import publish_process
 
@@ -43,7 +44,7 @@ class ExportList(BaseModel):
 
 def _registry(agent: Any) -> Any:
     if agent.exports is None:
-        raise ApiError(503, "not_ready", "the export registry is not loaded yet")
+        raise Unavailable("not_ready", "the export registry is not loaded yet")
     return agent.exports
 
 

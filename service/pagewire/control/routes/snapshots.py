@@ -10,11 +10,12 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from pagewire.control.errors import ApiError, ErrorResponse
+from pagewire.control.errors import ErrorResponse
 from pagewire.control.models import SnapshotRequest, with_rfc3339
 from pagewire.control.routes.deps import Agent, require_token
 from pagewire.control.routes.sessions import PROGRESS_INTERVAL_S
 from pagewire.control.routes.sessions import sse_event as sse
+from pagewire.core.errors import Unavailable
 
 router = APIRouter(
     prefix="/v1/snapshots", tags=["snapshots"], dependencies=[Depends(require_token)]
@@ -27,7 +28,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _manager(agent: Any) -> Any:
     if agent.snapshots is None:
-        raise ApiError(503, "not_ready", "the agent is starting")
+        raise Unavailable("not_ready", "the agent is starting")
     return agent.snapshots
 
 
