@@ -31,39 +31,10 @@ def is_uffd(fd: int) -> bool:
         return False
 
 
-def unregistered_ranges(pid: int, regions: list[Region]) -> list[Region]:
-    """Regions not fully covered by VMAs registered for missing faults (smaps 'um')."""
-    try:
-        text = Path(f"/proc/{pid}/smaps").read_text()
-    except OSError:
-        return []  # not readable here: the engine will find out on the first install
-    covered: list[tuple[int, int]] = []
-    start = end = 0
-    for line in text.splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            first, last = head.split("-")
-            start, end = int(first, 16), int(last, 16)
-        elif line.startswith("VmFlags:") and " um" in line:
-            covered.append((start, end))
-    bad = []
-    for r in regions:
-        pos = r.base
-        for lo, hi in sorted(covered):
-            if lo <= pos < hi:
-                pos = hi
-        if pos < r.end:
-            bad.append(r)
-    return bad
-
-
-def registered_vmas(pid: int) -> list[tuple[int, int, int]]:
+def read_registered_vmas(pid: int) -> list[tuple[int, int, int]]:
     """(start, end, page size) of every mapping of pid registered for missing faults with
-    some uffd (smaps VmFlags 'um')."""
-    try:
-        text = Path(f"/proc/{pid}/smaps").read_text()
-    except OSError:
-        return []
+    some uffd (smaps VmFlags 'um'). OSError when smaps cannot be read."""
+    text = Path(f"/proc/{pid}/smaps").read_text()
     vmas: list[tuple[int, int, int]] = []
     start = end = 0
     page = SYSTEM_PAGE_SIZE
@@ -77,3 +48,34 @@ def registered_vmas(pid: int) -> list[tuple[int, int, int]]:
         elif line.startswith("VmFlags:") and " um" in line:
             vmas.append((start, end, page))
     return vmas
+
+
+def registered_vmas(pid: int) -> list[tuple[int, int, int]]:
+    """read_registered_vmas, or nothing when smaps cannot be read."""
+    try:
+        return read_registered_vmas(pid)
+    except OSError:
+        return []
+
+
+def uncovered(regions: list[Region], vmas: list[tuple[int, int, int]]) -> list[Region]:
+    """The regions that the given registered mappings do not cover entirely."""
+    spans = sorted((lo, hi) for lo, hi, _page in vmas)
+    bad = []
+    for r in regions:
+        pos = r.base
+        for lo, hi in spans:
+            if lo <= pos < hi:
+                pos = hi
+        if pos < r.end:
+            bad.append(r)
+    return bad
+
+
+def unregistered_ranges(pid: int, regions: list[Region]) -> list[Region]:
+    """Regions not fully covered by VMAs registered for missing faults (smaps 'um')."""
+    try:
+        vmas = read_registered_vmas(pid)
+    except OSError:
+        return []  # not readable here: the engine will find out on the first install
+    return uncovered(regions, vmas)

@@ -24,7 +24,7 @@ from pagewire.control.models import ACTIVE_STATES, SessionRequest, SessionStatus
 from pagewire.core.errors import PagewireError, PeerUnavailable, Unavailable
 from pagewire.core.handoff import Handoff
 from pagewire.core.layout import LayoutError, Limits, Region, check_layout, parse_region
-from pagewire.core.proc import is_uffd, process_start_time
+from pagewire.core.proc import is_uffd, process_start_time, read_registered_vmas, uncovered
 from pagewire.sessions.manager import SessionManager
 from pagewire.sessions.session import Session
 from pagewire.sessions.sources import PassiveSource, Source
@@ -142,27 +142,14 @@ def check_registered_now(pid: int, start_time: int, regions: list[Region]) -> No
     try:
         if process_start_time(pid) != start_time:
             raise RecoveryError("workload_exited", f"pid {pid} is another process now")
-        text = Path(f"/proc/{pid}/smaps").read_text()
+        vmas = read_registered_vmas(pid)
     except OSError:
         raise RecoveryError("workload_exited", f"the workload (pid {pid}) is gone") from None
-    covered = []
-    start = end = 0
-    for line in text.splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            first, last = head.split("-")
-            start, end = int(first, 16), int(last, 16)
-        elif line.startswith("VmFlags:") and " um" in line:
-            covered.append((start, end))
-    for r in regions:
-        pos = r.base
-        for lo, hi in sorted(covered):
-            if lo <= pos < hi:
-                pos = hi
-        if pos < r.end:
-            raise RecoveryError(
-                "record_mismatch", f"region at 0x{r.base:x} is not registered in pid {pid}"
-            )
+    bad = uncovered(regions, vmas)
+    if bad:
+        raise RecoveryError(
+            "record_mismatch", f"region at 0x{bad[0].base:x} is not registered in pid {pid}"
+        )
 
 
 async def _take_back(manager: SessionManager, session: Session, record: dict[str, Any]) -> None:
