@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pagewire import _uffd, engine
+from pagewire import _uffd
+from pagewire.core import engine
 from pagewire.core.handoff import Handoff, SocketSpec, listen, receive_handoff, send_verdict
 from pagewire.core.layout import SYSTEM_PAGE_SIZE, Limits
 

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from pagewire import _uffd, engine
+from pagewire import _uffd
+from pagewire.core import engine
 from pagewire.core.layout import SYSTEM_PAGE_SIZE
 
 from .harness import accept_handoff
