@@ -49,11 +49,15 @@ def wait_state(agent: LocalAgent, sid: str, states: tuple[str, ...], timeout: fl
         time.sleep(0.05)
 
 
-def test_local_restore_over_rest(agent: LocalAgent, image) -> None:
+@pytest.mark.parametrize("touch", ["read", "write"])
+def test_local_restore_over_rest(agent: LocalAgent, image, touch: str) -> None:
     img = image(32 * MiB)
     s = create(agent, {"source": {"path": str(img)}})
     assert s["state"] == "awaiting_attach" and Path(s["socket"]).exists()
-    proc = workload(s["socket"], "--size", str(32 * MiB), "--threads", "2", "--verify", str(img))
+    writes = ["--write"] if touch == "write" else []
+    proc = workload(
+        s["socket"], "--size", str(32 * MiB), "--threads", "2", "--verify", str(img), *writes
+    )
     out, err = proc.communicate(timeout=60)
     import json
 

@@ -38,11 +38,19 @@ def loopback_peers(tmp_path: Path) -> Iterator[Peers]:
     stop_pair(p)
 
 
-@pytest.mark.parametrize("order,threads", [("random", 4), ("sequential", 1)])
-def test_remote_restore_byte_exact(peers: Peers, image, order: str, threads: int) -> None:
+@pytest.mark.parametrize(
+    "order,threads,touch",
+    [("random", 4, "read"), ("sequential", 1, "read"), ("random", 2, "write")],
+)
+def test_remote_restore_byte_exact(
+    peers: Peers, image, order: str, threads: int, touch: str
+) -> None:
+    """Byte-exact after read touches and after write touches (a write stores the byte it
+    read, so the whole region must still equal the image)."""
     img = image(24 * MiB)
     export = publish(peers, img)
-    seen, status = restore(peers, img, "--order", order, "--threads", str(threads))
+    writes = ["--write"] if touch == "write" else []
+    seen, status = restore(peers, img, "--order", order, "--threads", str(threads), *writes)
     assert seen["verified"], seen
     assert status["state"] == "completed", status
     assert status["faults"]["remote"] > 0 and status["faults"]["local"] == 0
