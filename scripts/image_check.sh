@@ -53,7 +53,9 @@ fi
 
 # -- 2. the image
 step "building deploy/Dockerfile (buildah bud --isolation chroot, base $BASE)"
-buildah bud --quiet --isolation chroot --format docker --layers \
+# No --layers: a cached RUN step that bind-mounts the builder's wheels is reused even when
+# the wheels changed, so a stale agent would be tested.
+buildah bud --quiet --isolation chroot --format docker \
     -f deploy/Dockerfile --build-arg PYTHON_IMAGE="$BASE" -t "$IMAGE" . >/dev/null
 
 # -- 3. the agent from the image, as the DaemonSet runs it

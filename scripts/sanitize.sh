@@ -9,10 +9,13 @@ if [ ! -x .venv-sanitize/bin/python ]; then
     python3 -m venv .venv-sanitize
 fi
 .venv-sanitize/bin/python -m pip install -q --upgrade pip >/dev/null
-echo "sanitize: building pagewire._uffd with -fsanitize=address,undefined"
-PAGEWIRE_SANITIZE=1 .venv-sanitize/bin/python -m pip install -q --no-cache-dir --force-reinstall \
-    --no-deps --no-build-isolation '.' 2>&1 | grep -v -e '^$' -e corresp || true
 .venv-sanitize/bin/python -m pip install -q '.[test]' >/dev/null
+echo "sanitize: building pagewire._uffd with -fsanitize=address,undefined"
+PAGEWIRE_SANITIZE=1 .venv-sanitize/bin/python -m pip install -q --no-cache-dir \
+    --force-reinstall --no-deps '.'
+so=$(.venv-sanitize/bin/python -c \
+    'import importlib.util; print(importlib.util.find_spec("pagewire._uffd").origin)')
+grep -q __asan_init "$so" || { echo "sanitize: $so was not built with ASan" >&2; exit 1; }
 export LD_PRELOAD
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
