@@ -11,10 +11,12 @@ fi
 .venv-sanitize/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv-sanitize/bin/python -m pip install -q '.[test]' >/dev/null
 echo "sanitize: building pagewire._uffd with -fsanitize=address,undefined"
+rm -rf build  # setuptools would otherwise link the plain build's up-to-date objects
 PAGEWIRE_SANITIZE=1 .venv-sanitize/bin/python -m pip install -q --no-cache-dir \
     --force-reinstall --no-deps '.'
 so=$(.venv-sanitize/bin/python -c \
     'import importlib.util; print(importlib.util.find_spec("pagewire._uffd").origin)')
+rm -rf build  # and the next plain build must not link these
 grep -q __asan_init "$so" || { echo "sanitize: $so was not built with ASan" >&2; exit 1; }
 export LD_PRELOAD
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
