@@ -15,11 +15,6 @@
 # project's virtualenv (.venv, or PYTHON=...). Exit 0 only if the restore verified.
 # PAGEWIRE_IMAGE_WORK (default /var/tmp/pagewire-image) keeps the base rootfs between runs.
 set -euo pipefail
-# The agent checks at start that its fd limits fit RLIMIT_NOFILE (about 1,900 fds with the
-# defaults). Kubernetes runtimes give containers 1048576; `buildah run --isolation chroot`
-# inherits this shell's limit, so raise it to what a node gives a pod.
-ulimit -Hn 1048576 2>/dev/null || true
-ulimit -n "$(ulimit -Hn)"
 cd "$(dirname "$0")/.."
 
 WORK=${PAGEWIRE_IMAGE_WORK:-/var/tmp/pagewire-image}
@@ -111,7 +106,9 @@ if curl -s -o /dev/null "$DST/healthz"; then
     exit 1
 fi
 
-ctr=$(buildah from --quiet "$IMAGE")
+# The agent checks at start that its fd limits fit RLIMIT_NOFILE (about 1,900 fds with the
+# defaults); buildah's containers get 1024 unless told, Kubernetes pods 1048576.
+ctr=$(buildah from --quiet --ulimit nofile=1048576:1048576 "$IMAGE")
 src_pid=""
 cleanup() {
     [ -n "${agent_pid:-}" ] && kill -TERM -- "-$agent_pid" 2>/dev/null || true
