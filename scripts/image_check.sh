@@ -107,8 +107,10 @@ if curl -s -o /dev/null "$DST/healthz"; then
 fi
 
 # The agent checks at start that its fd limits fit RLIMIT_NOFILE (about 1,900 fds with the
-# defaults); buildah's containers get 1024 unless told, Kubernetes pods 1048576.
-ctr=$(buildah from --quiet --ulimit nofile=1048576:1048576 "$IMAGE")
+# defaults); buildah's containers get 1024 unless told (Kubernetes pods get 1048576), so
+# the container gets this shell's hard limit.
+nofile=$(ulimit -Hn)
+ctr=$(buildah from --quiet --ulimit "nofile=$nofile:$nofile" "$IMAGE")
 src_pid=""
 cleanup() {
     [ -n "${agent_pid:-}" ] && kill -TERM -- "-$agent_pid" 2>/dev/null || true
