@@ -17,7 +17,8 @@ from tests.conftest import need
 NOBODY = 65534
 
 
-def agent_cmd(socket_dir: Path, state_dir: Path) -> list[str]:
+def agent_cmd(socket_dir: Path, state_dir: Path, *extra: str) -> list[str]:
+    """An agent on ephemeral ports with these dirs (for start-up refusals)."""
     return [
         sys.executable,
         "-m",
@@ -31,6 +32,7 @@ def agent_cmd(socket_dir: Path, state_dir: Path) -> list[str]:
         str(socket_dir),
         "--state-dir",
         str(state_dir),
+        *extra,
     ]
 
 

@@ -19,6 +19,7 @@ from pagewire.tools.images import make_image
 from pagewire.tools.localagents import LocalAgent
 
 from tests.security.fs_watch import MiB, Watch, open_fds, tree, wait_for
+from tests.security.test_dirs import agent_cmd
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MAX_RSS = 256 * MiB
@@ -104,30 +105,12 @@ def test_exports_and_pending_snapshots_are_bounded(tmp_path: Path) -> None:
         agent.stop()
 
 
-def _agent_cmd(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pagewire.tools.cli",
-        "agent",
-        "--http",
-        "127.0.0.1:0",
-        "--grpc",
-        "127.0.0.1:0",
-        "--socket-dir",
-        str(tmp_path / "sockets"),
-        "--state-dir",
-        str(tmp_path / "state"),
-        *extra,
-    ]
-
-
 def test_limits_that_cannot_fit_the_fd_limit_refuse_to_start(tmp_path: Path) -> None:
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
 
     r = subprocess.run(
-        _agent_cmd(tmp_path, "--max-exports", "4096"),
+        agent_cmd(tmp_path / "sockets", tmp_path / "state", "--max-exports", "4096"),
         capture_output=True,
         text=True,
         timeout=30,

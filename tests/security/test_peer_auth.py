@@ -17,6 +17,7 @@ from pagewire.proto.pagewire.v1 import pagewire_pb2 as pb
 from pagewire.proto.pagewire.v1 import pagewire_pb2_grpc as pb_grpc
 from pagewire.tools.localagents import LocalAgent
 
+from tests.conftest import need
 from tests.pki import agent_pki, make_cert
 from tests.security.peer_attacks import MiB, Watch, restore
 
@@ -74,8 +75,7 @@ def _publish(agent: LocalAgent, image: Path, headers: dict[str, str] | None = No
 def test_loopback_peers_need_the_token(tmp_path: Path, image, anonymous_loopback: bool) -> None:
     """Item 16: uid 65534 on the same host reads a 0600 root export over plain loopback
     gRPC only when the operator allows anonymous loopback reads."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run a client as another user")
+    need(os.geteuid() == 0, "needs root to run a client as another user")
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
