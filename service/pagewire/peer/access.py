@@ -13,7 +13,7 @@ import grpc
 
 from pagewire.peer.flow import PeerLimits
 from pagewire.peer.status import Abort
-from pagewire.peer.wire import address_is_loopback
+from pagewire.peer.wire import host_is_loopback
 
 # the name it logged under before the split, so audit lines stay the same
 log = logging.getLogger("pagewire.peer.server")
@@ -33,7 +33,8 @@ def authenticate(context: grpc.aio.ServicerContext, limits: PeerLimits) -> str:
             )
         return identity
     token = limits.token
-    loopback = address_is_loopback(identity[3:])
+    host = identity[3:]  # a bare host (no port), or a unix: address
+    loopback = host.startswith(("unix:", "unix-abstract:")) or host_is_loopback(host)
     if token is not None and not (limits.anonymous_loopback and loopback):
         if not _bearer_ok(context.invocation_metadata(), token):
             raise Abort(
