@@ -4,6 +4,7 @@ never a hang. The full assertions live in tests/integration/test_fail_closed.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -50,9 +51,15 @@ def test_refusal(
         out = proc.stdout.decode()
     except subprocess.TimeoutExpired:
         hung, code, out = True, None, ""
-    reads = [line for line in out.splitlines() if '"read"' in line]
-    # not_registered is found once the engine serves: a page read then is the image's own
-    wrong = 0 if defect == "not_registered" else len(reads)
+    reads = [json.loads(line) for line in out.splitlines() if '"read"' in line]
+    image = img.read_bytes()
+    # a read that returned at all must be the image's own bytes: not_registered is found
+    # once the engine serves, so its first page may be served; anything else is wrong
+    wrong = sum(
+        defect != "not_registered"
+        or bytes.fromhex(r["read"]) != image[r["offset"] : r["offset"] + len(r["read"]) // 2]
+        for r in reads
+    )
     kind = "client" if features == "client" else "firecracker"
     record(
         f"refused handoff: {defect} [{kind}]",
@@ -63,5 +70,5 @@ def test_refusal(
         "SIGBUS" if code == SIGBUS_EXIT else f"exit {code}",
     )
     agent.request("DELETE", f"/v1/sessions/{s['id']}")
-    assert not hung
+    assert not hung and wrong == 0, out
     assert code == SIGBUS_EXIT or (defect == "not_registered" and code == 2), out
