@@ -15,7 +15,8 @@ from setuptools import Extension, setup
 XXHASH_HEADER = "/usr/include/xxhash.h"
 if not os.path.exists(XXHASH_HEADER):
     raise SystemExit(f"{XXHASH_HEADER} is missing: apt-get install libxxhash-dev")
-# SHA-256 (export identity, cache keys) comes from libcrypto, linked at build time.
+# SHA-256 (export identity, cache keys) and the native channel's TLS 1.3 come from
+# OpenSSL (libcrypto, libssl), linked at build time.
 if not os.path.exists("/usr/include/openssl/sha.h"):
     raise SystemExit("/usr/include/openssl/sha.h is missing: apt-get install libssl-dev")
 
@@ -34,7 +35,7 @@ setup(
             sources=sorted(glob(f"{CSRC}/*.c")) or ["service/pagewire/_uffd.c"],
             include_dirs=[CSRC],
             depends=sorted(glob(f"{CSRC}/*.h")),
-            libraries=["crypto"],
+            libraries=["ssl", "crypto"],
             extra_compile_args=FLAGS,
             extra_link_args=LINK,
         )

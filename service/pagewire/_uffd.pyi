@@ -101,10 +101,15 @@ class Engine:
         cache: ChunkCache | None = None,
         fast_digests: bytes | None = None,
         working_set: bytes | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         """Fetch remote pages over the native data channel (urgent and bulk connections).
         fast_digests: 16 bytes of XXH3-128 per chunk; without them chunks are checked
-        with SHA-256. working_set: chunk indexes (native u64) asked for first, in one burst."""
+        with SHA-256. working_set: chunk indexes (native u64) asked for first, in one burst.
+        tls_*: PEM file paths; the connections are TLS 1.3 and the source's certificate
+        must chain to tls_ca and name host."""
     def record_working_set(self, chunk_size: int, image_size: int) -> None:
         """Record the chunks the workload touches, in first-touch order."""
     def working_set(self) -> list[int]:
@@ -160,7 +165,18 @@ class Snapshot:
 class DataServer:
     """The source side of the native data channel."""
 
-    def __init__(self, host: str, port: int) -> None: ...
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        allow: tuple[str, ...] = (),
+    ) -> None:
+        """Listen on host:port. With tls_* (PEM file paths) every connection is TLS 1.3
+        and the client's certificate must chain to tls_ca and have a SAN matching one of
+        the allow patterns (none: any)."""
     @property
     def port(self) -> int: ...
     def add_export(

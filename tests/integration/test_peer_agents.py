@@ -169,7 +169,7 @@ def test_mtls_between_agents(tmp_path: Path, image) -> None:
         publish(p, img)
         seen, status = restore(p, img, "--threads", "2")
         assert seen["verified"] and status["state"] == "completed"
-        assert status["transport"] == "grpc"  # under mTLS gRPC carries the data
+        assert status["transport"] == "native"  # under mTLS too: TLS 1.3 in the engine
     finally:
         stop_pair(p)
 

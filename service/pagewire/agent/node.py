@@ -64,8 +64,10 @@ class AgentState:
         )
         self.exports.load()
         host, _ = split_host_port(s.grpc)
-        if s.native_channel and not s.tls_enabled:
-            self.channel = ChannelServer(host, s.data_port, channel_limits(s))
+        if s.native_channel:
+            self.channel = ChannelServer(
+                host, s.data_port, channel_limits(s), tls=tls_paths(s), allow=s.peer_allow
+            )
         self.peer_server = await serve_peers(
             self.exports,
             s.grpc,
@@ -142,7 +144,8 @@ class AgentState:
             pause_timeout_s=request.pause_timeout_s,
             fail=self.sessions.fail,
             rpc_latency=self.rpc_latency.labels("Urgent"),
-            native=self.settings.native_channel and not self.settings.tls_enabled,
+            native=self.settings.native_channel,
+            tls=tls_paths(self.settings),
             compression=request.compression,
             cache=self.cache,
         )
@@ -191,6 +194,13 @@ class AgentState:
             "draining": self.sessions.draining,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
+
+
+def tls_paths(s: Settings) -> tuple[str, str, str] | None:
+    """The agent's certificate, key and CA, which the native channel uses as gRPC does."""
+    if s.tls_cert is None or s.tls_key is None or s.tls_ca is None:
+        return None
+    return str(s.tls_cert), str(s.tls_key), str(s.tls_ca)
 
 
 def channel_limits(s: Settings) -> ChannelLimits:

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     max_session_bytes: int = Field(default=1 << 40, ge=1 << 20)
     """bytes one session may restore"""
     native_channel: bool = True
-    """carry page data over the native data channel when the link is plain text (else gRPC only)"""
+    """carry page data over the native data channel (TLS 1.3 under mTLS), else gRPC only"""
     cache_bytes: int = Field(default=256 << 20, ge=0)
     """per-host chunk cache shared by sessions, 0 to turn it off"""
     cache_idle_s: float = Field(default=30.0, ge=0)

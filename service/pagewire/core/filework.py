@@ -57,7 +57,8 @@ class FilePool:
         except TimeoutError:
             log.warning("%s did not finish in %.1f s; undone when it ends", what, self.timeout_s)
             future.add_done_callback(lambda f: _undo(f, undo, what))
-            raise Unavailable("file_work_timeout", f"{what} did not finish in {self.timeout_s:g} s"
+            raise Unavailable(
+                "file_work_timeout", f"{what} did not finish in {self.timeout_s:g} s"
             ) from None
 
     def _call(self, work_id: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:

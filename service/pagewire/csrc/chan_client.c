@@ -8,7 +8,7 @@ static void chan_fail(Engine *e, const char *why);
 static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const uint8_t *buf,
                              int kind, int wait);
 
-static int chan_connect(const char *host, int port, const uint8_t token[16], uint32_t kind)
+static int tcp_connect(const char *host, int port, uint32_t kind)
 {
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_NUMERICSERV};
@@ -27,13 +27,29 @@ static int chan_connect(const char *host, int port, const uint8_t token[16], uin
         if ((kind & 0xff) == 2)
             setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
     }
-    if (fd < 0 || connect(fd, res->ai_addr, res->ai_addrlen) < 0) {
-        if (fd >= 0)
-            close(fd);
-        freeaddrinfo(res);
-        return -1;
+    if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) < 0) {
+        close(fd);
+        fd = -1;
     }
     freeaddrinfo(res);
+    return fd;
+}
+
+/* Connect (TLS 1.3 when tls is given, the server's certificate checked against host) and
+ * say hello with the grant's token. On failure, why names the cause. */
+static int chan_connect(link_t *l, const char *host, int port, const uint8_t token[16],
+                        uint32_t kind, SSL_CTX *tls, char *why, size_t n)
+{
+    link_plain(l, tcp_connect(host, port, kind));
+    if (l->fd < 0) {
+        snprintf(why, n, "%s", strerror(errno));
+        return -1;
+    }
+    if (tls && link_tls(l, tls, 0, host, 5000) < 0) {
+        link_tls_reason(l, why, n);
+        link_close(l);
+        return -1;
+    }
     struct {
         char magic[8];
         uint8_t token[16];
@@ -44,25 +60,19 @@ static int chan_connect(const char *host, int port, const uint8_t token[16], uin
     struct {
         char ok[4];
         uint32_t status;
-    } reply;
-    if (write_full(fd, &hello, sizeof hello) < 0 || read_full(fd, &reply, sizeof reply) < 0 ||
+    } reply = {{0}, 0};
+    if (link_write(l, &hello, sizeof hello) < 0 || link_read(l, &reply, sizeof reply) < 0 ||
         memcmp(reply.ok, "PWOK", 4) != 0 || reply.status != CHAN_OK) {
         int busy = memcmp(reply.ok, "PWOK", 4) == 0 && reply.status == CHAN_BUSY;
-        close(fd);
-        errno = busy ? EBUSY : EACCES;
+        int said = memcmp(reply.ok, "PWOK", 4) == 0;
+        snprintf(why, n, "%s",
+                 busy ? "the source's data channel is at its connection limit (per peer or total)"
+                 : said ? "the source refused the token (unknown, expired, already used or revoked)"
+                 : "the source closed the connection before answering the hello");
+        link_close(l);
         return -1;
     }
-    return fd;
-}
-
-/* Why the source refused a channel connection, for the log line of the fallback. */
-static const char *chan_refusal(int err)
-{
-    if (err == EACCES)
-        return "the source refused the token (unknown, expired, already used or revoked)";
-    if (err == EBUSY)
-        return "the source's data channel is at its connection limit (per peer or total)";
-    return strerror(err);
+    return 0;
 }
 
 /* The channel failed: every page it owed goes back to Python's queue (gRPC takes over). */
@@ -74,9 +84,9 @@ static void chan_down_locked(Engine *e, const char *reason)
     c->up = 0;
     snprintf(c->down_reason, sizeof c->down_reason, "%s", reason);
     cache_release(c->cache, e);
-    shutdown(c->urgent_fd, SHUT_RDWR);
-    if (c->bulk_fd >= 0)
-        shutdown(c->bulk_fd, SHUT_RDWR);
+    shutdown(c->urgent.fd, SHUT_RDWR);
+    if (c->bulk.fd >= 0)
+        shutdown(c->bulk.fd, SHUT_RDWR);
     pending_t *items = e->pending.items;
     for (size_t i = 0; i < e->pending.len; i++) {
         region_t *r = &e->regions[items[i].region];
@@ -196,8 +206,8 @@ void chan_flush_urgent(Engine *e)
         c->sendbuf[m++] = k;
     }
     uint32_t head[2] = {m, 0};
-    if (m && (write_full(c->urgent_fd, head, sizeof head) < 0 ||
-              write_full(c->urgent_fd, c->sendbuf, m * 8) < 0))
+    if (m && (link_write(&c->urgent, head, sizeof head) < 0 ||
+              link_write(&c->urgent, c->sendbuf, m * 8) < 0))
         chan_fail(e, "urgent request failed");
 }
 
@@ -216,11 +226,11 @@ static int chan_verify(struct chan *c, uint64_t index, const uint8_t *buf, uint6
 }
 
 /* Read one answer into buf (the whole chunk, zero pages filled in) and verify it. */
-static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage,
+static int64_t chan_receive(struct chan *c, link_t *l, uint8_t *buf, uint8_t *stage,
                             uint64_t *len_out, const char **why)
 {
     chan_answer_t a;
-    if (read_full(fd, &a, sizeof a) < 0) {
+    if (link_read(l, &a, sizeof a) < 0) {
         *why = "connection lost";
         return -1;
     }
@@ -238,12 +248,12 @@ static int64_t chan_receive(struct chan *c, int fd, uint8_t *buf, uint8_t *stage
     int whole = expect == (last - first) * c->export_ps; /* no zero page: read in place */
     if (zstd) {
         uint8_t *packed = buf + c->chunk_size; /* buf has room for one packed chunk */
-        if (a.data_len > c->chunk_size + 4096 || read_full(fd, packed, a.data_len) < 0 ||
+        if (a.data_len > c->chunk_size + 4096 || link_read(l, packed, a.data_len) < 0 ||
             zstd_unpack(whole ? buf : stage, expect, packed, a.data_len) != (int64_t)expect) {
             *why = "bad compressed chunk";
             return -1;
         }
-    } else if (a.data_len != expect || read_full(fd, whole ? buf : stage, a.data_len) < 0) {
+    } else if (a.data_len != expect || link_read(l, whole ? buf : stage, a.data_len) < 0) {
         *why = a.data_len != expect ? "wrong chunk size" : "connection lost";
         return -1;
     }
@@ -313,8 +323,7 @@ static void *chan_urgent_thread(void *arg)
     uint8_t *buf = malloc(2 * c->chunk_size + 4096), *stage = malloc(c->chunk_size);
     while (buf && stage && __atomic_load_n(&c->up, __ATOMIC_ACQUIRE) &&
            e->state == E_RUNNING) {
-        struct pollfd pfd = {c->urgent_fd, POLLIN, 0};
-        if (poll(&pfd, 1, 200) == 0) {
+        if (link_wait(&c->urgent, 200) == 0) {
             pthread_mutex_lock(&e->lock);
             int stalled = c->outstanding && now_ns() - c->last_answer_ns > CHAN_STALL_NS;
             if (stalled)
@@ -324,7 +333,7 @@ static void *chan_urgent_thread(void *arg)
         }
         const char *why = "";
         uint64_t len = 0;
-        int64_t index = chan_receive(c, c->urgent_fd, buf, stage, &len, &why);
+        int64_t index = chan_receive(c, &c->urgent, buf, stage, &len, &why);
         if (index < 0) {
             chan_fail(e, why);
             break;
@@ -378,10 +387,10 @@ static void chan_unask(Engine *e, const uint64_t *index, size_t n)
     pthread_mutex_unlock(&e->lock);
 }
 
-static int chan_send_batch(int fd, const uint64_t *idx, size_t n)
+static int chan_send_batch(link_t *l, const uint64_t *idx, size_t n)
 {
     uint32_t head[2] = {(uint32_t)n, 0};
-    return write_full(fd, head, sizeof head) < 0 || write_full(fd, idx, n * 8) < 0 ? -1 : 0;
+    return link_write(l, head, sizeof head) < 0 || link_write(l, idx, n * 8) < 0 ? -1 : 0;
 }
 
 /* Bulk work yields the CPU to demand faults when they wake up, but keeps its fair share:
@@ -420,13 +429,6 @@ static size_t chan_bulk_from_cache(Engine *e, uint64_t *want, size_t n, uint8_t 
     return m;
 }
 
-/* Is more of an answer already waiting on fd (so an install can wait to batch it)? */
-static int readable_now(int fd)
-{
-    struct pollfd pfd = {fd, POLLIN, 0};
-    return poll(&pfd, 1, 0) > 0;
-}
-
 /* Install the received run (then keep it in the host's cache, outside the engine lock). */
 static void bulk_flush(Engine *e, bulk_t *b)
 {
@@ -461,7 +463,7 @@ static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
     for (size_t i = 0; i < n; i++)
         c->bulk_seq[want[i]] = ++c->bulk_asked_seq;
     pthread_mutex_unlock(&e->lock);
-    if (chan_send_batch(c->bulk_fd, want, n) < 0)
+    if (chan_send_batch(&c->bulk, want, n) < 0)
         return -1;
     for (size_t i = 0; i < n; i++)
         b->fifo[(b->head + b->count + i) % b->cap] = want[i];
@@ -517,7 +519,7 @@ static void *chan_bulk_thread(void *arg)
         }
         uint64_t len = 0;
         uint64_t expect = b.fifo[b.head];
-        int64_t index = chan_receive(c, c->bulk_fd, b.buf + b.nrun * c->chunk_size, b.stage,
+        int64_t index = chan_receive(c, &c->bulk, b.buf + b.nrun * c->chunk_size, b.stage,
                                      &len, &why);
         if (index < 0)
             break;
@@ -533,7 +535,7 @@ static void *chan_bulk_thread(void *arg)
         int next_follows = b.count > 0 && b.fifo[b.head] == (uint64_t)index + 1;
         /* a fault may be waiting for this run: do not hold it back to batch more */
         int waited = __atomic_load_n(&e->pending.len, __ATOMIC_RELAXED) > 0;
-        if (b.nrun == b.run_cap || !next_follows || waited || !readable_now(c->bulk_fd))
+        if (b.nrun == b.run_cap || !next_follows || waited || link_wait(&c->bulk, 0) <= 0)
             bulk_flush(e, &b);
     }
     bulk_flush(e, &b);
@@ -554,12 +556,12 @@ void chan_stop(Engine *e)
     pthread_mutex_lock(&e->lock);
     c->up = 0;
     pthread_mutex_unlock(&e->lock);
-    shutdown(c->urgent_fd, SHUT_RDWR);
-    if (c->bulk_fd >= 0)
-        shutdown(c->bulk_fd, SHUT_RDWR);
+    shutdown(c->urgent.fd, SHUT_RDWR);
+    if (c->bulk.fd >= 0)
+        shutdown(c->bulk.fd, SHUT_RDWR);
     Py_BEGIN_ALLOW_THREADS if (c->urx_started) pthread_join(c->urx, NULL);
     if (c->bulk_started)
-        pthread_join(c->bulk, NULL);
+        pthread_join(c->bulk_tid, NULL);
     cache_release(c->cache, e);
     Py_END_ALLOW_THREADS c->urx_started = c->bulk_started = 0;
 }
@@ -569,10 +571,8 @@ void chan_free(Engine *e)
     struct chan *c = e->chan;
     if (!c)
         return;
-    if (c->urgent_fd >= 0)
-        close(c->urgent_fd);
-    if (c->bulk_fd >= 0)
-        close(c->bulk_fd);
+    link_close(&c->urgent);
+    link_close(&c->bulk);
     free(c->zmap);
     free(c->digests);
     free(c->fast);
@@ -595,22 +595,23 @@ void chan_start_threads(Engine *e)
         return;
     c->urx_started = pthread_create(&c->urx, NULL, chan_urgent_thread, e) == 0;
     if (c->background || c->nws)
-        c->bulk_started = pthread_create(&c->bulk, NULL, chan_bulk_thread, e) == 0;
+        c->bulk_started = pthread_create(&c->bulk_tid, NULL, chan_bulk_thread, e) == 0;
 }
 
 PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"host",     "port",    "token",      "chunk_size",  "export_size",
                              "export_page_size", "zero_map", "digests", "background",
-                             "compression", "cache", "fast_digests", "working_set", NULL};
-    const char *host;
+                             "compression", "cache", "fast_digests", "working_set", "tls_cert",
+                             "tls_key", "tls_ca", NULL};
+    const char *host, *cert = NULL, *key = NULL, *ca = NULL;
     int port, background = 1, compression = 0;
     PyObject *cache_obj = Py_None;
     Py_buffer tok, zm, dg, fd = {0}, ws = {0};
     unsigned long long cs, size, eps;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppOz*z*", kwlist, &host, &port,
-                                     &tok, &cs, &size, &eps, &zm, &dg, &background, &compression,
-                                     &cache_obj, &fd, &ws))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "siy*KKKy*y*|ppOz*z*zzz", kwlist, &host,
+                                     &port, &tok, &cs, &size, &eps, &zm, &dg, &background,
+                                     &compression, &cache_obj, &fd, &ws, &cert, &key, &ca))
         return NULL;
     PyObject *result = NULL;
     uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
@@ -624,24 +625,32 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
         goto out;
     }
-    int ufd, bfd = -1;
     uint8_t token[16];
     memcpy(token, tok.buf, 16);
     uint32_t zflag = compression && zstd_compress_fn ? CHAN_ZSTD : 0;
     int want_bulk = background || (ws.buf && ws.len > 0);
-    Py_BEGIN_ALLOW_THREADS ufd = chan_connect(host, port, token, 1 | zflag);
-    if (ufd >= 0 && want_bulk)
-        bfd = chan_connect(host, port, token, 2 | zflag);
-    Py_END_ALLOW_THREADS if (ufd < 0 || (want_bulk && bfd < 0))
-    {
-        if (ufd >= 0)
-            close(ufd);
-        PyErr_Format(PyExc_ConnectionError, "native channel to %s:%d: %s", host, port,
-                     chan_refusal(errno));
+    char why[256] = "TLS needs a certificate, a key and a CA";
+    SSL_CTX *tls = NULL;
+    if ((cert || key || ca) && (!cert || !key || !ca || !(tls = tls_context(0, cert, key, ca, why,
+                                                                            sizeof why)))) {
+        PyErr_Format(PyExc_ValueError, "native channel: %s", why);
         goto out;
     }
     struct chan *c = calloc(1, sizeof *c);
-    c->urgent_fd = ufd, c->bulk_fd = bfd, c->background = background, c->compress = zflag != 0;
+    link_plain(&c->bulk, -1);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = chan_connect(&c->urgent, host, port, token, 1 | zflag, tls, why,
+                                             sizeof why);
+    if (rc == 0 && want_bulk &&
+        (rc = chan_connect(&c->bulk, host, port, token, 2 | zflag, tls, why, sizeof why)) < 0)
+        link_close(&c->urgent);
+    Py_END_ALLOW_THREADS SSL_CTX_free(tls);
+    if (rc < 0) {
+        free(c);
+        PyErr_Format(PyExc_ConnectionError, "native channel to %s:%d: %s", host, port, why);
+        goto out;
+    }
+    c->background = background, c->compress = zflag != 0;
     c->chunk_size = cs, c->export_size = size, c->export_ps = eps, c->nchunks = nchunks;
     c->zmap = malloc((size_t)zm.len + 1);
     memcpy(c->zmap, zm.buf, (size_t)zm.len);

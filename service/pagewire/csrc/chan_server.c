@@ -107,16 +107,38 @@ static dexport_t *server_export_for(DataServer *s, conn_t *c, const uint8_t toke
     return ex;
 }
 
+static void count_hello_timeout(DataServer *s)
+{
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ETIMEDOUT)
+        __atomic_add_fetch(&s->hello_timeouts, 1, __ATOMIC_RELAXED);
+}
+
+/* Under mTLS: the handshake (within the hello deadline), then the client's certificate
+ * against --peer-allow. */
+static int accept_tls(DataServer *s, link_t *l)
+{
+    errno = 0;
+    if (link_tls(l, s->tls, 1, NULL, LIMIT_OR(s->hello_ms, 2000)) == 0 &&
+        link_peer_allowed(l, s->allow, s->nallow))
+        return 0;
+    count_hello_timeout(s);
+    __atomic_add_fetch(&s->refused, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&s->refused_tls, 1, __ATOMIC_RELAXED);
+    return -1;
+}
+
 /* The hello must come within hello_ms; after it, reads block again. */
-static int read_hello(DataServer *s, int fd, void *hello, size_t len)
+static int read_hello(DataServer *s, link_t *l, void *hello, size_t len)
 {
     int ms = LIMIT_OR(s->hello_ms, 2000);
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000}, none = {0, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    int rc = read_full(fd, hello, len);
-    if (rc < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-        __atomic_add_fetch(&s->hello_timeouts, 1, __ATOMIC_RELAXED);
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+    setsockopt(l->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    l->timeout_ms = ms;
+    int rc = link_read(l, hello, len);
+    if (rc < 0)
+        count_hello_timeout(s);
+    setsockopt(l->fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+    l->timeout_ms = -1;
     return rc;
 }
 
@@ -130,9 +152,9 @@ static int export_unchanged(dexport_t *ex)
     return !ex->stale;
 }
 
-static int send_answer(int fd, chan_answer_t *a, const uint8_t *data)
+static int send_answer(link_t *l, chan_answer_t *a, const uint8_t *data)
 {
-    return write_full(fd, a, sizeof *a) < 0 || write_full(fd, data, a->data_len) < 0 ? -1 : 0;
+    return link_write(l, a, sizeof *a) < 0 || link_write(l, data, a->data_len) < 0 ? -1 : 0;
 }
 
 /* The chunk's non-zero pages, read into buf; returns their length or -1. */
@@ -155,9 +177,10 @@ static int64_t read_data_pages(dexport_t *ex, uint64_t first, uint64_t last, uin
     return (int64_t)used;
 }
 
-/* One chunk's non-zero pages: zstd-compressed when asked for and it pays, otherwise
- * straight from the page cache with sendfile. */
-static int send_chunk(DataServer *s, int fd, dexport_t *ex, uint64_t index, uint8_t *raw,
+/* One chunk's non-zero pages: zstd-compressed when asked for and it pays; read into raw
+ * (after room for the answer, so TLS sends one record run) when there is a raw buffer
+ * (compression or TLS); otherwise straight from the page cache with sendfile. */
+static int send_chunk(DataServer *s, link_t *l, dexport_t *ex, uint64_t index, uint8_t *raw,
                       uint8_t *packed)
 {
     chan_answer_t a = {index, 0, CHAN_OK};
@@ -166,24 +189,25 @@ static int send_chunk(DataServer *s, int fd, dexport_t *ex, uint64_t index, uint
     else if (!export_unchanged(ex))
         a.status = CHAN_STALE;
     if (a.status != CHAN_OK)
-        return write_full(fd, &a, sizeof a) < 0 ? -1 : 1;
+        return link_write(l, &a, sizeof a) < 0 ? -1 : 1;
     uint64_t per = ex->chunk_size / ex->page_size, first = index * per;
     uint64_t last = first + per < ex->npages ? first + per : ex->npages;
     for (uint64_t p = first; p < last; p++)
         a.data_len += ex->zero_map[p] ? 0 : (uint32_t)ex->page_size;
     uint32_t raw_len = a.data_len;
-    if (packed && raw_len) {
-        int64_t n = read_data_pages(ex, first, last, raw);
-        if (n != raw_len)
+    if (raw && raw_len) {
+        uint8_t *data = raw + sizeof a;
+        if (read_data_pages(ex, first, last, data) != raw_len)
             return -1;
-        int64_t z = zstd_pack(packed, ex->chunk_size + 4096, raw, raw_len);
+        int64_t z = packed ? zstd_pack(packed, ex->chunk_size + 4096, data, raw_len) : -1;
         int pays = z > 0 && (uint64_t)z < (uint64_t)raw_len * 7 / 8;
         a.data_len = pays ? (uint32_t)z : raw_len;
         a.status |= pays ? CHAN_ZSTD : 0;
-        if (send_answer(fd, &a, pays ? packed : raw) < 0)
+        memcpy(raw, &a, sizeof a);
+        if (pays ? send_answer(l, &a, packed) < 0 : link_write(l, raw, sizeof a + raw_len) < 0)
             return -1;
     } else {
-        if (write_full(fd, &a, sizeof a) < 0)
+        if (link_write(l, &a, sizeof a) < 0)
             return -1;
         for (uint64_t p = first; p < last;) {
             if (ex->zero_map[p]) {
@@ -196,7 +220,7 @@ static int send_chunk(DataServer *s, int fd, dexport_t *ex, uint64_t index, uint
             off_t off = (off_t)(p * ex->page_size);
             size_t left = (size_t)((q - p) * ex->page_size);
             while (left) {
-                ssize_t n = sendfile(fd, ex->fd, &off, left);
+                ssize_t n = sendfile(l->fd, ex->fd, &off, left);
                 if (n < 0 && errno == EINTR)
                     continue;
                 if (n <= 0)
@@ -226,33 +250,36 @@ static void *conn_thread(void *arg)
     } reply = {{'P', 'W', 'O', 'K'}, CHAN_OK};
     uint64_t *idx = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
     dexport_t *ex = NULL;
-    if (idx && read_hello(s, c->fd, &hello, sizeof hello) == 0 &&
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    link_t l;
+    link_plain(&l, c->fd);
+    int tls_ok = !s->tls || accept_tls(s, &l) == 0;
+    if (idx && tls_ok && read_hello(s, &l, &hello, sizeof hello) == 0 &&
         memcmp(hello.magic, CHAN_MAGIC, 8) == 0)
         ex = server_export_for(s, c, hello.token, hello.kind & 0xff);
     __atomic_store_n(&c->hello_done, 1, __ATOMIC_RELEASE);
-    if (!ex) {
+    if (!ex && tls_ok) {
         reply.status = CHAN_DENIED;
         __atomic_add_fetch(&s->refused, 1, __ATOMIC_RELAXED);
         __atomic_add_fetch(&s->refused_token, 1, __ATOMIC_RELAXED);
     }
     uint8_t *raw = NULL, *packed = NULL;
-    if (ex && (hello.kind & CHAN_ZSTD) && zstd_compress_fn) {
-        raw = malloc(ex->chunk_size);
+    if (ex && (hello.kind & CHAN_ZSTD) && zstd_compress_fn)
         packed = malloc(ex->chunk_size + 4096);
-    }
-    if (write_full(c->fd, &reply, sizeof reply) == 0 && ex) {
-        int one = 1;
+    if (ex && (packed || l.ssl))
+        raw = malloc(sizeof(chan_answer_t) + ex->chunk_size);
+    if (tls_ok && link_write(&l, &reply, sizeof reply) == 0 && ex) {
         if ((hello.kind & 0xff) == 2)
             bulk_priority();
-        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         for (;;) {
             uint32_t head[2];
-            if (read_full(c->fd, head, sizeof head) < 0 || head[0] == 0 ||
-                head[0] > CHAN_MAX_REQ || read_full(c->fd, idx, head[0] * 8) < 0)
+            if (link_read(&l, head, sizeof head) < 0 || head[0] == 0 ||
+                head[0] > CHAN_MAX_REQ || link_read(&l, idx, head[0] * 8) < 0)
                 break;
             int rc = 0;
             for (uint32_t i = 0; i < head[0] && rc == 0; i++)
-                rc = send_chunk(s, c->fd, ex, idx[i], raw, packed);
+                rc = send_chunk(s, &l, ex, idx[i], raw, packed);
             if (rc != 0)
                 break; /* a refusal answer was sent, or the peer went away */
         }
@@ -260,6 +287,7 @@ static void *conn_thread(void *arg)
     free(idx);
     free(raw);
     free(packed);
+    link_release(&l);
     shutdown(c->fd, SHUT_RDWR);
     export_put(s, c);
     __atomic_store_n(&c->active, 2, __ATOMIC_RELEASE); /* finished, waiting to be joined */
@@ -427,17 +455,53 @@ static void *accept_thread(void *arg)
     return NULL;
 }
 
+/* Under mTLS: the server's TLS context and the --peer-allow patterns. */
+static int server_tls(DataServer *s, const char *cert, const char *key, const char *ca,
+                      PyObject *allow)
+{
+    if (!cert && !key && !ca)
+        return 0;
+    char err[256];
+    if (!cert || !key || !ca || !(s->tls = tls_context(1, cert, key, ca, err, sizeof err))) {
+        PyErr_Format(PyExc_ValueError, "native data channel: %s",
+                     cert && key && ca ? err : "TLS needs a certificate, a key and a CA");
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(allow, "allow must be a sequence of str");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    s->allow = calloc((size_t)n + 1, sizeof *s->allow);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *pat = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(seq, i));
+        if (!pat) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        s->allow[s->nallow++] = strdup(pat);
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
 static int DataServer_init(DataServer *s, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"host", "port", NULL};
-    const char *host;
+    static char *kwlist[] = {"host", "port", "tls_cert", "tls_key", "tls_ca", "allow", NULL};
+    const char *host, *cert = NULL, *key = NULL, *ca = NULL;
     int port;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "si", kwlist, &host, &port))
+    PyObject *allow = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "si|zzzO", kwlist, &host, &port, &cert, &key,
+                                     &ca, &allow))
         return -1;
-    if (s->running) {
+    if (s->running || s->tls) {
         PyErr_SetString(PyExc_RuntimeError, "DataServer already started");
         return -1;
     }
+    PyObject *no_patterns = allow ? NULL : PyTuple_New(0);
+    int tls_rc = server_tls(s, cert, key, ca, allow ? allow : no_patterns);
+    Py_XDECREF(no_patterns);
+    if (tls_rc < 0)
+        return -1;
     pthread_mutex_init(&s->lock, NULL);
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
@@ -497,6 +561,10 @@ static void DataServer_dealloc(DataServer *s)
             export_free(s->exports[i]);
     free(s->exports);
     grants_free(s);
+    SSL_CTX_free(s->tls);
+    for (int i = 0; i < s->nallow; i++)
+        free(s->allow[i]);
+    free(s->allow);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
@@ -629,7 +697,8 @@ static PyObject *DataServer_limit_stats(DataServer *s, PyObject *unused)
         exports += s->exports[i] != NULL;
     pthread_mutex_unlock(&s->lock);
     return Py_BuildValue(
-        "{sKsKsKsKsisisi}", "refused_busy",
+        "{sKsKsKsKsKsisisi}", "refused_tls",
+        (unsigned long long)__atomic_load_n(&s->refused_tls, __ATOMIC_RELAXED), "refused_busy",
         (unsigned long long)__atomic_load_n(&s->refused_busy, __ATOMIC_RELAXED), "refused_token",
         (unsigned long long)__atomic_load_n(&s->refused_token, __ATOMIC_RELAXED),
         "hello_timeouts",

@@ -131,6 +131,7 @@ static inline uint64_t now_ns(void)
 
 #include <dlfcn.h>
 #include <openssl/sha.h>
+#include <openssl/ssl.h>
 #include <sched.h>
 /* XXH3 from libxxhash-dev, compiled in (the runtime image needs no extra library) */
 #define XXH_INLINE_ALL
@@ -159,6 +160,14 @@ typedef struct {
     uint64_t index;
     uint32_t data_len, status;
 } chan_answer_t;
+
+/* A channel connection: plain TCP, or TLS 1.3 when the agents speak mTLS (link.c). */
+typedef struct {
+    int fd;
+    SSL *ssl;             /* NULL: plain TCP */
+    pthread_mutex_t lock; /* TLS: one SSL call at a time; waits happen outside it */
+    int timeout_ms;       /* TLS waits (plain sockets keep their SO_RCVTIMEO) */
+} link_t;
 
 /* ---- per-host chunk cache ---------------------------------------------------
  *
@@ -268,13 +277,14 @@ typedef struct {
 /* ---- native data channel: the destination's side, inside the engine -------- */
 
 struct chan {
-    int urgent_fd, bulk_fd, up, background, compress;
+    link_t urgent, bulk; /* bulk.fd is -1 when there is no bulk connection */
+    int up, background, compress;
     uint64_t chunk_size, export_size, export_ps, nchunks;
     uint8_t *zmap, *digests, *asked;
     uint8_t *fast; /* XXH3-128 per chunk from Describe, or NULL: verify with SHA-256 */
     uint32_t outstanding;
     uint64_t last_answer_ns;
-    pthread_t urx, bulk;
+    pthread_t urx, bulk_tid;
     int urx_started, bulk_started;
     uint64_t bytes_received, digest_failures, chunks_urgent, chunks_bulk, bytes_raw;
     uint64_t chunks_cached;
@@ -367,6 +377,10 @@ typedef struct DataServer {
     int closing[CLOSING_MAX]; /* refused connections, closed once their reply was read */
     uint64_t closing_ns[CLOSING_MAX];
     int nclosing;
+    SSL_CTX *tls;  /* under mTLS: every connection is TLS 1.3, the client's cert checked */
+    char **allow;  /* --peer-allow patterns a client certificate's SAN must match */
+    int nallow;
+    uint64_t refused_tls;
 } DataServer;
 
 #define LIMIT_OR(v, d) ((v) > 0 ? (v) : (d))
@@ -445,5 +459,17 @@ void chan_start_threads(Engine *e);
 PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw);
 PyObject *Engine_share_cache(Engine *e, PyObject *arg);
 PyObject *Engine_get_channel(Engine *e, void *unused);
+
+SSL_CTX *tls_context(int server, const char *cert, const char *key, const char *ca, char *err,
+                     size_t n);
+void link_plain(link_t *l, int fd);
+int link_tls(link_t *l, SSL_CTX *ctx, int server, const char *host, int timeout_ms);
+void link_tls_reason(link_t *l, char *out, size_t n);
+int link_read(link_t *l, void *buf, size_t len);
+int link_write(link_t *l, const void *buf, size_t len);
+int link_wait(link_t *l, int timeout_ms);
+void link_release(link_t *l);
+void link_close(link_t *l);
+int link_peer_allowed(link_t *l, char *const *patterns, int npatterns);
 
 #endif

@@ -1,6 +1,10 @@
 """The source side of the native data channel: exports registered with the C server and
 one-session grants handed out over gRPC (OpenChannel).
 
+Under mTLS the channel is TLS 1.3 with the agent's own certificate, key and CA: the client
+checks the source's certificate names the host it dialled, the source checks the client's
+chains to the CA and matches --peer-allow, then the token is checked as on plain text.
+
 A grant is a random 16-byte token good for one urgent and one bulk connection until it
 expires. Grants are bounded per peer and in all; they are indexed by token (here and in C)
 and by export, so expiry and withdraw never scan every grant."""
@@ -47,9 +51,21 @@ class _Grant:
 
 
 class ChannelServer:
-    def __init__(self, host: str, port: int = 0, limits: ChannelLimits | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int = 0,
+        limits: ChannelLimits | None = None,
+        *,
+        tls: tuple[str, str, str] | None = None,
+        allow: list[str] | None = None,
+    ) -> None:
+        """Listen on host:port; with tls (cert, key, CA paths) every connection is TLS 1.3
+        and the client's certificate must chain to the CA and match allow (--peer-allow)."""
+        cert, key, ca = tls or (None, None, None)
+        self.tls = tls is not None
         try:
-            self.server = _uffd.DataServer(host, port)
+            self.server = _uffd.DataServer(host, port, cert, key, ca, tuple(allow or ()))
         except OSError as exc:
             raise OSError(
                 exc.errno, f"native data channel: cannot listen on {host}:{port}: {exc.strerror}"

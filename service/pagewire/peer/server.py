@@ -169,7 +169,7 @@ class PageServicer(pb_grpc.PageServiceServicer):
             if self.channel is None:
                 raise Abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    "the native data channel is off here (mTLS, or disabled)",
+                    "the native data channel is off here (--no-native-channel)",
                 )
             port, token = self.channel.grant(self._export(request.export), peer)
         except Exception as exc:

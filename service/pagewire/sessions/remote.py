@@ -46,6 +46,7 @@ class RemoteSource(ChunkLanes):
         fail: FailCallback,
         rpc_latency: Any = None,
         native: bool = False,
+        tls: tuple[str, str, str] | None = None,
         compression: str = "none",
         cache: _uffd.ChunkCache | None = None,
     ) -> None:
@@ -66,6 +67,7 @@ class RemoteSource(ChunkLanes):
         self.local_fd = -1
         self.prefetch = prefetch
         self.native = native  # try the native data channel first
+        self.tls = tls  # (cert, key, ca) paths: the channel is TLS 1.3, as gRPC is mTLS
         # the host's chunk cache, used once another session restores the same image: a
         # lone restore does not pay for copies nobody will read
         self.host_cache = cache
@@ -127,6 +129,7 @@ class RemoteSource(ChunkLanes):
         port, token = self.grant
         host = self.address.rsplit(":", 1)[0].strip("[]")
         r = self.remote
+        cert, key, ca = self.tls or (None, None, None)
         try:
             engine.attach_channel(
                 host,
@@ -142,6 +145,9 @@ class RemoteSource(ChunkLanes):
                 fast_digests=b"".join(r.fast_digests) or None,
                 # a staged working set is on its way already over gRPC
                 working_set=None if self.staging else self._replay().tobytes() or None,
+                tls_cert=cert,
+                tls_key=key,
+                tls_ca=ca,
             )
         except (OSError, ValueError) as exc:
             log.info("native channel not used: %s", exc, extra=self._log_extra())
@@ -149,7 +155,8 @@ class RemoteSource(ChunkLanes):
         self.on_channel = True
         if cache is not None:
             engine.share_cache(cache)
-        log.info("native data channel open", extra={**self._log_extra(), "port": port})
+        extra = {**self._log_extra(), "port": port, "tls": self.tls is not None}
+        log.info("native data channel open", extra=extra)
 
     @property
     def image_key(self) -> tuple[str, str, str]:

@@ -119,7 +119,6 @@ def session_fields(s: dict[str, Any], extra: list[tuple[str, object]] | None = N
     return fields(pairs + (extra or []))
 
 
-
 def mean_rate(status: dict[str, Any]) -> float | None:
     """Bytes present per second from attach to the end, None if unknown."""
     start = epoch_seconds(status.get("attached_at"))
