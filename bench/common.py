@@ -12,6 +12,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "service"))
 
+from pagewire.control.models import epoch_seconds  # noqa: E402
 from pagewire.tools.localagents import LocalAgent  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -34,6 +35,13 @@ def wait_ended(agent: LocalAgent, session_id: str, timeout: float = 600) -> dict
             return status
         time.sleep(0.02)
     raise TimeoutError(session_id)
+
+
+def at(status: dict[str, Any], key: str) -> float:
+    """A status timestamp (RFC 3339) as epoch seconds."""
+    value = epoch_seconds(status[key])
+    assert value is not None, key
+    return value
 
 
 def median(values: list[float]) -> float:

@@ -14,16 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import LocalAgent, MiB, emit, wait_ended
-from pagewire.control.models import epoch_seconds
+from common import LocalAgent, MiB, at, emit, wait_ended
 from pagewire.tools.workload import command as workload_command
-
-
-def at(status: dict[str, Any], key: str) -> float:
-    """A status timestamp (RFC 3339) as epoch seconds."""
-    value = epoch_seconds(status[key])
-    assert value is not None, key
-    return value
 
 
 def text_image(path: Path, size: int) -> None:

@@ -1,7 +1,7 @@
 """Remote post-copy through two real agents, against network baselines of the same run.
 
 A source agent exports generated images; a destination agent restores them into workload
-processes (``python -m pagewire.tools.workload``) over gRPC on loopback. Measured, each a median
+processes (``python -m pagewire.tools.workload``) on loopback. Measured, each a median
 over ``--runs``:
 
 - demand-fault latency without bulk (``"background": false``, random touch, 1 thread):
@@ -19,7 +19,8 @@ The network baselines (``net_baselines.py``) run in the same invocation, and eve
 is set against issue 8's targets as a ratio. Nothing here asserts on time.
 
 Every measurement runs twice, side by side (``--configs plain,mtls``): agents on plain
-text (the native data channel carries pages) and agents under mTLS (gRPC carries them).
+text (the native data channel carries pages over plain TCP) and agents under mTLS (the
+native data channel carries them over TLS 1.3, done in the engine with OpenSSL).
 ``--profile`` adds a ``perf record -g`` of both agents during one more restore and reports
 the share of samples in the digest code.
 
@@ -42,8 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import net_baselines
-from common import LocalAgent, MiB, emit, median
-from pagewire.control.models import epoch_seconds
+from common import LocalAgent, MiB, at, emit, median
 from pagewire.tools.images import make_image
 
 GiB = 1 << 30
@@ -67,13 +67,6 @@ TARGETS = {
 
 
 # --- process accounting --------------------------------------------------------------
-
-
-def at(status: dict[str, Any], key: str) -> float:
-    """A status timestamp (RFC 3339) as epoch seconds."""
-    value = epoch_seconds(status[key])
-    assert value is not None, key
-    return value
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -626,9 +619,10 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
             for name in vs_targets[first]
         },
         "notes": [
-            "plain: agents without TLS (the native data channel carries pages); mtls: agents "
-            "with mTLS, where gRPC carries every page (the channel is offered on plain-text "
-            "links only)",
+            "plain: agents without TLS (the native data channel carries pages over plain "
+            "TCP, sendfile); mtls: agents with mTLS, where the native data channel carries "
+            "pages over TLS 1.3 in the engine (OpenSSL, no kernel TLS: pages are read into a "
+            "buffer and encrypted)",
             "engine_fault_* is the session's fault_latency_seconds: every fault the engine "
             "timed, whether a peer, the engine alone or a zero page answered it; the engine's "
             "histogram has power-of-two buckets and a quantile is its bucket's upper bound",

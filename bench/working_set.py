@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import LocalAgent, MiB, emit, median
+from common import LocalAgent, MiB, at, emit, median
 from pagewire.tools.images import make_image
 
 WORKLOAD = str(Path(__file__).resolve().parent / "ws_workload.py")
@@ -66,7 +66,7 @@ def restore_once(
         "faults_total": sum(status["faults"].values()),
         "touch_s": seen["touch_s"],
         "first_touch_us": seen["first_touch_us"],
-        "attach_to_complete_s": round(status["completed_at"] - status["attached_at"], 4),
+        "attach_to_complete_s": round(at(status, "completed_at") - at(status, "attached_at"), 4),
         "bytes_received": status["bytes_received"],
     }
 

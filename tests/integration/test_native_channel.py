@@ -1,5 +1,6 @@
-"""The native data channel: used between agents on plain-text links, refused answers and
-corrupted chunks drop it (pages go back to Python, gRPC takes over), never installed."""
+"""The native data channel over plain TCP (under mTLS it is TLS 1.3: tests/security/
+test_channel_tls.py): used between agents, refused answers and corrupted chunks drop it
+(pages go back to Python, gRPC takes over), never installed."""
 
 from __future__ import annotations
 

@@ -85,8 +85,8 @@ static void chan_down_locked(Engine *e, const char *reason)
     snprintf(c->down_reason, sizeof c->down_reason, "%s", reason);
     cache_release(c->cache, e);
     shutdown(c->urgent.fd, SHUT_RDWR);
-    if (c->bulk.fd >= 0)
-        shutdown(c->bulk.fd, SHUT_RDWR);
+    for (int i = 0; i < c->nbulk; i++)
+        shutdown(c->bulk[i].link.fd, SHUT_RDWR);
     pending_t *items = e->pending.items;
     for (size_t i = 0; i < e->pending.len; i++) {
         region_t *r = &e->regions[items[i].region];
@@ -133,6 +133,18 @@ static uint64_t chunk_len_of(struct chan *c, uint64_t k)
     return (end > c->export_size ? c->export_size : end) - k * c->chunk_size;
 }
 
+/* Is chunk k (asked for on a bulk connection) close enough to be waited for: fewer than
+ * BULK_WAIT chunks ahead of it that have not reached this host's socket buffer yet? */
+static int bulk_soon(struct chan *c, uint64_t k)
+{
+    struct bulk_conn *b = &c->bulk[c->bulk_conn_of[k]];
+    uint32_t ahead = c->bulk_seq[k] - __atomic_load_n(&b->done_seq, __ATOMIC_RELAXED);
+    int queued = 0;
+    if (ioctl(b->link.fd, SIOCINQ, &queued) < 0)
+        queued = 0;
+    return ahead < BULK_WAIT + (uint64_t)queued / c->chunk_size;
+}
+
 /* Under the engine lock: a fault's chunk (and, while faults run forward, the chunks its
  * window reaches) goes to the outbox; nothing is written or hashed here. A chunk already
  * on its way, urgent or bulk, is waited for, never fetched twice. */
@@ -144,8 +156,7 @@ int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
     if (chunk >= c->nchunks)
         return 0;
-    if (c->asked[chunk] == ASK_URGENT || (c->asked[chunk] == ASK_BULK &&
-                                          c->bulk_seq[chunk] - c->bulk_done_seq < BULK_WAIT)) {
+    if (c->asked[chunk] == ASK_URGENT || (c->asked[chunk] == ASK_BULK && bulk_soon(c, chunk))) {
         c->chunks_waited++;
         return 1;
     }
@@ -225,7 +236,8 @@ static int chan_verify(struct chan *c, uint64_t index, const uint8_t *buf, uint6
     return memcmp(d, c->digests + index * 32, 32) == 0;
 }
 
-/* Read one answer into buf (the whole chunk, zero pages filled in) and verify it. */
+/* Read one answer into buf (the whole chunk, zero pages filled in) and verify it. A bulk
+ * answer the source skipped (its urgent connection sent that chunk) has *len_out 0. */
 static int64_t chan_receive(struct chan *c, link_t *l, uint8_t *buf, uint8_t *stage,
                             uint64_t *len_out, const char **why)
 {
@@ -236,6 +248,10 @@ static int64_t chan_receive(struct chan *c, link_t *l, uint8_t *buf, uint8_t *st
     }
     int zstd = (a.status & CHAN_ZSTD) != 0;
     a.status &= 0xffff;
+    if (a.status == CHAN_SKIPPED && a.data_len == 0 && a.index < c->nchunks) {
+        *len_out = 0;
+        return (int64_t)a.index;
+    }
     if (a.status != CHAN_OK || a.index >= c->nchunks || (zstd && !c->compress)) {
         *why = a.status == CHAN_STALE ? "export stale" : "refused or out of range";
         return -1;
@@ -279,31 +295,33 @@ static int64_t chan_receive(struct chan *c, link_t *l, uint8_t *buf, uint8_t *st
 }
 
 /* Install chunks received into one buffer, chunk i at buf + i * chunk_size (consecutive
- * indexes go in with one copy per run), and forget that they were asked for. */
+ * indexes go in with one copy per run), and forget that they were asked for. The engine
+ * lock is held for at most INSTALL_PIECE chunks at a time, so a fault's install never
+ * waits behind a whole bulk run. */
 static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const uint8_t *buf,
                              int kind, int wait)
 {
     struct chan *c = e->chan;
-    pthread_mutex_lock(&e->lock);
     int notify = 0;
-    if (e->state == E_RUNNING) {
-        for (size_t i = 0; i < n;) {
-            size_t j = i + 1;
-            while (j < n && index[j] == index[j - 1] + 1)
-                j++;
-            uint64_t off = index[i] * c->chunk_size;
-            uint64_t end = (index[j - 1] + 1) * c->chunk_size;
-            if (end > c->export_size)
-                end = c->export_size;
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        while (j < n && j - i < INSTALL_PIECE && index[j] == index[j - 1] + 1)
+            j++;
+        uint64_t off = index[i] * c->chunk_size;
+        uint64_t end = (index[j - 1] + 1) * c->chunk_size;
+        if (end > c->export_size)
+            end = c->export_size;
+        pthread_mutex_lock(&e->lock);
+        if (e->state == E_RUNNING) {
             install_image_range(e, off, buf + i * c->chunk_size, end - off, kind, wait);
-            i = j;
+            settle_pending(e);
+            notify = all_done(e);
         }
-        settle_pending(e);
-        notify = all_done(e);
+        for (size_t k = i; k < j; k++)
+            c->asked[index[k]] = ASK_NONE;
+        pthread_mutex_unlock(&e->lock);
+        i = j;
     }
-    for (size_t i = 0; i < n; i++)
-        c->asked[index[i]] = ASK_NONE;
-    pthread_mutex_unlock(&e->lock);
     if (notify)
         signal_fd(e->ctl_fd);
 }
@@ -319,6 +337,7 @@ static void chan_fail(Engine *e, const char *why)
 static void *chan_urgent_thread(void *arg)
 {
     Engine *e = arg;
+    rt_budget_t budget = urgent_priority(1);
     struct chan *c = e->chan;
     uint8_t *buf = malloc(2 * c->chunk_size + 4096), *stage = malloc(c->chunk_size);
     while (buf && stage && __atomic_load_n(&c->up, __ATOMIC_ACQUIRE) &&
@@ -334,11 +353,20 @@ static void *chan_urgent_thread(void *arg)
         const char *why = "";
         uint64_t len = 0;
         int64_t index = chan_receive(c, &c->urgent, buf, stage, &len, &why);
+        if (index >= 0 && len == 0) {
+            index = -1;
+            why = "skipped answer on the urgent connection";
+        }
         if (index < 0) {
             chan_fail(e, why);
             break;
         }
         pthread_mutex_lock(&e->lock);
+        if (c->outstanding == 0) { /* more answers than requests: a source to stop hearing */
+            chan_down_locked(e, "urgent answer nobody asked for");
+            pthread_mutex_unlock(&e->lock);
+            break;
+        }
         c->outstanding--;
         c->last_answer_ns = now_ns();
         c->chunks_urgent++;
@@ -347,6 +375,7 @@ static void *chan_urgent_thread(void *arg)
         chan_install_run(e, &k, 1, buf, KIND_PREFETCH, 1); /* asked-for pages count as faults */
         cache_fill(__atomic_load_n(&c->cache, __ATOMIC_ACQUIRE), c->digests + k * 32, buf,
                    (uint32_t)len);
+        rt_budget_check(&budget);
     }
     free(buf);
     free(stage);
@@ -391,15 +420,6 @@ static int chan_send_batch(link_t *l, const uint64_t *idx, size_t n)
 {
     uint32_t head[2] = {(uint32_t)n, 0};
     return link_write(l, head, sizeof head) < 0 || link_write(l, idx, n * 8) < 0 ? -1 : 0;
-}
-
-/* Bulk work yields the CPU to demand faults when they wake up, but keeps its fair share:
- * SCHED_BATCH, not a nice level (a niced bulk thread starves on a busy host, and a fault
- * waiting for a chunk already on the bulk connection would starve with it). */
-void bulk_priority(void)
-{
-    struct sched_param sp = {0};
-    sched_setscheduler((pid_t)syscall(SYS_gettid), SCHED_BATCH, &sp);
 }
 
 /* Install what the host's cache holds, skip what another session is fetching (a later
@@ -460,10 +480,12 @@ static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
     if (n == 0)
         return 0;
     pthread_mutex_lock(&e->lock);
-    for (size_t i = 0; i < n; i++)
-        c->bulk_seq[want[i]] = ++c->bulk_asked_seq;
+    for (size_t i = 0; i < n; i++) {
+        c->bulk_seq[want[i]] = ++b->conn->asked_seq;
+        c->bulk_conn_of[want[i]] = (uint8_t)(b->conn - c->bulk);
+    }
     pthread_mutex_unlock(&e->lock);
-    if (chan_send_batch(&c->bulk, want, n) < 0)
+    if (chan_send_batch(b->link, want, n) < 0)
         return -1;
     for (size_t i = 0; i < n; i++)
         b->fifo[(b->head + b->count + i) % b->cap] = want[i];
@@ -473,10 +495,13 @@ static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
 
 static void *chan_bulk_thread(void *arg)
 {
-    Engine *e = arg;
+    struct bulk_conn *conn = arg;
+    Engine *e = conn->e;
     bulk_priority();
     struct chan *c = e->chan;
     bulk_t b = {0};
+    b.conn = conn;
+    b.link = &conn->link;
     b.depth = BULK_DEPTH_BYTES / c->chunk_size;
     b.depth = b.depth < 2 ? 2 : b.depth > CHAN_MAX_REQ ? CHAN_MAX_REQ : b.depth;
     b.cap = c->nws > b.depth ? (c->nws > CHAN_MAX_REQ ? CHAN_MAX_REQ : c->nws) : b.depth;
@@ -519,7 +544,7 @@ static void *chan_bulk_thread(void *arg)
         }
         uint64_t len = 0;
         uint64_t expect = b.fifo[b.head];
-        int64_t index = chan_receive(c, &c->bulk, b.buf + b.nrun * c->chunk_size, b.stage,
+        int64_t index = chan_receive(c, b.link, b.buf + b.nrun * c->chunk_size, b.stage,
                                      &len, &why);
         if (index < 0)
             break;
@@ -529,13 +554,19 @@ static void *chan_bulk_thread(void *arg)
         }
         b.head = (b.head + 1) % b.cap;
         b.count--;
+        __atomic_add_fetch(&conn->done_seq, 1, __ATOMIC_RELAXED);
+        if (len == 0) { /* skipped: the urgent connection brings it */
+            __atomic_add_fetch(&c->chunks_skipped, 1, __ATOMIC_RELAXED);
+            if (b.nrun && link_wait(b.link, 0) <= 0)
+                bulk_flush(e, &b);
+            continue;
+        }
         __atomic_add_fetch(&c->chunks_bulk, 1, __ATOMIC_RELAXED);
-        __atomic_add_fetch(&c->bulk_done_seq, 1, __ATOMIC_RELAXED);
         b.run[b.nrun++] = (uint64_t)index;
         int next_follows = b.count > 0 && b.fifo[b.head] == (uint64_t)index + 1;
         /* a fault may be waiting for this run: do not hold it back to batch more */
         int waited = __atomic_load_n(&e->pending.len, __ATOMIC_RELAXED) > 0;
-        if (b.nrun == b.run_cap || !next_follows || waited || link_wait(&c->bulk, 0) <= 0)
+        if (b.nrun == b.run_cap || !next_follows || waited || link_wait(b.link, 0) <= 0)
             bulk_flush(e, &b);
     }
     bulk_flush(e, &b);
@@ -557,13 +588,16 @@ void chan_stop(Engine *e)
     c->up = 0;
     pthread_mutex_unlock(&e->lock);
     shutdown(c->urgent.fd, SHUT_RDWR);
-    if (c->bulk.fd >= 0)
-        shutdown(c->bulk.fd, SHUT_RDWR);
+    for (int i = 0; i < c->nbulk; i++)
+        shutdown(c->bulk[i].link.fd, SHUT_RDWR);
     Py_BEGIN_ALLOW_THREADS if (c->urx_started) pthread_join(c->urx, NULL);
-    if (c->bulk_started)
-        pthread_join(c->bulk_tid, NULL);
+    for (int i = 0; i < c->nbulk; i++)
+        if (c->bulk[i].started)
+            pthread_join(c->bulk[i].tid, NULL);
     cache_release(c->cache, e);
-    Py_END_ALLOW_THREADS c->urx_started = c->bulk_started = 0;
+    Py_END_ALLOW_THREADS c->urx_started = 0;
+    for (int i = 0; i < c->nbulk; i++)
+        c->bulk[i].started = 0;
 }
 
 void chan_free(Engine *e)
@@ -572,7 +606,8 @@ void chan_free(Engine *e)
     if (!c)
         return;
     link_close(&c->urgent);
-    link_close(&c->bulk);
+    for (int i = 0; i < c->nbulk; i++)
+        link_close(&c->bulk[i].link);
     free(c->zmap);
     free(c->digests);
     free(c->fast);
@@ -582,6 +617,7 @@ void chan_free(Engine *e)
     free(c->sendbuf);
     free(c->ws);
     free(c->bulk_seq);
+    free(c->bulk_conn_of);
     Py_XDECREF((PyObject *)c->cache);
     free(c);
     e->chan = NULL;
@@ -594,8 +630,11 @@ void chan_start_threads(Engine *e)
     if (!c || c->urx_started)
         return;
     c->urx_started = pthread_create(&c->urx, NULL, chan_urgent_thread, e) == 0;
-    if (c->background || c->nws)
-        c->bulk_started = pthread_create(&c->bulk_tid, NULL, chan_bulk_thread, e) == 0;
+    for (int i = 0; i < c->nbulk; i++) {
+        c->bulk[i].e = e;
+        struct bulk_conn *b = &c->bulk[i];
+        b->started = pthread_create(&b->tid, NULL, chan_bulk_thread, b) == 0;
+    }
 }
 
 PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
@@ -637,13 +676,19 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         goto out;
     }
     struct chan *c = calloc(1, sizeof *c);
-    link_plain(&c->bulk, -1);
+    int nbulk = !want_bulk ? 0 : sysconf(_SC_NPROCESSORS_ONLN) >= 2 ? BULK_CONNS : 1;
     int rc;
     Py_BEGIN_ALLOW_THREADS rc = chan_connect(&c->urgent, host, port, token, 1 | zflag, tls, why,
                                              sizeof why);
-    if (rc == 0 && want_bulk &&
-        (rc = chan_connect(&c->bulk, host, port, token, 2 | zflag, tls, why, sizeof why)) < 0)
-        link_close(&c->urgent);
+    for (; rc == 0 && c->nbulk < nbulk; c->nbulk++)
+        rc = chan_connect(&c->bulk[c->nbulk].link, host, port, token, 2 | zflag, tls, why,
+                          sizeof why);
+    if (rc < 0) {
+        for (int i = 0; i < c->nbulk - 1; i++)
+            link_close(&c->bulk[i].link);
+        if (c->urgent.ssl || c->urgent.fd >= 0)
+            link_close(&c->urgent);
+    }
     Py_END_ALLOW_THREADS SSL_CTX_free(tls);
     if (rc < 0) {
         free(c);
@@ -660,6 +705,7 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     c->hitbuf = malloc(cs);
     c->outbox = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
     c->bulk_seq = calloc(nchunks + 1, sizeof(uint32_t));
+    c->bulk_conn_of = calloc(nchunks + 1, 1);
     c->sendbuf = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
     if (fd.buf && fd.len) {
         c->fast = malloc((size_t)fd.len);
@@ -715,8 +761,9 @@ PyObject *Engine_get_channel(Engine *e, void *unused)
         Py_RETURN_NONE;
     pthread_mutex_lock(&e->lock);
     PyObject *d = Py_BuildValue(
-        "{sOsssKsKsKsKsK}", "up", c->up ? Py_True : Py_False, "down_reason", c->down_reason,
-        "chunks_cached", (unsigned long long)c->chunks_cached,
+        "{sOsssKsKsKsKsKsK}", "up", c->up ? Py_True : Py_False, "down_reason", c->down_reason,
+        "chunks_cached", (unsigned long long)c->chunks_cached, "chunks_skipped",
+        (unsigned long long)c->chunks_skipped,
         "bytes_received", (unsigned long long)c->bytes_received, "digest_failures",
         (unsigned long long)c->digest_failures, "chunks_urgent",
         (unsigned long long)c->chunks_urgent, "chunks_bulk", (unsigned long long)c->chunks_bulk);

@@ -15,16 +15,28 @@ static unsigned grant_bucket(const uint8_t token[16])
     return h % GRANT_BUCKETS;
 }
 
+/* Lock held. */
+static void session_put(chan_session_t *sess)
+{
+    if (sess && --sess->refs == 0) {
+        free(sess->served);
+        free(sess);
+    }
+}
+
 static void grant_unlink(DataServer *s, grant_t **at)
 {
     grant_t *g = *at;
     *at = g->next;
+    session_put(g->session);
     free(g);
     s->ngrants--;
 }
 
-/* The export id a grant gives a connection of this kind, or -1; uses the grant up. */
-static int grant_take(DataServer *s, const uint8_t token[16], uint32_t kind)
+/* The export id a grant gives a connection of this kind, or -1; uses the grant up. The
+ * connection gets a reference on the grant's session. */
+static int grant_take(DataServer *s, const uint8_t token[16], uint32_t kind,
+                      chan_session_t **sess)
 {
     if (!s->grants || (kind != 1 && kind != 2))
         return -1;
@@ -33,11 +45,13 @@ static int grant_take(DataServer *s, const uint8_t token[16], uint32_t kind)
         if (memcmp(g->token, token, 16) != 0)
             continue;
         int id = -1;
-        if (now_ns() < g->expires_ns && (g->kinds_left & (int)kind)) {
+        if (now_ns() < g->expires_ns && g->left[kind] > 0) {
             id = g->export_id;
-            g->kinds_left &= ~(int)kind;
+            g->left[kind]--;
+            *sess = g->session;
+            g->session->refs++;
         }
-        if (id < 0 || g->kinds_left == 0)
+        if (id < 0 || g->left[1] + g->left[2] == 0)
             grant_unlink(s, at);
         return id;
     }
@@ -87,6 +101,8 @@ static void export_put(DataServer *s, conn_t *c)
     pthread_mutex_lock(&s->lock);
     dexport_t *ex = c->ex;
     c->ex = NULL;
+    session_put(c->session);
+    c->session = NULL;
     if (ex && --ex->refs == 0 && ex->removed)
         export_free(ex);
     pthread_mutex_unlock(&s->lock);
@@ -97,11 +113,20 @@ static dexport_t *server_export_for(DataServer *s, conn_t *c, const uint8_t toke
 {
     dexport_t *ex = NULL;
     pthread_mutex_lock(&s->lock);
-    int id = grant_take(s, token, kind);
+    chan_session_t *sess = NULL;
+    int id = grant_take(s, token, kind, &sess);
     if (id >= 0 && id < s->nexports && s->exports[id] && !s->exports[id]->removed) {
         ex = s->exports[id];
         ex->refs++;
         c->ex = ex;
+        c->kind = (int)kind;
+        if (!sess->served) {
+            sess->served = calloc(ex->nchunks + 1, 1);
+            sess->nchunks = sess->served ? ex->nchunks : 0;
+        }
+        c->session = sess;
+    } else if (sess) {
+        session_put(sess);
     }
     pthread_mutex_unlock(&s->lock);
     return ex;
@@ -180,9 +205,11 @@ static int64_t read_data_pages(dexport_t *ex, uint64_t first, uint64_t last, uin
 /* One chunk's non-zero pages: zstd-compressed when asked for and it pays; read into raw
  * (after room for the answer, so TLS sends one record run) when there is a raw buffer
  * (compression or TLS); otherwise straight from the page cache with sendfile. */
-static int send_chunk(DataServer *s, link_t *l, dexport_t *ex, uint64_t index, uint8_t *raw,
+static int send_chunk(DataServer *s, conn_t *c, link_t *l, uint64_t index, uint8_t *raw,
                       uint8_t *packed)
 {
+    dexport_t *ex = c->ex;
+    chan_session_t *sess = c->session;
     chan_answer_t a = {index, 0, CHAN_OK};
     if (index >= ex->nchunks)
         a.status = CHAN_RANGE;
@@ -190,6 +217,13 @@ static int send_chunk(DataServer *s, link_t *l, dexport_t *ex, uint64_t index, u
         a.status = CHAN_STALE;
     if (a.status != CHAN_OK)
         return link_write(l, &a, sizeof a) < 0 ? -1 : 1;
+    if (index < sess->nchunks && c->kind == 1) {
+        __atomic_store_n(&sess->served[index], 1, __ATOMIC_RELAXED);
+    } else if (index < sess->nchunks && __atomic_load_n(&sess->served[index], __ATOMIC_RELAXED)) {
+        a.status = CHAN_SKIPPED;
+        __atomic_add_fetch(&s->chunks_skipped, 1, __ATOMIC_RELAXED);
+        return link_write(l, &a, sizeof a);
+    }
     uint64_t per = ex->chunk_size / ex->page_size, first = index * per;
     uint64_t last = first + per < ex->npages ? first + per : ex->npages;
     for (uint64_t p = first; p < last; p++)
@@ -206,8 +240,11 @@ static int send_chunk(DataServer *s, link_t *l, dexport_t *ex, uint64_t index, u
         memcpy(raw, &a, sizeof a);
         if (pays ? send_answer(l, &a, packed) < 0 : link_write(l, raw, sizeof a + raw_len) < 0)
             return -1;
-    } else {
+    } else if (l->ssl) { /* TLS, no data page: the header alone */
         if (link_write(l, &a, sizeof a) < 0)
+            return -1;
+    } else { /* plain text: the header joins the data's segment */
+        if (send_full(l->fd, &a, sizeof a, a.data_len ? MSG_MORE : 0) < 0)
             return -1;
         for (uint64_t p = first; p < last;) {
             if (ex->zero_map[p]) {
@@ -270,8 +307,11 @@ static void *conn_thread(void *arg)
     if (ex && (packed || l.ssl))
         raw = malloc(sizeof(chan_answer_t) + ex->chunk_size);
     if (tls_ok && link_write(&l, &reply, sizeof reply) == 0 && ex) {
+        rt_budget_t budget = {0};
         if ((hello.kind & 0xff) == 2)
             bulk_priority();
+        else
+            budget = urgent_priority(1);
         for (;;) {
             uint32_t head[2];
             if (link_read(&l, head, sizeof head) < 0 || head[0] == 0 ||
@@ -279,9 +319,10 @@ static void *conn_thread(void *arg)
                 break;
             int rc = 0;
             for (uint32_t i = 0; i < head[0] && rc == 0; i++)
-                rc = send_chunk(s, &l, ex, idx[i], raw, packed);
+                rc = send_chunk(s, c, &l, idx[i], raw, packed);
             if (rc != 0)
                 break; /* a refusal answer was sent, or the peer went away */
+            rt_budget_check(&budget);
         }
     }
     free(idx);
@@ -640,7 +681,9 @@ static PyObject *DataServer_grant(DataServer *s, PyObject *args)
     memcpy(g->token, tok.buf, 16);
     PyBuffer_Release(&tok);
     g->export_id = id;
-    g->kinds_left = 1 | 2;
+    g->left[1] = 1, g->left[2] = BULK_CONNS;
+    g->session = calloc(1, sizeof *g->session);
+    g->session->refs = 1;
     g->expires_ns = now_ns() + (uint64_t)(ttl_s * 1e9);
     pthread_mutex_lock(&s->lock);
     if (!s->grants)
@@ -709,8 +752,10 @@ static PyObject *DataServer_limit_stats(DataServer *s, PyObject *unused)
 
 static PyObject *DataServer_stats(DataServer *s, PyObject *unused)
 {
-    return Py_BuildValue("{sKsKsK}", "bytes_sent",
+    return Py_BuildValue("{sKsKsKsK}", "bytes_sent",
                          (unsigned long long)__atomic_load_n(&s->bytes_sent, __ATOMIC_RELAXED),
+                         "chunks_skipped",
+                         (unsigned long long)__atomic_load_n(&s->chunks_skipped, __ATOMIC_RELAXED),
                          "chunks_sent",
                          (unsigned long long)__atomic_load_n(&s->chunks_sent, __ATOMIC_RELAXED),
                          "refused",

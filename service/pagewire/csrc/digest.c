@@ -62,9 +62,15 @@ int read_full(int fd, void *buf, size_t len)
 
 int write_full(int fd, const void *buf, size_t len)
 {
+    return send_full(fd, buf, len, 0);
+}
+
+/* flags: MSG_MORE when more follows at once (a header before its data: one segment). */
+int send_full(int fd, const void *buf, size_t len, int flags)
+{
     const uint8_t *p = buf;
     while (len) {
-        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL | flags);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)

@@ -563,6 +563,8 @@ int poison_missing(Engine *e)
 void *fault_thread(void *arg)
 {
     Engine *e = arg;
+    /* a local source's whole fill runs on this thread: no real time for it */
+    rt_budget_t budget = urgent_priority(e->source_fd < 0);
     struct pollfd fds[3] = {{e->uffd, POLLIN, 0}, {e->ctl_fd, POLLIN, 0}, {e->pidfd, POLLIN, 0}};
     int nfds = e->pidfd >= 0 ? 3 : 2;
     int more_bg = e->background;
@@ -604,6 +606,7 @@ void *fault_thread(void *arg)
         chan_flush_urgent(e);
         if (notify)
             signal_fd(e->notify_fd);
+        rt_budget_check(&budget);
     }
     pthread_mutex_lock(&e->lock);
     if (e->state == E_FAILED && strcmp(e->error, "workload_exited") == 0 && e->uffd >= 0) {

@@ -155,7 +155,12 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     e->batch_bytes = batch < e->sys_page ? e->sys_page : batch;
     e->pending.item_size = sizeof(pending_t);
     e->requests.item_size = sizeof(uint64_t);
-    pthread_mutex_init(&e->lock, NULL);
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    /* the fault path's real-time threads wait on it: its holder inherits their priority */
+    pthread_mutexattr_setprotocol(&ma, PTHREAD_PRIO_INHERIT);
+    pthread_mutex_init(&e->lock, &ma);
+    pthread_mutexattr_destroy(&ma);
     if (parse_regions(e, regions) < 0)
         return -1;
     for (int i = 0; i < e->nregions; i++)

@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <linux/sockios.h>
 #include <sys/mman.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -149,6 +150,7 @@ static inline uint64_t now_ns(void)
 #define CHAN_RANGE 2
 #define CHAN_DENIED 3
 #define CHAN_BUSY 4 /* hello refused: the source's connection limit (per peer or total) */
+#define CHAN_SKIPPED 5 /* bulk answer without data: the urgent connection sent the chunk */
 #define CHAN_ZSTD (1u << 16) /* answer flag: data is zstd; hello kind flag: please compress */
 
 /* zstd, loaded at run time like libcrypto: wire compression is optional */
@@ -264,6 +266,16 @@ typedef struct {
     uint64_t *ws_order;
 } Engine;
 
+/* ---- scheduling (sched.c) ---------------------------------------------- */
+
+typedef struct {
+    pid_t tid;
+    int realtime;
+    uint64_t window_ns, cpu_ns;
+} rt_budget_t;
+#define RT_WINDOW_NS (250ULL * 1000000ULL)
+#define RT_BUDGET_PCT 80
+
 /* ---- installs --------------------------------------------------------- */
 
 enum { INS_OK = 0, INS_AGAIN = 1, INS_GONE = 2, INS_ERR = 3 };
@@ -276,18 +288,32 @@ typedef struct {
 
 /* ---- native data channel: the destination's side, inside the engine -------- */
 
+/* Bulk connections per session (when the host has the cores): receiving, verifying and
+ * installing on one run alongside the other's. A grant admits this many. */
+#define BULK_CONNS 2
+
+struct bulk_conn {
+    Engine *e;
+    link_t link;
+    pthread_t tid;
+    int started;
+    uint32_t asked_seq, done_seq; /* chunks asked for and received on it, in order */
+};
+
 struct chan {
-    link_t urgent, bulk; /* bulk.fd is -1 when there is no bulk connection */
+    link_t urgent;
+    struct bulk_conn bulk[BULK_CONNS];
+    int nbulk; /* bulk connections open: 0 without background fill or working set */
     int up, background, compress;
     uint64_t chunk_size, export_size, export_ps, nchunks;
     uint8_t *zmap, *digests, *asked;
     uint8_t *fast; /* XXH3-128 per chunk from Describe, or NULL: verify with SHA-256 */
     uint32_t outstanding;
     uint64_t last_answer_ns;
-    pthread_t urx, bulk_tid;
-    int urx_started, bulk_started;
+    pthread_t urx;
+    int urx_started;
     uint64_t bytes_received, digest_failures, chunks_urgent, chunks_bulk, bytes_raw;
-    uint64_t chunks_cached;
+    uint64_t chunks_cached, chunks_skipped;
     ChunkCache *cache; /* shared by the host's sessions, or NULL */
     uint8_t *hitbuf;   /* the fault thread's copy of a cached chunk */
     char down_reason[96];
@@ -300,14 +326,17 @@ struct chan {
     uint64_t nws, ws_pos;
     /* bulk order: a fault waits for a chunk on the bulk connection only if few chunks
      * are ahead of it there; deeper in a burst, it is asked for urgently */
-    uint32_t *bulk_seq;
-    uint32_t bulk_asked_seq, bulk_done_seq;
+    uint32_t *bulk_seq;    /* chunk k's place in its bulk connection's order */
+    uint8_t *bulk_conn_of; /* which bulk connection chunk k was asked for on */
     uint64_t chunks_waited; /* faults that waited for a chunk already on its way */
 };
 
 /* c->asked[k]: the chunk is on its way, so a fault there waits for it */
 enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
-#define BULK_WAIT 32 /* chunks ahead on the bulk connection a fault may wait behind */
+/* A fault waits for a chunk already asked for on a bulk connection only if at most this
+ * many chunks are ahead of it there; deeper in the queue it is asked for urgently and the
+ * source skips it on the bulk connection (CHAN_SKIPPED), so it still crosses once. */
+#define BULK_WAIT 8
 
 #define CHAN_STALL_NS (3ULL * 1000000000ULL)
 
@@ -316,8 +345,9 @@ enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
  * bounded stretch under the lock), so a pass is linear in the image. */
 #define BULK_SCAN 1024
 
-#define BULK_DEPTH_BYTES (2u << 20) /* requested ahead: bounds what a fault may wait behind */
+#define BULK_DEPTH_BYTES (512u << 10) /* requested ahead: bounds what a fault may wait behind */
 #define BULK_RUN_BYTES (1u << 20)   /* received before one install */
+#define INSTALL_PIECE 4              /* chunks installed per hold of the engine lock */
 
 typedef struct {
     uint64_t *fifo; /* asked for, in order */
@@ -325,6 +355,8 @@ typedef struct {
     uint64_t *run; /* received, not yet installed: indexes of buf's chunks */
     size_t nrun, run_cap;
     uint8_t *buf, *stage;
+    struct bulk_conn *conn;
+    link_t *link;
 } bulk_t;
 
 /* ---- native data channel: the source's server ---------------------------- */
@@ -338,11 +370,23 @@ typedef struct {
     struct timespec mtime;
 } dexport_t;
 
-/* A grant serves one urgent and one bulk connection (one each), until it expires. Grants
+/* What one session's connections share on the source: the chunks its urgent connection
+ * has served, which its bulk connections then skip (the destination asked for them
+ * urgently because its fault would otherwise wait behind the bulk queue). Freed when the
+ * grant and the last connection let go of it. */
+typedef struct {
+    uint8_t *served; /* one byte per chunk, set by the urgent connection */
+    uint64_t nchunks;
+    int refs;
+} chan_session_t;
+
+/* A grant serves one urgent and BULK_CONNS bulk connections, until it expires. Grants
  * are chained in a hash table on their (random) token, so taking or revoking one is O(1). */
 typedef struct grant {
     uint8_t token[16];
-    int export_id, kinds_left; /* bit 1: urgent, bit 2: bulk */
+    int export_id;
+    chan_session_t *session;
+    int left[3]; /* connections it still admits, by kind: [1] urgent, [2] bulk */
     uint64_t expires_ns;
     struct grant *next;
 } grant_t;
@@ -356,6 +400,8 @@ typedef struct {
     uint64_t accepted_ns;
     uint8_t peer[16]; /* the peer's address: connection limits are per peer */
     dexport_t *ex;    /* set while the connection holds a reference on it */
+    chan_session_t *session;
+    int kind;
     pthread_t thread;
     struct DataServer *server;
 } conn_t;
@@ -370,7 +416,7 @@ typedef struct DataServer {
     grant_t **grants; /* GRANT_BUCKETS chains */
     int ngrants;
     conn_t conns[MAX_CONNS];
-    uint64_t bytes_sent, chunks_sent, refused;
+    uint64_t bytes_sent, chunks_sent, chunks_skipped, refused;
     /* limits (0: the default) and what they refused */
     int max_conns, per_peer, pending_per_peer, hello_ms;
     uint64_t refused_busy, refused_token, hello_timeouts, evicted;
@@ -429,6 +475,7 @@ int64_t zstd_pack(uint8_t *dst, size_t cap, const uint8_t *src, size_t len);
 int64_t zstd_unpack(uint8_t *dst, size_t cap, const uint8_t *src, size_t len);
 int read_full(int fd, void *buf, size_t len);
 int write_full(int fd, const void *buf, size_t len);
+int send_full(int fd, const void *buf, size_t len, int flags);
 int cache_take(ChunkCache *c, const uint8_t d[32], uint8_t *dst, uint32_t len, const void *owner, int claim);
 void cache_fill(ChunkCache *c, const uint8_t d[32], const uint8_t *data, uint32_t len);
 void cache_release(ChunkCache *c, const void *owner);
@@ -453,6 +500,8 @@ uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data, uint6
 int chan_request_locked(Engine *e, region_t *r, uint64_t p);
 void chan_flush_urgent(Engine *e);
 void bulk_priority(void);
+rt_budget_t urgent_priority(int realtime);
+void rt_budget_check(rt_budget_t *b);
 void chan_stop(Engine *e);
 void chan_free(Engine *e);
 void chan_start_threads(Engine *e);

@@ -98,8 +98,11 @@ class PageServiceServicer:
 
     def OpenChannel(self, request, context):
         """Authorises the native data channel for one session: a TCP port on this peer and a
-        one-session token. Offered only on plain-text links (loopback or --insecure-peers);
-        under mTLS the answer is FAILED_PRECONDITION and gRPC carries the data.
+        one-session token. The client dials the port on the host it dialled for gRPC. Under
+        mTLS the channel is TLS 1.3 with the agents' own certificates (the client checks the
+        server names that host; the server checks the client's chains to the CA and matches
+        --peer-allow), then the token is checked. FAILED_PRECONDITION when the channel is
+        off (--no-native-channel): gRPC carries the data.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
