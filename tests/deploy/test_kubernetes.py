@@ -146,7 +146,7 @@ def test_daemonset_is_least_privilege(daemonset: dict[str, Any], agent: dict[str
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert sorted(sc["capabilities"]["add"]) == ["CHOWN", "SYS_PTRACE"]
+    assert sorted(sc["capabilities"]["add"]) == ["CHOWN", "SYS_NICE", "SYS_PTRACE"]
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert pod["hostPID"] is True  # restart recovery: pidfd_getfd on the workload's pid
     assert not pod.get("hostNetwork", False)
@@ -168,6 +168,7 @@ def test_every_privilege_is_commented() -> None:
 
     commented("- SYS_PTRACE")
     commented("- CHOWN")
+    commented("- SYS_NICE")
     commented("hostPID: true")
     commented("- name: sessions")
     commented("- name: state")

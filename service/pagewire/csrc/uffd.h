@@ -119,15 +119,17 @@ static inline uint64_t now_ns(void)
 
 /* ---- native data channel: digests and wire ---------------------------------
  *
- * Between agents on plain-text links (loopback, or --insecure-peers), page data may
- * flow over a native TCP channel negotiated and authorised over gRPC: a 16-byte token
- * per session. Under mTLS gRPC carries the data. Two connections per session (urgent,
- * bulk), so a demand fault never waits behind bulk data.
+ * Between agents, page data may flow over a native TCP channel negotiated and authorised
+ * over gRPC: a 16-byte token per session. Under mTLS each connection is TLS 1.3 with the
+ * agents' certificates (link.c). Per session one urgent connection and up to BULK_CONNS
+ * bulk ones, so a demand fault never waits behind bulk data.
  *
  *   hello    client: "PWDATA01" token[16] u32 kind u32 0    server: "PWOK" u32 status
  *   request  u32 count (1..MAX_REQ) u32 0, count x u64 chunk index
  *   answer   per index: u64 index u32 data_len u32 status, then data_len bytes: the
- *            chunk's non-zero pages in order (zero pages never cross the network)
+ *            chunk's non-zero pages in order (zero pages never cross the network); on a
+ *            bulk connection, CHAN_SKIPPED with no data for a chunk the session's urgent
+ *            connection already sent
  */
 
 #include <dlfcn.h>

@@ -32,6 +32,11 @@ log = logging.getLogger("pagewire.sessions.remote")
 SAME_IMAGE: dict[tuple[str, str, str], set[RemoteSource]] = {}
 
 
+# working-set parts (16 chunks each) staged over gRPC at once: when the native channel
+# takes over at attach, at most this many parts were fetched for nothing
+STAGE_PARTS = 2
+
+
 class RemoteSource(ChunkLanes):
     def __init__(
         self,
@@ -143,8 +148,8 @@ class RemoteSource(ChunkLanes):
                 background=self.background,
                 compression=self.compression == "zstd",
                 fast_digests=b"".join(r.fast_digests) or None,
-                # a staged working set is on its way already over gRPC
-                working_set=None if self.staging else self._replay().tobytes() or None,
+                # what staging installed is skipped; the channel brings the rest
+                working_set=self._replay().tobytes() or None,
                 tls_cert=cert,
                 tls_key=key,
                 tls_ca=ca,
@@ -153,6 +158,8 @@ class RemoteSource(ChunkLanes):
             log.info("native channel not used: %s", exc, extra=self._log_extra())
             return
         self.on_channel = True
+        if self.staging is not None and not self.staging.done():
+            self.staging.cancel()  # the channel's burst is faster than gRPC's parts
         if cache is not None:
             engine.share_cache(cache)
         extra = {**self._log_extra(), "port": port, "tls": self.tls is not None}
@@ -197,8 +204,15 @@ class RemoteSource(ChunkLanes):
                     cache.put(r.digests[index], got[index])
                     self.staged.append(index)
 
+        in_flight = asyncio.Semaphore(STAGE_PARTS)
+
+        async def bounded(indexes: list[int]) -> None:
+            async with in_flight:
+                await part(indexes)
+
         try:
-            await asyncio.gather(*(part(chunks[i : i + 16]) for i in range(0, len(chunks), 16)))
+            parts = (bounded(chunks[i : i + 16]) for i in range(0, len(chunks), 16))
+            await asyncio.gather(*parts)
         except PeerError as exc:
             log.info("working set not staged: %s", exc, extra=self._log_extra())
 
