@@ -268,3 +268,104 @@ def test_working_set_is_recorded_uploaded_and_replayed(
         assert second["faults"]["remote"] < first["faults"]["remote"] / 4
     finally:
         stop_pair(p)
+
+
+def test_bulk_skips_what_the_urgent_connection_sent(tmp_path: Path, image) -> None:
+    """A grant admits one urgent and two bulk connections; a chunk the session's urgent
+    connection sent comes back on its bulk connections as a data-less "skipped" answer (so
+    a fault asked for urgently never crosses twice), and other chunks still come whole."""
+    from tests.security.peer_attacks import CHAN_BUSY, CHAN_DENIED, CHAN_OK, grant, hello
+
+    skipped = 5
+    p = start_pair(tmp_path, isolated=False)
+    try:
+        img = image(4 * MiB, seed=4)
+        publish(p, img)
+        port, token = grant(p.source.grpc)
+        conns = {}
+        for name, kind in (("urgent", 1), ("bulk1", 2), ("bulk2", 2)):
+            conns[name], status = hello(port, token, kind)
+            assert status == CHAN_OK, name
+        extra, status = hello(port, token, 2)  # a third bulk connection: the grant is used up
+        assert status in (CHAN_DENIED, CHAN_BUSY)
+        extra.close()
+
+        def ask(sock: socket.socket, index: int) -> tuple[int, bytes]:
+            sock.sendall(struct.pack("<IIQ", 1, 0, index))
+            got, length, status = struct.unpack("<QII", sock.recv(16, socket.MSG_WAITALL))
+            assert got == index
+            return status & 0xFFFF, sock.recv(length, socket.MSG_WAITALL) if length else b""
+
+        data = img.read_bytes()
+        chunk = next(i for i in range(len(data) // CHUNK) if any(data[i * CHUNK : (i + 1) * CHUNK]))
+        status, body = ask(conns["urgent"], chunk)
+        assert status == CHAN_OK and body
+        for name in ("bulk1", "bulk2"):
+            assert ask(conns[name], chunk) == (skipped, b""), name
+        other = chunk + 1
+        status, body = ask(conns["bulk1"], other)
+        assert status == CHAN_OK
+        assert (
+            len(body)
+            == sum(  # the data pages of the chunk, zero pages omitted
+                PAGE
+                for q in range(other * CHUNK, (other + 1) * CHUNK, PAGE)
+                if any(data[q : q + PAGE])
+            )
+        )
+        for sock in conns.values():
+            sock.close()
+    finally:
+        stop_pair(p)
+
+
+def test_an_urgent_answer_nobody_asked_for_drops_the_channel(image) -> None:
+    """A source that sends answers before any request (a flood, or a confused peer) loses
+    the channel: its pages go back to Python, the session goes on over gRPC."""
+    img: Path = image(1 * MiB, seed=6)
+    data = img.read_bytes()
+    size = len(data)
+    fd = os.open(img, os.O_RDONLY)
+    zero = _uffd.zero_map(fd, size, PAGE)
+    os.close(fd)
+    digests = b"".join(_uffd.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def flood() -> None:
+        conn, _ = listener.accept()
+        conn.recv(32, socket.MSG_WAITALL)
+        conn.sendall(b"PWOK" + struct.pack("<I", 0))
+        pages = range(0, CHUNK // PAGE)
+        body = b"".join(data[q * PAGE : (q + 1) * PAGE] for q in pages if not zero[q])
+        conn.sendall(struct.pack("<QII", 0, len(body), 0) + body)  # nobody asked for chunk 0
+        conn.recv(1)
+        conn.close()
+
+    threading.Thread(target=flood, daemon=True).start()
+    base = _uffd.mmap_anon(size)
+    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
+    _uffd.uffd_register(uffd, base, size)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    eng = _uffd.Engine(
+        uffd, [(base, size, 0, PAGE)], efd, background=False, zero_map=zero, zero_map_page_size=PAGE
+    )
+    eng.start()
+    try:
+        eng.attach_channel(
+            "127.0.0.1", listener.getsockname()[1], b"t" * 16, CHUNK, size, PAGE, zero,
+            digests, background=False,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while (eng.channel or {}).get("up", True):
+            assert time.monotonic() < deadline, eng.channel
+            time.sleep(0.01)
+        assert eng.channel is not None
+        assert eng.channel["down_reason"] == "urgent answer nobody asked for"
+        assert eng.wanted_chunks(CHUNK, size)[0] & 1  # chunk 0 was not installed
+    finally:
+        eng.close()
+        os.close(efd)
+        os.close(uffd)
+        listener.close()
