@@ -278,10 +278,10 @@ async def _grpc_measure(port: int, iterations: int, stream_bytes: int) -> dict[s
         rates = []
         for _ in range(3):
             got = 0
-            t0 = time.perf_counter()
+            started = time.perf_counter()
             async for batch in stub.Bulk(pb.BulkRequest(export="bench", max_batch_bytes=messages)):
                 got += len(batch.chunks[0].data)
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - started
             assert got == messages * STREAM_MESSAGE_BYTES, got
             rates.append(got / elapsed / 1e9)
         out["stream"] = {

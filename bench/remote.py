@@ -143,7 +143,7 @@ def forget(dest: LocalAgent, sid: str) -> None:
     dest.request("DELETE", f"/v1/sessions/{sid}")
 
 
-def require(ok: bool, what: str, detail: Any) -> None:
+def require(ok: object, what: str, detail: Any) -> None:
     if not ok:
         raise RuntimeError(f"{what}: {detail}")
 
