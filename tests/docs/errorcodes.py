@@ -115,8 +115,10 @@ def _domain_pairs(trees: list[ast.AST]) -> set[tuple[int, str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and node.args and (name := _name(node.func)):
                 st, code = status(name), _code(node.args[0])
-            elif isinstance(node, ast.Tuple) and len(node.elts) == 2 and (
-                name := _name(node.elts[0])
+            elif (
+                isinstance(node, ast.Tuple)
+                and len(node.elts) == 2
+                and (name := _name(node.elts[0]))
             ):
                 st, code = status(name), _code(node.elts[1])  # (NotFound, "x") in a map
             else:

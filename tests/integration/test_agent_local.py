@@ -52,7 +52,9 @@ def wait_state(agent: LocalAgent, sid: str, states: tuple[str, ...], timeout: fl
 @pytest.mark.parametrize("touch", ["read", "write"])
 def test_local_restore_over_rest(agent: LocalAgent, image, touch: str) -> None:
     img = image(32 * MiB)
-    s = create(agent, {"source": {"path": str(img)}})
+    # no background fill: it could finish before the workload's first touch, and this
+    # test counts the faults
+    s = create(agent, {"source": {"path": str(img)}, "background": False})
     assert s["state"] == "awaiting_attach" and Path(s["socket"]).exists()
     writes = ["--write"] if touch == "write" else []
     proc = workload(

@@ -563,8 +563,10 @@ int poison_missing(Engine *e)
 void *fault_thread(void *arg)
 {
     Engine *e = arg;
-    /* a local source's whole fill runs on this thread: no real time for it */
-    rt_budget_t budget = urgent_priority(e->source_fd < 0);
+    /* a local source's whole fill runs on this thread: it keeps the default scheduling */
+    rt_budget_t budget = {0};
+    if (e->source_fd < 0)
+        budget = urgent_priority(1);
     struct pollfd fds[3] = {{e->uffd, POLLIN, 0}, {e->ctl_fd, POLLIN, 0}, {e->pidfd, POLLIN, 0}};
     int nfds = e->pidfd >= 0 ? 3 : 2;
     int more_bg = e->background;
