@@ -468,7 +468,8 @@ static void bulk_flush(Engine *e, bulk_t *b)
 static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
 {
     struct chan *c = e->chan;
-    size_t limit = c->ws_pos < c->nws ? b->cap : b->depth; /* the working set: one burst */
+    /* the working set: a deeper burst, shared by the bulk connections */
+    size_t limit = c->ws_pos < c->nws ? (b->cap < WS_DEPTH ? b->cap : WS_DEPTH) : b->depth;
     if (b->count >= limit)
         return 0;
     size_t room = limit - b->count;

@@ -350,6 +350,7 @@ enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
 #define BULK_DEPTH_BYTES (512u << 10) /* requested ahead: bounds what a fault may wait behind */
 #define BULK_RUN_BYTES (1u << 20)   /* received before one install */
 #define INSTALL_PIECE 4              /* chunks installed per hold of the engine lock */
+#define WS_DEPTH 64 /* chunks asked ahead per bulk connection while a working set replays */
 
 typedef struct {
     uint64_t *fifo; /* asked for, in order */
