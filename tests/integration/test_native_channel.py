@@ -22,6 +22,29 @@ MiB = 1 << 20
 CHUNK = 64 << 10
 
 
+def image_facts(img: Path) -> tuple[bytes, bytes, bytes]:
+    """The image's bytes, zero map and per-chunk SHA-256 digests (as Describe gives them)."""
+    data = img.read_bytes()
+    fd = os.open(img, os.O_RDONLY)
+    zero = _uffd.zero_map(fd, len(data), PAGE)
+    os.close(fd)
+    digests = b"".join(_uffd.sha256(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK))
+    return data, zero, digests
+
+
+def running_engine(size: int, zero: bytes) -> tuple[_uffd.Engine, int, int, int]:
+    """An engine over a fresh registered region, started: (engine, base, uffd, eventfd)."""
+    base = _uffd.mmap_anon(size)
+    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
+    _uffd.uffd_register(uffd, base, size)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    eng = _uffd.Engine(
+        uffd, [(base, size, 0, PAGE)], efd, background=False, zero_map=zero, zero_map_page_size=PAGE
+    )
+    eng.start()
+    return eng, base, uffd, efd
+
+
 def fake_channel_server(data: bytes, zero: bytes, corrupt: int) -> tuple[int, threading.Thread]:
     """A peer speaking the channel protocol whose first `corrupt` answers are damaged."""
     listener = socket.socket()
@@ -59,20 +82,9 @@ def fake_channel_server(data: bytes, zero: bytes, corrupt: int) -> tuple[int, th
 @pytest.mark.parametrize("fast", [True, False], ids=["xxh3", "sha256-only"])
 def test_corrupted_chunk_drops_the_channel_and_is_never_installed(image, fast: bool) -> None:
     img: Path = image(2 * MiB, seed=9)
-    data = img.read_bytes()
+    data, zero, digests = image_facts(img)
     size = len(data)
-    fd = os.open(img, os.O_RDONLY)
-    zero = _uffd.zero_map(fd, size, PAGE)
-    os.close(fd)
-    digests = b"".join(_uffd.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
-    base = _uffd.mmap_anon(size)
-    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
-    _uffd.uffd_register(uffd, base, size)
-    efd = os.eventfd(0, os.EFD_NONBLOCK)
-    eng = _uffd.Engine(
-        uffd, [(base, size, 0, PAGE)], efd, background=False, zero_map=zero, zero_map_page_size=PAGE
-    )
-    eng.start()
+    eng, base, uffd, efd = running_engine(size, zero)
     port, _ = fake_channel_server(data, zero, corrupt=1)
     fast_digests = b"".join(_uffd.xxh128(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
     eng.attach_channel(
@@ -173,21 +185,10 @@ def test_a_wrong_fast_digest_is_a_digest_failure(image) -> None:
     """The hot path checks the fast digest: right bytes under a wrong published fast digest
     are refused (and the SHA-256 alone would have passed them)."""
     img: Path = image(1 * MiB, seed=5)
-    data = img.read_bytes()
+    data, zero, digests = image_facts(img)
     size = len(data)
-    fd = os.open(img, os.O_RDONLY)
-    zero = _uffd.zero_map(fd, size, PAGE)
-    os.close(fd)
-    digests = b"".join(_uffd.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
     wrong_fast = bytes(16 * (size // CHUNK))
-    base = _uffd.mmap_anon(size)
-    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
-    _uffd.uffd_register(uffd, base, size)
-    efd = os.eventfd(0, os.EFD_NONBLOCK)
-    eng = _uffd.Engine(
-        uffd, [(base, size, 0, PAGE)], efd, background=False, zero_map=zero, zero_map_page_size=PAGE
-    )
-    eng.start()
+    eng, base, uffd, efd = running_engine(size, zero)
     port, _ = fake_channel_server(data, zero, corrupt=0)
     with pytest.raises(ValueError):  # a fast digest list of the wrong length is refused
         eng.attach_channel(
@@ -323,12 +324,8 @@ def test_an_urgent_answer_nobody_asked_for_drops_the_channel(image) -> None:
     """A source that sends answers before any request (a flood, or a confused peer) loses
     the channel: its pages go back to Python, the session goes on over gRPC."""
     img: Path = image(1 * MiB, seed=6)
-    data = img.read_bytes()
+    data, zero, digests = image_facts(img)
     size = len(data)
-    fd = os.open(img, os.O_RDONLY)
-    zero = _uffd.zero_map(fd, size, PAGE)
-    os.close(fd)
-    digests = b"".join(_uffd.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK))
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
@@ -344,14 +341,7 @@ def test_an_urgent_answer_nobody_asked_for_drops_the_channel(image) -> None:
         conn.close()
 
     threading.Thread(target=flood, daemon=True).start()
-    base = _uffd.mmap_anon(size)
-    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
-    _uffd.uffd_register(uffd, base, size)
-    efd = os.eventfd(0, os.EFD_NONBLOCK)
-    eng = _uffd.Engine(
-        uffd, [(base, size, 0, PAGE)], efd, background=False, zero_map=zero, zero_map_page_size=PAGE
-    )
-    eng.start()
+    eng, base, uffd, efd = running_engine(size, zero)
     try:
         eng.attach_channel(
             "127.0.0.1", listener.getsockname()[1], b"t" * 16, CHUNK, size, PAGE, zero,

@@ -182,22 +182,31 @@ static int send_answer(link_t *l, chan_answer_t *a, const uint8_t *data)
     return link_write(l, a, sizeof *a) < 0 || link_write(l, data, a->data_len) < 0 ? -1 : 0;
 }
 
-/* The chunk's non-zero pages, read into buf; returns their length or -1. */
+/* The chunk's non-zero pages, read into buf (one pread per run of them); returns their
+ * length or -1. */
 static int64_t read_data_pages(dexport_t *ex, uint64_t first, uint64_t last, uint8_t *buf)
 {
     uint64_t used = 0;
-    for (uint64_t p = first; p < last; p++) {
-        if (ex->zero_map[p])
+    for (uint64_t p = first; p < last;) {
+        if (ex->zero_map[p]) {
+            p++;
             continue;
-        uint64_t got = 0;
-        while (got < ex->page_size) {
-            ssize_t n = pread(ex->fd, buf + used + got, ex->page_size - got,
+        }
+        uint64_t q = p;
+        while (q < last && !ex->zero_map[q])
+            q++;
+        uint64_t want = (q - p) * ex->page_size, got = 0;
+        while (got < want) {
+            ssize_t n = pread(ex->fd, buf + used + got, want - got,
                               (off_t)(p * ex->page_size + got));
+            if (n < 0 && errno == EINTR)
+                continue;
             if (n <= 0)
                 return -1;
             got += (uint64_t)n;
         }
-        used += ex->page_size;
+        used += want;
+        p = q;
     }
     return (int64_t)used;
 }

@@ -12,6 +12,8 @@
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
 
+#define TLS_READ_BUFFER (256u << 10)
+
 static void tls_error(char *err, size_t n, const char *what)
 {
     unsigned long e = ERR_get_error();
@@ -33,6 +35,12 @@ SSL_CTX *tls_context(int server, const char *cert, const char *key, const char *
         return NULL;
     }
     SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    /* AES-128-GCM first (AES-NI: the fastest here), and whole records read ahead into a
+     * large buffer: fewer read() calls per chunk */
+    SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
+                                  "TLS_CHACHA20_POLY1305_SHA256");
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(ctx, TLS_READ_BUFFER);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
     SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     if (server) { /* nothing is sent after the handshake but the answers */
@@ -117,15 +125,14 @@ void link_tls_reason(link_t *l, char *out, size_t n)
         tls_error(out, n, "TLS handshake failed");
 }
 
-int link_read(link_t *l, void *buf, size_t len)
+/* Move len bytes through TLS: each SSL call under the lock, each wait outside it. */
+static int tls_full(link_t *l, uint8_t *p, size_t len, int writing)
 {
-    if (!l->ssl)
-        return read_full(l->fd, buf, len);
-    uint8_t *p = buf;
     while (len) {
+        int want = len > (1u << 30) ? 1 << 30 : (int)len;
         pthread_mutex_lock(&l->lock);
         ERR_clear_error();
-        int n = SSL_read(l->ssl, p, len > INT32_MAX ? INT32_MAX : (int)len);
+        int n = writing ? SSL_write(l->ssl, p, want) : SSL_read(l->ssl, p, want);
         int e = n > 0 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, n);
         pthread_mutex_unlock(&l->lock);
         if (n > 0) {
@@ -139,27 +146,15 @@ int link_read(link_t *l, void *buf, size_t len)
     return 0;
 }
 
+int link_read(link_t *l, void *buf, size_t len)
+{
+    return l->ssl ? tls_full(l, buf, len, 0) : read_full(l->fd, buf, len);
+}
+
 int link_write(link_t *l, const void *buf, size_t len)
 {
-    if (!l->ssl)
-        return write_full(l->fd, buf, len);
-    const uint8_t *p = buf;
-    while (len) {
-        int want = len > (1u << 30) ? 1 << 30 : (int)len;
-        pthread_mutex_lock(&l->lock);
-        ERR_clear_error();
-        int n = SSL_write(l->ssl, p, want);
-        int e = n > 0 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, n);
-        pthread_mutex_unlock(&l->lock);
-        if (n > 0) {
-            p += n;
-            len -= (size_t)n;
-        } else if ((e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) ||
-                   tls_wait(l, e, l->timeout_ms) < 0) {
-            return -1;
-        }
-    }
-    return 0;
+    /* SSL_write does not write through its buffer argument */
+    return l->ssl ? tls_full(l, (uint8_t *)(uintptr_t)buf, len, 1) : write_full(l->fd, buf, len);
 }
 
 /* 1 when a read would find data now (TLS may hold decrypted bytes the socket no longer
