@@ -24,7 +24,7 @@ native data channel carries them over TLS 1.3, done in the engine with OpenSSL).
 ``--profile`` adds a ``perf record -g`` of both agents during one more restore and reports
 the share of samples in the digest code.
 
-usage: python bench/remote.py [--quick] [--runs 3] [--image-mib 256] [--bulk-mib 256]
+usage: python bench/remote.py [--quick] [--runs 3] [--image-mib 256] [--bulk-mib 1024]
                               [--restore-mib 1024] [--concurrent 16] [--concurrent-mib 256]
                               [--configs plain,mtls] [--profile]
 """
@@ -644,7 +644,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--image-mib", type=int, default=256, help="demand-fault latency image")
-    p.add_argument("--bulk-mib", type=int, default=256, help="bulk throughput image")
+    # large: a fill of a few hundred ms would be mostly start-up
+    p.add_argument("--bulk-mib", type=int, default=1024, help="bulk throughput image")
     p.add_argument("--restore-mib", type=int, default=1024, help="large restore image")
     p.add_argument("--concurrent", type=int, default=16, help="sessions at once")
     p.add_argument("--concurrent-mib", type=int, default=256)
