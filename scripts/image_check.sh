@@ -123,7 +123,7 @@ trap cleanup EXIT
 step "starting the image's agent: pagewire $agent_args (DaemonSet env: ${#env_opts[@]} options)"
 # shellcheck disable=SC2086  # agent_args is the DaemonSet's args list, split on purpose
 setsid buildah run --isolation chroot --user 0:0 \
-    --cap-drop all --cap-add CAP_CHOWN --cap-add CAP_SYS_PTRACE \
+    --cap-drop all --cap-add CAP_CHOWN --cap-add CAP_SYS_PTRACE --cap-add CAP_SYS_NICE \
     -v "$RUN/sessions:/run/pagewire/sessions" \
     -v "$RUN/state:/var/lib/pagewire" \
     -v "$RUN/snapshots:/srv/pagewire/snapshots:ro" \
@@ -133,14 +133,15 @@ setsid buildah run --isolation chroot --user 0:0 \
     "${env_opts[@]}" "$ctr" -- pagewire $agent_args >"$RUN/agent.log" 2>&1 &
 agent_pid=$!
 
-# -- 4. a source agent from the checkout, then a restore through the image's agent
+# -- 4. a source agent from the checkout, then a restore through the image's agent (the
+# image's agent holds the DaemonSet's data port on this host, so the source takes any)
 src_http=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 src_grpc=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 SRC="http://127.0.0.1:$src_http"
 "$PYTHON" -m pagewire.tools.cli agent --http "127.0.0.1:$src_http" --grpc "127.0.0.1:$src_grpc" \
     --state-dir "$RUN/src-state" --socket-dir "$RUN/src-sock" --export-root "$RUN/src-root" \
     --tls-cert "$RUN/tls/tls.crt" --tls-key "$RUN/tls/tls.key" --tls-ca "$RUN/tls/ca.crt" \
-    --token-file "$RUN/token/token" >"$RUN/source.log" 2>&1 &
+    --token-file "$RUN/token/token" --data-port 0 >"$RUN/source.log" 2>&1 &
 src_pid=$!
 
 wait_ready() {  # URL NAME LOG

@@ -67,6 +67,8 @@ class ChannelServer:
         try:
             self.server = _uffd.DataServer(host, port, cert, key, ca, tuple(allow or ()))
         except OSError as exc:
+            if exc.strerror is None:  # the module's own message names the port and cause
+                raise
             raise OSError(
                 exc.errno, f"native data channel: cannot listen on {host}:{port}: {exc.strerror}"
             ) from None
