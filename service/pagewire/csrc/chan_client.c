@@ -75,6 +75,14 @@ static int chan_connect(link_t *l, const char *host, int port, const uint8_t tok
     return 0;
 }
 
+/* Wake every channel thread out of its socket wait: they see the channel down and end. */
+static void chan_shutdown_links(struct chan *c)
+{
+    shutdown(c->urgent.fd, SHUT_RDWR);
+    for (int i = 0; i < c->nbulk; i++)
+        shutdown(c->bulk[i].link.fd, SHUT_RDWR);
+}
+
 /* The channel failed: every page it owed goes back to Python's queue (gRPC takes over). */
 static void chan_down_locked(Engine *e, const char *reason)
 {
@@ -84,9 +92,7 @@ static void chan_down_locked(Engine *e, const char *reason)
     c->up = 0;
     snprintf(c->down_reason, sizeof c->down_reason, "%s", reason);
     cache_release(c->cache, e);
-    shutdown(c->urgent.fd, SHUT_RDWR);
-    for (int i = 0; i < c->nbulk; i++)
-        shutdown(c->bulk[i].link.fd, SHUT_RDWR);
+    chan_shutdown_links(c);
     pending_t *items = e->pending.items;
     for (size_t i = 0; i < e->pending.len; i++) {
         region_t *r = &e->regions[items[i].region];
@@ -588,9 +594,7 @@ void chan_stop(Engine *e)
     pthread_mutex_lock(&e->lock);
     c->up = 0;
     pthread_mutex_unlock(&e->lock);
-    shutdown(c->urgent.fd, SHUT_RDWR);
-    for (int i = 0; i < c->nbulk; i++)
-        shutdown(c->bulk[i].link.fd, SHUT_RDWR);
+    chan_shutdown_links(c);
     Py_BEGIN_ALLOW_THREADS if (c->urx_started) pthread_join(c->urx, NULL);
     for (int i = 0; i < c->nbulk; i++)
         if (c->bulk[i].started)
