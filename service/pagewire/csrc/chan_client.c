@@ -564,6 +564,10 @@ static void *chan_bulk_thread(void *arg)
         __atomic_add_fetch(&conn->done_seq, 1, __ATOMIC_RELAXED);
         if (len == 0) { /* skipped: the urgent connection brings it */
             __atomic_add_fetch(&c->chunks_skipped, 1, __ATOMIC_RELAXED);
+            pthread_mutex_lock(&e->lock);
+            if (c->asked[index] == ASK_BULK) /* not asked urgently since: a later pass may */
+                c->asked[index] = ASK_NONE;
+            pthread_mutex_unlock(&e->lock);
             if (b.nrun && link_wait(b.link, 0) <= 0)
                 bulk_flush(e, &b);
             continue;

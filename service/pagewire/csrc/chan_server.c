@@ -228,7 +228,9 @@ static int send_chunk(DataServer *s, conn_t *c, link_t *l, uint64_t index, uint8
         return link_write(l, &a, sizeof a) < 0 ? -1 : 1;
     if (index < sess->nchunks && c->kind == 1) {
         __atomic_store_n(&sess->served[index], 1, __ATOMIC_RELAXED);
-    } else if (index < sess->nchunks && __atomic_load_n(&sess->served[index], __ATOMIC_RELAXED)) {
+    } else if (index < sess->nchunks &&
+               __atomic_exchange_n(&sess->served[index], 0, __ATOMIC_RELAXED)) {
+        /* once per urgent send: a later bulk ask for it (its install fell short) gets data */
         a.status = CHAN_SKIPPED;
         __atomic_add_fetch(&s->chunks_skipped, 1, __ATOMIC_RELAXED);
         return link_write(l, &a, sizeof a);

@@ -378,7 +378,7 @@ typedef struct {
  * urgently because its fault would otherwise wait behind the bulk queue). Freed when the
  * grant and the last connection let go of it. */
 typedef struct {
-    uint8_t *served; /* one byte per chunk, set by the urgent connection */
+    uint8_t *served; /* one byte per chunk: set by an urgent send, cleared by one bulk skip */
     uint64_t nchunks;
     int refs;
 } chan_session_t;
