@@ -78,7 +78,6 @@ class AgentState:
             servicer=PageServicer(self.exports, self.channel, PeerLimits.from_settings(s)),
         )
         if s.advertise_grpc is None:
-            host, _ = split_host_port(s.grpc)
             self.grpc_address = f"{host}:{self.peer_server.port}"
         self.snapshots = SnapshotManager(s, self.exports)
         await recover(self.sessions)
@@ -176,7 +175,6 @@ class AgentState:
         }
 
     def info(self) -> dict[str, Any]:
-        from pagewire import _uffd
         from pagewire.core.layout import SYSTEM_PAGE_SIZE, huge_page_sizes
 
         names = [n for n in dir(_uffd) if n.startswith("FEATURE_")]

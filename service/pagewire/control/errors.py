@@ -95,12 +95,9 @@ STATUS_OF: list[tuple[type[domain.PagewireError], int]] = [
     (domain.Forbidden, 403),
     (domain.NotFound, 404),
     (domain.Conflict, 409),
-    (domain.TooLarge, 413),
-    (domain.OutOfBounds, 422),
     (domain.LimitReached, 429),
     (domain.PeerUnavailable, 502),
     (domain.Unavailable, 503),
-    (domain.StorageFull, 507),
 ]
 
 

@@ -20,10 +20,6 @@ class InvalidRequest(PagewireError):
     """The request is malformed or names something impossible."""
 
 
-class OutOfBounds(PagewireError):
-    """A value is outside its documented bounds."""
-
-
 class Forbidden(PagewireError):
     """The caller may not do this (a path outside the export roots, a process not allowed)."""
 
@@ -36,10 +32,6 @@ class Conflict(PagewireError):
     """The name or file exists already, or the object is in the wrong state."""
 
 
-class TooLarge(PagewireError):
-    """A body or upload exceeds its limit."""
-
-
 class LimitReached(PagewireError):
     """A configured limit (sessions, exports, bytes in flight) is reached; retry later."""
 
@@ -50,7 +42,3 @@ class PeerUnavailable(PagewireError):
 
 class Unavailable(PagewireError):
     """The agent cannot take this now (draining, shutting down, state dir unwritable)."""
-
-
-class StorageFull(PagewireError):
-    """The disk is full."""

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from pagewire.core.layout import SYSTEM_PAGE_SIZE
 from pagewire.exports.chunks import (
@@ -42,6 +42,9 @@ STATE_VERIFYING = "verifying"  # reloaded after a restart, its digests being com
 
 @dataclass(eq=False)
 class Export(ChunkGeometry):
+    # a file the agent can reopen (records persist, the native channel serves it); a live
+    # process export is neither
+    backed_by_file: ClassVar[bool] = True
     name: str
     path: str
     size: int

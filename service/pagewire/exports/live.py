@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pagewire import _uffd
 from pagewire.core.errors import Forbidden
@@ -145,6 +145,7 @@ def process_state(pid: int) -> str:
 
 @dataclass
 class ProcessExport(Export):
+    backed_by_file: ClassVar[bool] = False
     pid: int = 0
     start_time: int = 0
     ranges: list[Range] = field(default_factory=list)

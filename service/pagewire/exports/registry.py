@@ -227,7 +227,7 @@ class ExportRegistry:
 
     def _save(self, exp: Export) -> None:
         """Write the record atomically: tmp file, fsync, rename."""
-        if exp.path.startswith("pid:"):
+        if not exp.backed_by_file:
             return  # a live process export lives as long as the agent
         with self._save_lock:
             with self._lock:

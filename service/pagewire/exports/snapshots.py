@@ -138,8 +138,7 @@ class SnapshotManager:
         try:
             listener = listen(SocketSpec(socket_path))
         except OSError as exc:
-            out.remove()
-            out.close()
+            _discard(out)
             raise InvalidRequest("socket_failed", f"cannot create the socket: {exc}") from None
         snap = Snapshot(snap_id, request, out.path, socket_path, out=out)
         self.snapshots[snap_id] = snap
@@ -189,9 +188,7 @@ class SnapshotManager:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(snap.engine.start)
-        except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
-                snap.path.unlink()  # the partial file holds no instant
+        except OSError as exc:  # _end removes the partial file, through its directory fd
             if exc.errno == errno.EBUSY:
                 raise HandoffError(
                     "process_not_stopped",

@@ -116,7 +116,7 @@ class ChannelServer:
         return export_id
 
     def grant(self, export: Export, peer: str = "") -> tuple[int, bytes]:
-        if export.path.startswith("pid:"):
+        if not export.backed_by_file:
             raise ExportInvalid("a live process export is served over gRPC only")
         export.check()
         with self._lock:

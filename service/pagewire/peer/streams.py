@@ -179,8 +179,10 @@ class UrgentPump:
         try:
             indexes = list(request.chunks)
             compression = check_compression(request.compression)
-            if len(indexes) * export.chunk_size <= INLINE_READ_BYTES:
+            small = len(indexes) * export.chunk_size <= INLINE_READ_BYTES
+            if small and compression != "zstd":
                 # a demand fault waits on this: a thread hop costs more than a cached pread
+                # (compressing does not: it goes to a thread like a large read)
                 chunks = self.read(export, indexes, compression)
             else:
                 chunks = await asyncio.to_thread(self.read, export, indexes, compression)
