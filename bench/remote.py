@@ -523,6 +523,9 @@ def targets_of(f: dict[str, Any], rsize: int, digests: dict[str, float]) -> dict
     concurrent_ratio = cc["engine_fault_p99_us_max"] / single_p99 if single_p99 else None
     # verification: perf's share when profiled, else the digest's time for the data pages
     # of a restore over the destination's CPU time for it
+    # the fault targets are about remote faults: a run with zero-page or local faults mixed
+    # in has no figure for them
+    remote_only = lat_b["faults_zero"] + lat_b["faults_local"] == 0
     if f["profile"] is not None:
         verify_share = f["profile"]["verification_share"]
     else:
@@ -535,12 +538,15 @@ def targets_of(f: dict[str, Any], rsize: int, digests: dict[str, float]) -> dict
             "bytes_received_over_data", r["bytes_received_over_data"]
         ),
         "remote_fault_p50_us_while_bulk": ratio(
-            "remote_fault_p50_us_while_bulk", lat_b["engine_fault_p50_us"]
+            "remote_fault_p50_us_while_bulk", lat_b["engine_fault_p50_us"] if remote_only else None
         ),
         "remote_fault_p99_us_while_bulk": ratio(
-            "remote_fault_p99_us_while_bulk", lat_b["engine_fault_p99_us"]
+            "remote_fault_p99_us_while_bulk", lat_b["engine_fault_p99_us"] if remote_only else None
         ),
-        "verification_cpu_share": ratio("verification_cpu_share", verify_share),
+        "verification_cpu_share": {
+            **ratio("verification_cpu_share", verify_share),
+            "estimated": f["profile"] is None,  # from the digest's speed, not perf samples
+        },
         "concurrent_p99_over_single": ratio("concurrent_p99_over_single", concurrent_ratio),
         "agent_rss_idle_mib": ratio("agent_rss_idle_mib", f["agent_memory"]["rss_idle_mib"]),
         "agent_rss_growth_mib_per_gib": ratio(

@@ -105,6 +105,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     raise RuntimeError(r.text)
                 first = restore_once(source, dest, image, size, a, 0)
                 first["recorded_chunks"] = wait_for_record(source)
+                if not first["recorded_chunks"]:  # a replay of nothing would score anyway
+                    raise RuntimeError("the first restore uploaded no working set")
                 second = restore_once(source, dest, image, size, a, 1)
             finally:
                 dest.stop()

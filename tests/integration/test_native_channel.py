@@ -199,7 +199,10 @@ def test_a_wrong_fast_digest_is_a_digest_failure(image) -> None:
         background=False, fast_digests=wrong_fast,
     )  # fmt: skip
     page = zero.index(0)
-    toucher = threading.Thread(target=lambda: _uffd.read_memory(base + page * PAGE, PAGE))
+    seen: list[bytes] = []
+    toucher = threading.Thread(
+        target=lambda: seen.append(_uffd.read_memory(base + page * PAGE, PAGE))
+    )
     toucher.start()
     deadline = time.monotonic() + 10
     requests: list[int] = []
@@ -209,23 +212,29 @@ def test_a_wrong_fast_digest_is_a_digest_failure(image) -> None:
         time.sleep(0.005)
     channel = eng.channel
     assert channel is not None and channel["down_reason"] == "digest mismatch"
+    assert channel["digest_failures"] == 1
     for off in requests:
         start = off - off % CHUNK
         eng.install(start, data[start : start + CHUNK], _uffd.FAULT)
     toucher.join(10)
+    assert not toucher.is_alive() and seen == [data[page * PAGE : (page + 1) * PAGE]]
     eng.close()
     os.close(efd)
     os.close(uffd)
     _uffd.munmap(base, size)
 
 
-def test_the_data_channel_listens_on_the_configured_port(tmp_path: Path, image) -> None:
+def test_the_data_channel_listens_on_the_configured_port(
+    tmp_path: Path, image, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--data-port fixes the port (PAGEWIRE_DATA_PORT, default 7072), so a DaemonSet can
     publish it; the destination dials it on the host it dialled for gRPC."""
     from pagewire.agent.settings import Settings
 
     assert Settings().data_port == 7072
-    assert Settings(_env_file=None, **{"data_port": 7999}).data_port == 7999
+    monkeypatch.setenv("PAGEWIRE_DATA_PORT", "7999")  # the flag's environment twin
+    assert Settings().data_port == 7999
+    monkeypatch.delenv("PAGEWIRE_DATA_PORT")
     p = start_pair(tmp_path, isolated=False)  # this process dials the channel itself
     try:
         port = p.source.data_port

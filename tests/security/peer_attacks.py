@@ -61,8 +61,9 @@ class Watch:
     def _run(self) -> None:
         while not self._stop.is_set():
             for a in self.agents:
-                self.peak_kib[a.name] = max(self.peak_kib[a.name], rss_kib(self.pid(a)))
-                try:
+                try:  # an agent that died fails the watch; it never ends it silently
+                    assert a.proc is not None and a.proc.poll() is None, "agent exited"
+                    self.peak_kib[a.name] = max(self.peak_kib[a.name], rss_kib(self.pid(a)))
                     r = a.request("GET", "/healthz", timeout=2.0)
                     if r.status_code != 200:
                         self.health_failures.append(f"{a.name}: {r.status_code}")
