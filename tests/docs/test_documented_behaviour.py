@@ -76,6 +76,8 @@ def test_session_status_before_attach(agent: LocalAgent, image) -> None:  # type
     metrics = agent.request("GET", "/metrics").text
     # awaiting attach: the layout (so the page count) is not known yet, so no sample
     assert f'pagewire_session_pages_remaining{{session="{s["id"]}"}}' not in metrics
+    # ... while the session's other gauges are there (so the label format is right)
+    assert f'pagewire_session_paused_seconds{{session="{s["id"]}"}}' in metrics
     agent.request("DELETE", f"/v1/sessions/{s['id']}")
 
 

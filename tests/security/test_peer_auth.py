@@ -187,7 +187,8 @@ def test_mtls_peers_outside_the_allowlist_are_refused(tmp_path: Path, image) -> 
                 )
                 first = pb.WorkingSet(export="img", chunks=[0, 1, 2])
                 assert allowed.UploadWorkingSet(first).accepted == 3
-                written = record.stat().st_mtime_ns
+                # a rewrite is a new file (tmp, rename): the inode says so, whatever the clock
+                written = (record.stat().st_ino, record.stat().st_mtime_ns)
                 other = pb.WorkingSet(export="img", chunks=[3, 4])
                 try:
                     allowed.UploadWorkingSet(other)
@@ -196,7 +197,7 @@ def test_mtls_peers_outside_the_allowlist_are_refused(tmp_path: Path, image) -> 
                     assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     assert "--working-set-interval-s" in (exc.details() or "")
                 assert allowed.UploadWorkingSet(first).accepted == 3  # unchanged: no rewrite
-                assert record.stat().st_mtime_ns == written
+                assert (record.stat().st_ino, record.stat().st_mtime_ns) == written
                 ws = allowed.Describe(pb.DescribeRequest(export="img")).working_set
                 assert list(ws) == [0, 1, 2]
             got, status = restore(source, dest, img)
