@@ -464,28 +464,26 @@ static void unregister_all(Engine *e)
     }
 }
 
-/* Read (and drop) any events still queued, so no madvise stays blocked. */
-static void drain_events(Engine *e)
-{
-    struct uffd_msg msgs[UFFD_MSG_BATCH];
-    for (int i = 0; i < 1000; i++) {
-        ssize_t n = read(e->uffd, msgs, sizeof msgs);
-        if (n <= 0)
-            break;
-        for (int k = 0; k < (int)(n / (ssize_t)sizeof(struct uffd_msg)); k++)
-            if (msgs[k].event == UFFD_EVENT_FORK)
-                close((int)msgs[k].arg.fork.ufd);
-    }
-}
+static void discard_events(int uffd);
 
+/* Unregister, then read (and drop) the events still coming. A madvise that passed the
+ * kernel's userfaultfd check before the unregister queues its REMOVE event a moment
+ * later and waits until it is read; the workload holds its own copy of the uffd (as
+ * Firecracker does), so closing ours would not release it: it would wait forever. Wait
+ * until no event came for UFFD_QUIET_MS. */
 void close_uffd(Engine *e)
 {
-    if (e->uffd >= 0) {
-        unregister_all(e);
-        drain_events(e);
-        close(e->uffd);
-        e->uffd = -1;
+    if (e->uffd < 0)
+        return;
+    unregister_all(e);
+    struct pollfd pfd = {e->uffd, POLLIN, 0};
+    for (int i = 0; i < 100; i++) {
+        discard_events(e->uffd);
+        if (poll(&pfd, 1, UFFD_QUIET_MS) <= 0)
+            break;
     }
+    close(e->uffd);
+    e->uffd = -1;
 }
 
 /* Read and drop the events queued on a uffd (closing forked uffds), so an

@@ -283,6 +283,7 @@ typedef struct {
 enum { INS_OK = 0, INS_AGAIN = 1, INS_GONE = 2, INS_ERR = 3 };
 
 #define UFFD_MSG_BATCH 64
+#define UFFD_QUIET_MS 20 /* no event for this long after unregistering: none is coming */
 
 typedef struct {
     uint64_t addr, t0;
