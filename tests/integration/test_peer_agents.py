@@ -169,7 +169,9 @@ def test_mtls_between_agents(tmp_path: Path, image) -> None:
         publish(p, img)
         seen, status = restore(p, img, "--threads", "2")
         assert seen["verified"] and status["state"] == "completed"
-        assert status["transport"] == "native"  # under mTLS too: TLS 1.3 in the engine
+        # under mTLS too: TLS 1.3 in the engine (on failure, say why it fell back)
+        channel_log = [x for x in p.dest.log_path.read_text().splitlines() if "native" in x]
+        assert status["transport"] == "native", channel_log
     finally:
         stop_pair(p)
 
