@@ -163,7 +163,7 @@ int link_wait(link_t *l, int timeout_ms)
 {
     if (l->ssl) {
         pthread_mutex_lock(&l->lock);
-        int buffered = SSL_pending(l->ssl) > 0;
+        int buffered = SSL_has_pending(l->ssl); /* decrypted, or read ahead raw */
         pthread_mutex_unlock(&l->lock);
         if (buffered)
             return 1;
