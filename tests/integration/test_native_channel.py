@@ -16,6 +16,7 @@ from pagewire import _uffd
 from pagewire.core.layout import SYSTEM_PAGE_SIZE as PAGE
 
 from tests.peers import publish, restore, start_pair, stop_pair
+from tests.security.peer_attacks import recv_exact
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20
@@ -240,7 +241,7 @@ def test_the_data_channel_listens_on_the_configured_port(
         port = p.source.data_port
         with socket.create_connection((p.source.host, port), timeout=5) as conn:
             conn.sendall(b"PWDATA01" + bytes(16) + struct.pack("<II", 1, 0))
-            reply = conn.recv(8, socket.MSG_WAITALL)
+            reply = recv_exact(conn, 8)
         assert reply == b"PWOK" + struct.pack("<I", 3)  # an unknown token is refused
         img = image(4 * MiB)
         publish(p, img)
@@ -285,7 +286,13 @@ def test_bulk_skips_what_the_urgent_connection_sent(tmp_path: Path, image) -> No
     connection sent comes back once on a bulk connection as a data-less "skipped" answer
     (so a fault asked for urgently never crosses twice), then whole again if asked again;
     other chunks come whole."""
-    from tests.security.peer_attacks import CHAN_BUSY, CHAN_DENIED, CHAN_OK, grant, hello
+    from tests.security.peer_attacks import (
+        CHAN_BUSY,
+        CHAN_DENIED,
+        CHAN_OK,
+        grant,
+        hello,
+    )
 
     skipped = 5
     p = start_pair(tmp_path, isolated=False)
@@ -303,9 +310,9 @@ def test_bulk_skips_what_the_urgent_connection_sent(tmp_path: Path, image) -> No
 
         def ask(sock: socket.socket, index: int) -> tuple[int, bytes]:
             sock.sendall(struct.pack("<IIQ", 1, 0, index))
-            got, length, status = struct.unpack("<QII", sock.recv(16, socket.MSG_WAITALL))
+            got, length, status = struct.unpack("<QII", recv_exact(sock, 16))
             assert got == index
-            return status & 0xFFFF, sock.recv(length, socket.MSG_WAITALL) if length else b""
+            return status & 0xFFFF, recv_exact(sock, length)
 
         data = img.read_bytes()
         chunk = next(i for i in range(len(data) // CHUNK) if any(data[i * CHUNK : (i + 1) * CHUNK]))

@@ -109,21 +109,33 @@ def grant(address: str, export: str = "img", token: str | None = None) -> tuple[
     return int(g.port), bytes(g.token)
 
 
+def recv_exact(sock: socket.socket, length: int) -> bytes:
+    """length bytes, or fewer only if the peer closed. A socket with a timeout is
+    non-blocking underneath, where MSG_WAITALL returns whatever has arrived so far."""
+    got = bytearray()
+    while len(got) < length:
+        piece = sock.recv(length - len(got))
+        if not piece:
+            break
+        got += piece
+    return bytes(got)
+
+
 def hello(port: int, token: bytes, kind: int) -> tuple[socket.socket, int]:
     """A native channel connection that said hello; returns it and the status answered."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(b"PWDATA01" + token + struct.pack("<II", kind, 0))
-    reply = sock.recv(8, socket.MSG_WAITALL)
+    reply = recv_exact(sock, 8)
     assert len(reply) == 8 and reply[:4] == b"PWOK", reply
     return sock, struct.unpack("<I", reply[4:])[0]
 
 
 def fetch_chunk(sock: socket.socket, index: int) -> bytes:
     sock.sendall(struct.pack("<II", 1, 0) + struct.pack("<Q", index))
-    head = sock.recv(16, socket.MSG_WAITALL)
+    head = recv_exact(sock, 16)
     _, length, status = struct.unpack("<QII", head)
     assert status == CHAN_OK, status
-    return sock.recv(length, socket.MSG_WAITALL)
+    return recv_exact(sock, length)
 
 
 def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
