@@ -133,3 +133,59 @@ def test_snapshot_of_a_process_that_does_not_stop(tmp_path: Path) -> None:
         proc.returncode = -9
     finally:
         agent.stop()
+
+
+REFUSED_WORKLOAD = """
+import sys
+from pagewire import _uffd
+from pagewire.client import attach_for_snapshot
+base = _uffd.mmap_anon(64 * 4096)
+_uffd.write_memory(base, b"x" * 4096)
+att = attach_for_snapshot(sys.argv[1], base, 64 * 4096)
+att.conn.recv(1)  # the agent's refusal closes the socket
+_uffd.write_memory(base, b"y" * 4096)  # would wait forever had the agent write-protected it
+print("wrote", flush=True)
+"""
+
+
+def test_snapshot_handoffs_are_checked_like_sessions(tmp_path: Path) -> None:
+    """--allowed-uid holds for snapshot sockets too: junk, and a handoff from a uid not
+    allowed, are refused with a reason while the snapshot keeps waiting; nothing is
+    write-protected; when nobody allowed comes, it fails attach_timeout naming the last
+    refusal, and leaves no file."""
+    import socket
+
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    agent = LocalAgent(tmp_path, "agent", [roots], extra=["--allowed-uid", "12345"]).start()
+    out = roots / "snap.img"
+    try:
+        body = {"name": "s", "path": str(out), "attach_timeout_s": 4}
+        r = agent.request("POST", "/v1/snapshots", json=body)
+        assert r.status_code == 201, r.text
+        snap = r.json()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as junk:
+            junk.connect(snap["socket"])
+            junk.sendall(b"not a handoff" * 10)
+        proc = subprocess.run(
+            [sys.executable, "-c", REFUSED_WORKLOAD, snap["socket"]],
+            capture_output=True,
+            timeout=30,
+        )
+        assert proc.stdout == b"wrote\n", proc.stderr.decode()
+        assert agent.request("GET", f"/v1/snapshots/{snap['id']}").json()["state"] == (
+            "awaiting_attach"
+        )
+        deadline = time.monotonic() + 30
+        while (status := agent.request("GET", f"/v1/snapshots/{snap['id']}").json())["state"] in (
+            "awaiting_attach",
+            "running",
+        ):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status["state"] == "failed", status
+        assert status["error"]["code"] == "attach_timeout", status
+        assert "handoff from uid 0 refused" in status["error"]["message"], status
+        assert not out.exists()
+    finally:
+        agent.stop()

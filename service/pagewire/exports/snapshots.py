@@ -22,8 +22,9 @@ from pagewire import _uffd
 from pagewire.agent.settings import Settings
 from pagewire.control.models import SnapshotRequest
 from pagewire.core import filework
+from pagewire.core.attach import accept_handoff
 from pagewire.core.errors import InvalidRequest, LimitReached, NotFound, PagewireError
-from pagewire.core.handoff import Handoff, HandoffError, SocketSpec, listen, receive_handoff
+from pagewire.core.handoff import Handoff, HandoffError, SocketSpec, listen
 from pagewire.core.layout import Limits
 from pagewire.core.paths import BeneathFile, open_beneath, reopen_read_only
 from pagewire.exports.errors import ExportError, ExportExists, ExportNotFound
@@ -49,6 +50,7 @@ class Snapshot:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     final: dict[str, int] = field(default_factory=dict)
     out: BeneathFile | None = None  # the file, created at request time; removed on failure
+    last_refusal: dict[str, str] | None = None  # a handoff refused while awaiting attach
 
     @property
     def active(self) -> bool:
@@ -145,23 +147,30 @@ class SnapshotManager:
         asyncio.get_running_loop().create_task(self._run(snap, listener))
         return snap
 
+    @staticmethod
+    def _refused(snap: Snapshot, exc: HandoffError) -> None:
+        """As for sessions, one bad connection does not end the snapshot's wait."""
+        snap.last_refusal = {"code": exc.code, "message": exc.message}
+        log.warning("handoff refused: %s: %s", exc.code, exc.message, extra={"snapshot": snap.id})
+
     async def _run(self, snap: Snapshot, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         try:
             try:
-                conn, _ = await asyncio.wait_for(
-                    loop.sock_accept(listener), snap.request.attach_timeout_s
+                snap.handoff = await accept_handoff(
+                    listener,
+                    Limits(max_regions=1, max_bytes=self.settings.max_session_bytes),
+                    snap.request.attach_timeout_s,
+                    self.settings.allowed_uids,
+                    functools.partial(self._refused, snap),
                 )
-            except TimeoutError:
-                raise HandoffError("attach_timeout", "no workload attached in time") from None
             finally:
                 listener.close()
                 with contextlib.suppress(FileNotFoundError):
                     snap.socket_path.unlink()
-            limits = Limits(max_regions=1, max_bytes=self.settings.max_session_bytes)
-            snap.handoff = await receive_handoff(conn, limits, check_registration=False)
             await self._copy(snap)
         except HandoffError as exc:
+            if exc.code == "attach_timeout" and snap.last_refusal:
+                exc.message += f"; last handoff refused: {snap.last_refusal['message']}"
             self._end(snap, "failed", exc.code, exc.message)
         except ExportError as exc:  # publishing the finished file
             self._end(snap, "failed", "snapshot_failed", str(exc))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -14,11 +15,12 @@ from pagewire.agent.settings import Settings
 from pagewire.control.metrics import Retired
 from pagewire.control.models import PathSource, SessionRequest
 from pagewire.core import filework
+from pagewire.core.attach import accept_handoff
 from pagewire.core.engine import FAILURE_TEXT, EngineOptions, all_installed, open_engine
 from pagewire.core.errors import InvalidRequest, LimitReached, NotFound, Unavailable
 from pagewire.core.handoff import Handoff, HandoffError, SocketSpec, check_registered, listen
+from pagewire.core.layout import Limits
 from pagewire.core.poison import PoisonUnsupported, kill_through_pidfd, poison_registered
-from pagewire.sessions.attach import accept_handoff
 from pagewire.sessions.lanes import WINDOW_BYTES
 from pagewire.sessions.records import RecordStore
 from pagewire.sessions.session import Session
@@ -184,7 +186,17 @@ class SessionManager:
     async def _run(self, session: Session, listener: socket.socket) -> None:
         try:
             try:
-                handoff = await accept_handoff(session, listener, self.settings, self._refused)
+                handoff = await accept_handoff(
+                    listener,
+                    Limits(
+                        max_regions=self.settings.max_regions,
+                        max_bytes=self.settings.max_session_bytes,
+                        image_size=session.source.size,
+                    ),
+                    session.request.attach_timeout_s,
+                    self.settings.allowed_uids,
+                    functools.partial(self._refused, session),
+                )
             finally:
                 listener.close()
                 with contextlib.suppress(FileNotFoundError):

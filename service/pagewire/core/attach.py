@@ -1,4 +1,4 @@
-"""Waiting for a session's workload: the first good handoff on its socket wins."""
+"""Waiting for a workload on a session's or snapshot's socket: the first good handoff wins."""
 
 from __future__ import annotations
 
@@ -8,30 +8,25 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from pagewire.agent.settings import Settings
 from pagewire.core.handoff import Handoff, HandoffError, receive_handoff, refuse_handoff
 from pagewire.core.layout import Limits
-from pagewire.sessions.session import Session
 
 MAX_PENDING_HANDOFFS = 8  # connections of one session read at once (each times out in 5 s)
 
 
 async def accept_handoff(
-    session: Session,
     listener: socket.socket,
-    settings: Settings,
-    refused: Callable[[Session, HandoffError], None],
+    limits: Limits,
+    timeout_s: float,
+    allowed_uids: list[int],
+    refused: Callable[[HandoffError], None],
 ) -> Handoff:
-    """The first good handoff before attach_timeout_s. Connections are read side by
-    side (up to MAX_PENDING_HANDOFFS), so a silent or bad one neither ends the session
-    nor delays the real workload; each refusal fails closed and is logged."""
+    """The first good handoff within timeout_s from a uid in allowed_uids (any uid when
+    empty). Connections are read side by side (up to MAX_PENDING_HANDOFFS), so a silent
+    or bad one neither ends the wait nor delays the real workload; each refusal fails
+    closed and is passed to refused."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + session.request.attach_timeout_s
-    limits = Limits(
-        max_regions=settings.max_regions,
-        max_bytes=settings.max_session_bytes,
-        image_size=session.source.size,
-    )
+    deadline = loop.time() + timeout_s
     pending: set[asyncio.Future[Any]] = set()
     accepting: asyncio.Future[Any] | None = None
     try:
@@ -49,13 +44,13 @@ async def accept_handoff(
                 if task is accepting:
                     accepting = None
                     conn, _ = task.result()
-                    pending.add(asyncio.ensure_future(_receive(conn, limits, settings)))
+                    pending.add(asyncio.ensure_future(_receive(conn, limits, allowed_uids)))
                     continue
                 pending.discard(task)
                 try:
                     handoff: Handoff = task.result()
                 except HandoffError as exc:
-                    refused(session, exc)
+                    refused(exc)
                     continue
                 for other in done - {task, accepting}:  # a second one in the same instant
                     if other in pending and not other.exception():
@@ -76,9 +71,9 @@ async def accept_handoff(
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _receive(conn: socket.socket, limits: Limits, settings: Settings) -> Handoff:
+async def _receive(conn: socket.socket, limits: Limits, allowed_uids: list[int]) -> Handoff:
     handoff = await receive_handoff(conn, limits, check_registration=False)
-    if settings.allowed_uids and handoff.uid not in settings.allowed_uids:
+    if allowed_uids and handoff.uid not in allowed_uids:
         refuse_handoff(handoff, "peer_not_allowed", f"handoff from uid {handoff.uid} refused")
         raise HandoffError("peer_not_allowed", f"handoff from uid {handoff.uid} refused")
     return handoff
