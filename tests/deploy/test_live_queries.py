@@ -59,7 +59,8 @@ def test_dashboard_and_alert_queries_against_real_agents(tmp_path: Path, image) 
         img = image(size)
         r = src.request("POST", "/v1/exports", json={"name": "img", "path": str(img)})
         assert r.status_code == 201, r.text
-        body = {"source": {"peer": src.grpc, "export": "img"}}
+        # no bulk fill: every page comes by a fault, so the fault series are never empty
+        body = {"source": {"peer": src.grpc, "export": "img"}, "background": False}
         r = dst.request("POST", "/v1/sessions", json=body)
         assert r.status_code == 201, r.text
         session = r.json()
