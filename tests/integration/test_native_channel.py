@@ -151,7 +151,8 @@ def test_agents_use_the_native_channel_on_plain_links(tmp_path: Path, image) -> 
 def test_random_touch_during_bulk_fetches_each_chunk_once(
     tmp_path: Path, image, extra: list[str]
 ) -> None:
-    """A fault on a chunk already on the bulk connection waits for it, and the bulk pass
+    """A fault on a chunk asked for on the bulk connection asks for it urgently and the
+    source skips it on the bulk connection unless already sent, and the bulk pass
     skips what faults brought: bytes received stay within 5% of the data pages."""
     p = start_pair(tmp_path, extra_src=extra, extra_dst=extra)
     try:

@@ -139,21 +139,12 @@ static uint64_t chunk_len_of(struct chan *c, uint64_t k)
     return (end > c->export_size ? c->export_size : end) - k * c->chunk_size;
 }
 
-/* Is chunk k (asked for on a bulk connection) close enough to be waited for: fewer than
- * BULK_WAIT chunks ahead of it that have not reached this host's socket buffer yet? */
-static int bulk_soon(struct chan *c, uint64_t k)
-{
-    struct bulk_conn *b = &c->bulk[c->bulk_conn_of[k]];
-    uint32_t ahead = c->bulk_seq[k] - __atomic_load_n(&b->done_seq, __ATOMIC_RELAXED);
-    int queued = 0;
-    if (ioctl(b->link.fd, SIOCINQ, &queued) < 0)
-        queued = 0;
-    return ahead < BULK_WAIT + (uint64_t)queued / c->chunk_size;
-}
-
 /* Under the engine lock: a fault's chunk (and, while faults run forward, the chunks its
  * window reaches) goes to the outbox; nothing is written or hashed here. A chunk already
- * on its way, urgent or bulk, is waited for, never fetched twice. */
+ * asked for urgently is waited for. One asked for on a bulk connection is asked for
+ * urgently all the same: the source skips it on the bulk connection if it has not sent
+ * it yet (CHAN_SKIPPED), so only what was already on the wire crosses twice, while
+ * waiting behind a bulk receiver that a busy host does not schedule cost up to 100 ms. */
 int chan_request_locked(Engine *e, region_t *r, uint64_t p)
 {
     struct chan *c = e->chan;
@@ -162,7 +153,7 @@ int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
     if (chunk >= c->nchunks)
         return 0;
-    if (c->asked[chunk] == ASK_URGENT || (c->asked[chunk] == ASK_BULK && bulk_soon(c, chunk))) {
+    if (c->asked[chunk] == ASK_URGENT) {
         c->chunks_waited++;
         return 1;
     }
@@ -486,12 +477,6 @@ static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
     n = chan_bulk_from_cache(e, want, n, b->stage, deferred); /* buf may hold a run */
     if (n == 0)
         return 0;
-    pthread_mutex_lock(&e->lock);
-    for (size_t i = 0; i < n; i++) {
-        c->bulk_seq[want[i]] = ++b->conn->asked_seq;
-        c->bulk_conn_of[want[i]] = (uint8_t)(b->conn - c->bulk);
-    }
-    pthread_mutex_unlock(&e->lock);
     if (chan_send_batch(b->link, want, n) < 0)
         return -1;
     for (size_t i = 0; i < n; i++)
@@ -561,7 +546,6 @@ static void *chan_bulk_thread(void *arg)
         }
         b.head = (b.head + 1) % b.cap;
         b.count--;
-        __atomic_add_fetch(&conn->done_seq, 1, __ATOMIC_RELAXED);
         if (len == 0) { /* skipped: the urgent connection brings it */
             __atomic_add_fetch(&c->chunks_skipped, 1, __ATOMIC_RELAXED);
             pthread_mutex_lock(&e->lock);
@@ -625,8 +609,6 @@ void chan_free(Engine *e)
     free(c->outbox);
     free(c->sendbuf);
     free(c->ws);
-    free(c->bulk_seq);
-    free(c->bulk_conn_of);
     Py_XDECREF((PyObject *)c->cache);
     free(c);
     e->chan = NULL;
@@ -713,8 +695,6 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     c->asked = calloc(nchunks + 1, 1);
     c->hitbuf = malloc(cs);
     c->outbox = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
-    c->bulk_seq = calloc(nchunks + 1, sizeof(uint32_t));
-    c->bulk_conn_of = calloc(nchunks + 1, 1);
     c->sendbuf = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
     if (fd.buf && fd.len) {
         c->fast = malloc((size_t)fd.len);

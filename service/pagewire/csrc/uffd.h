@@ -24,7 +24,6 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
-#include <linux/sockios.h>
 #include <sys/mman.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -300,7 +299,6 @@ struct bulk_conn {
     link_t link;
     pthread_t tid;
     int started;
-    uint32_t asked_seq, done_seq; /* chunks asked for and received on it, in order */
 };
 
 struct chan {
@@ -327,19 +325,11 @@ struct chan {
     uint64_t bulk_cursor; /* next chunk the bulk pass looks at: one linear pass */
     uint64_t *ws;          /* a recorded working set, asked for first in one burst */
     uint64_t nws, ws_pos;
-    /* bulk order: a fault waits for a chunk on the bulk connection only if few chunks
-     * are ahead of it there; deeper in a burst, it is asked for urgently */
-    uint32_t *bulk_seq;    /* chunk k's place in its bulk connection's order */
-    uint8_t *bulk_conn_of; /* which bulk connection chunk k was asked for on */
     uint64_t chunks_waited; /* faults that waited for a chunk already on its way */
 };
 
-/* c->asked[k]: the chunk is on its way, so a fault there waits for it */
+/* c->asked[k]: the chunk is on its way; a fault waits for it only if asked urgently */
 enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
-/* A fault waits for a chunk already asked for on a bulk connection only if at most this
- * many chunks are ahead of it there; deeper in the queue it is asked for urgently and the
- * source skips it on the bulk connection (CHAN_SKIPPED), so it still crosses once. */
-#define BULK_WAIT 8
 
 #define CHAN_STALL_NS (3ULL * 1000000000ULL)
 
