@@ -63,6 +63,8 @@ TARGETS = {
     "bytes_received_over_data": (1.05, "<="),
     "verification_cpu_share": (0.10, "<="),
     "concurrent_p99_over_single": (3.0, "<="),
+    # the same, stricter: the worst session's own p99 instead of all faults' p99
+    "concurrent_worst_session_p99_over_single": (3.0, "<="),
 }
 
 
@@ -262,9 +264,34 @@ def restore_run(
     }
 
 
+def fault_buckets(agent: LocalAgent) -> list[tuple[float, float]]:
+    """The agent's fault latency histogram, all resolutions summed: (upper bound s,
+    cumulative count) per bucket, from /metrics (ended sessions stay counted there)."""
+    summed: dict[float, float] = {}
+    for line in agent.request("GET", "/metrics").text.splitlines():
+        if line.startswith("pagewire_fault_latency_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            summed[bound] = summed.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return sorted(summed.items())
+
+
+def pooled_quantile(
+    before: list[tuple[float, float]], after: list[tuple[float, float]], q: float
+) -> float | None:
+    """Quantile q of the faults counted between two fault_buckets readings: the upper bound
+    of the bucket holding it, as the session status reports its own."""
+    grown = [(b, n - m) for (b, n), (_, m) in zip(after, before, strict=True)]
+    total = grown[-1][1] if grown else 0
+    if total <= 0:
+        return None
+    return next(b for b, n in grown if n >= q * total)
+
+
 def concurrent_run(
     source: LocalAgent, dest: LocalAgent, export: str, image: Path, size: int, count: int
 ) -> dict[str, Any]:
+    buckets_before = fault_buckets(dest)
     t0 = time.monotonic()
     sessions = [create_session(dest, source, export, True) for _ in range(count)]
     procs = [
@@ -291,6 +318,7 @@ def concurrent_run(
     verified = [bool(w.get("verified")) for w in seen]
     require(all(st == "completed" for st in states) and all(verified), "concurrent", states)
     durations = [at(st, "completed_at") - at(st, "created_at") for st in statuses]
+    pooled_p99 = pooled_quantile(buckets_before, fault_buckets(dest), 0.99)
     p50s = [st["fault_latency_seconds"]["p50"] or 0.0 for st in statuses]
     p99s = [st["fault_latency_seconds"]["p99"] or 0.0 for st in statuses]
     return {
@@ -305,6 +333,7 @@ def concurrent_run(
         "session_s_max": round(max(durations), 4),
         "engine_fault_p50_us_median": us(median(p50s)),
         "engine_fault_p99_us_max": us(max(p99s)),
+        "engine_fault_p99_us_pooled": us(pooled_p99),
         "aggregate_gbps_image": round(count * size / (max(durations) or 1e-9) / 1e9, 4),
         "all_completed": True,
         "all_verified": all(verified),
@@ -520,7 +549,9 @@ def targets_of(f: dict[str, Any], rsize: int, digests: dict[str, float]) -> dict
     r, lat_b, bk = f["restore"], f["demand_fault_with_bulk"], f["bulk"]
     cc, one = f["concurrent"], f["single_session"]
     single_p99 = one["engine_fault_p99_us_max"] or None
-    concurrent_ratio = cc["engine_fault_p99_us_max"] / single_p99 if single_p99 else None
+    pooled = cc["engine_fault_p99_us_pooled"]
+    concurrent_ratio = pooled / single_p99 if single_p99 and isinstance(pooled, float) else None
+    worst_ratio = cc["engine_fault_p99_us_max"] / single_p99 if single_p99 else None
     # verification: perf's share when profiled, else the digest's time for the data pages
     # of a restore over the destination's CPU time for it
     # the fault targets are about remote faults: a run with zero-page or local faults mixed
@@ -548,6 +579,9 @@ def targets_of(f: dict[str, Any], rsize: int, digests: dict[str, float]) -> dict
             "estimated": f["profile"] is None,  # from the digest's speed, not perf samples
         },
         "concurrent_p99_over_single": ratio("concurrent_p99_over_single", concurrent_ratio),
+        "concurrent_worst_session_p99_over_single": ratio(
+            "concurrent_worst_session_p99_over_single", worst_ratio
+        ),
         "agent_rss_idle_mib": ratio("agent_rss_idle_mib", f["agent_memory"]["rss_idle_mib"]),
         "agent_rss_growth_mib_per_gib": ratio(
             "agent_rss_growth_mib_per_gib", max(f["agent_memory"]["rss_growth_mib_per_gib"], 0.0)
@@ -639,8 +673,10 @@ def run(a: argparse.Namespace, baselines: dict[str, Any] | None = None) -> dict[
             "verification_cpu_share: perf's share of both agents' samples in the digest code "
             "when --profile ran, else XXH3 time for the restore's data pages (digest_rates) "
             "over the destination's CPU seconds for it",
-            "concurrent_p99_over_single: fault p99 (max over sessions) of --concurrent "
-            "sessions at once over one session of the same image alone",
+            "concurrent_p99_over_single: the p99 of all faults of --concurrent sessions at "
+            "once (the destination's /metrics histogram, before and after) over the p99 of "
+            "one session of the same image alone; concurrent_worst_session_p99_over_single "
+            "takes the worst session's own p99 instead",
         ],
         "bench_s": round(time.monotonic() - started, 1),
     }

@@ -151,9 +151,9 @@ def test_agents_use_the_native_channel_on_plain_links(tmp_path: Path, image) -> 
 def test_random_touch_during_bulk_fetches_each_chunk_once(
     tmp_path: Path, image, extra: list[str]
 ) -> None:
-    """A fault on a chunk asked for on the bulk connection asks for it urgently and the
-    source skips it on the bulk connection unless already sent, and the bulk pass
-    skips what faults brought: bytes received stay within 5% of the data pages."""
+    """A fault on a chunk already close on the bulk connection waits for it, one further
+    back asks for it urgently and the source skips it on bulk, and the bulk pass skips
+    what faults brought: bytes received stay within 5% of the data pages."""
     p = start_pair(tmp_path, extra_src=extra, extra_dst=extra)
     try:
         img = image(32 * MiB, seed=3)
@@ -379,3 +379,67 @@ def test_an_urgent_answer_nobody_asked_for_drops_the_channel(image) -> None:
         os.close(efd)
         os.close(uffd)
         listener.close()
+
+
+def test_a_fault_waiting_on_a_stalled_bulk_connection_asks_urgently(image) -> None:
+    """A fault on a chunk already asked for on a bulk connection waits for it only while
+    that connection keeps receiving: here the peer never answers on bulk (as when a busy
+    host does not schedule the bulk receiver), so the chunk is asked for on the urgent
+    connection and the fault resolves, byte-exact, with the channel still up."""
+    img: Path = image(2 * MiB, seed=12)
+    data, zero, digests = image_facts(img)
+    size, per = len(data), CHUNK // PAGE
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    bulk_asked: list[int] = []
+
+    def serve(conn: socket.socket) -> None:
+        kind = struct.unpack("<I", conn.recv(32, socket.MSG_WAITALL)[24:28])[0] & 0xFF
+        conn.sendall(b"PWOK" + struct.pack("<I", 0))
+        while len(head := conn.recv(8, socket.MSG_WAITALL)) == 8:
+            count = struct.unpack("<II", head)[0]
+            asked = struct.unpack(f"<{count}Q", conn.recv(8 * count, socket.MSG_WAITALL))
+            if kind == 2:  # bulk: remembered, never answered
+                bulk_asked.extend(asked)
+                continue
+            for i in asked:
+                pages = range(i * per, min((i + 1) * per, len(zero)))
+                body = b"".join(data[p * PAGE : (p + 1) * PAGE] for p in pages if not zero[p])
+                conn.sendall(struct.pack("<QII", i, len(body), 0) + body)
+        conn.close()
+
+    def accept() -> None:
+        for _ in range(3):  # urgent, then two bulk connections
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    eng, base, uffd, efd = running_engine(size, zero)
+    try:
+        eng.attach_channel(
+            "127.0.0.1", listener.getsockname()[1], b"t" * 16, CHUNK, size, PAGE, zero,
+            digests, background=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not bulk_asked:
+            assert time.monotonic() < deadline, eng.channel
+            time.sleep(0.005)
+        chunk = next(k for k in bulk_asked if not all(zero[k * per : (k + 1) * per]))
+        page = next(p for p in range(chunk * per, (chunk + 1) * per) if not zero[p])
+        seen: list[bytes] = []
+        toucher = threading.Thread(
+            target=lambda: seen.append(_uffd.read_memory(base + page * PAGE, PAGE)), daemon=True
+        )
+        toucher.start()
+        toucher.join(10)
+        assert seen == [data[page * PAGE : (page + 1) * PAGE]], eng.channel
+        channel = eng.channel
+        assert channel is not None and channel["up"], channel
+        assert channel["bulk_waits_expired"] >= 1 and channel["chunks_urgent"] >= 1
+    finally:
+        eng.close()
+        os.close(efd)
+        os.close(uffd)
+        listener.close()
+        _uffd.munmap(base, size)

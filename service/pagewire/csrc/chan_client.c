@@ -139,12 +139,27 @@ static uint64_t chunk_len_of(struct chan *c, uint64_t k)
     return (end > c->export_size ? c->export_size : end) - k * c->chunk_size;
 }
 
+/* How many chunks the bulk connection chunk k was asked for on has received. */
+static uint32_t bulk_done_seq(struct chan *c, uint64_t k)
+{
+    return __atomic_load_n(&c->bulk[c->bulk_conn_of[k]].done_seq, __ATOMIC_RELAXED);
+}
+
+/* Is chunk k (asked for on a bulk connection) close enough to be waited for: fewer than
+ * BULK_WAIT chunks ahead of it that have not reached this host's socket buffer yet? */
+static int bulk_soon(struct chan *c, uint64_t k)
+{
+    struct bulk_conn *b = &c->bulk[c->bulk_conn_of[k]];
+    uint32_t ahead = c->bulk_seq[k] - __atomic_load_n(&b->done_seq, __ATOMIC_RELAXED);
+    int queued = 0;
+    if (ioctl(b->link.fd, SIOCINQ, &queued) < 0)
+        queued = 0;
+    return ahead < BULK_WAIT + (uint64_t)queued / c->chunk_size;
+}
+
 /* Under the engine lock: a fault's chunk (and, while faults run forward, the chunks its
  * window reaches) goes to the outbox; nothing is written or hashed here. A chunk already
- * asked for urgently is waited for. One asked for on a bulk connection is asked for
- * urgently all the same: the source skips it on the bulk connection if it has not sent
- * it yet (CHAN_SKIPPED), so only what was already on the wire crosses twice, while
- * waiting behind a bulk receiver that a busy host does not schedule cost up to 100 ms. */
+ * on its way, urgent or bulk, is waited for, never fetched twice. */
 int chan_request_locked(Engine *e, region_t *r, uint64_t p)
 {
     struct chan *c = e->chan;
@@ -154,6 +169,14 @@ int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     if (chunk >= c->nchunks)
         return 0;
     if (c->asked[chunk] == ASK_URGENT) {
+        c->chunks_waited++;
+        return 1;
+    }
+    if (c->asked[chunk] == ASK_BULK && c->nbulk_waits < BULK_WAIT_SLOTS && bulk_soon(c, chunk)) {
+        uint32_t i = c->nbulk_waits++;
+        c->bulk_waits[i] = chunk;
+        c->bulk_wait_since[i] = now_ns();
+        c->bulk_wait_seq[i] = bulk_done_seq(c, chunk);
         c->chunks_waited++;
         return 1;
     }
@@ -175,6 +198,42 @@ int chan_request_locked(Engine *e, region_t *r, uint64_t p)
         c->last_answer_ns = now_ns();
     c->outstanding += n;
     return 1;
+}
+
+/* Under the engine lock, on each turn of the fault thread: a chunk a fault waits for on
+ * a bulk connection that has received nothing for BULK_WAIT_NS is asked for urgently
+ * (the source skips it on the bulk connection if it has not sent it yet). Returns how
+ * many faults still wait on bulk, so the fault thread looks again soon. */
+int chan_bulk_waits_locked(Engine *e)
+{
+    struct chan *c = e->chan;
+    if (!c || !c->up)
+        return 0;
+    uint64_t now = now_ns();
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < c->nbulk_waits; i++) {
+        uint64_t k = c->bulk_waits[i];
+        if (c->asked[k] != ASK_BULK || !chunk_needed(e, c, k))
+            continue; /* arrived, or asked for urgently since */
+        uint32_t seq = bulk_done_seq(c, k);
+        if (seq != c->bulk_wait_seq[i]) { /* it received since: wait on */
+            c->bulk_wait_seq[i] = seq;
+            c->bulk_wait_since[i] = now;
+        }
+        if (now - c->bulk_wait_since[i] < BULK_WAIT_NS || c->nout >= CHAN_MAX_REQ) {
+            c->bulk_waits[kept] = k;
+            c->bulk_wait_since[kept] = c->bulk_wait_since[i];
+            c->bulk_wait_seq[kept++] = c->bulk_wait_seq[i];
+            continue;
+        }
+        c->outbox[c->nout++] = k;
+        c->asked[k] = ASK_URGENT;
+        if (c->outstanding++ == 0)
+            c->last_answer_ns = now;
+        c->bulk_waits_expired++;
+    }
+    c->nbulk_waits = kept;
+    return (int)kept;
 }
 
 /* The fault thread, without the engine lock: install what the host's cache holds, send
@@ -477,6 +536,12 @@ static int bulk_top_up(Engine *e, bulk_t *b, size_t *deferred)
     n = chan_bulk_from_cache(e, want, n, b->stage, deferred); /* buf may hold a run */
     if (n == 0)
         return 0;
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < n; i++) {
+        c->bulk_seq[want[i]] = ++b->conn->asked_seq;
+        c->bulk_conn_of[want[i]] = (uint8_t)(b->conn - c->bulk);
+    }
+    pthread_mutex_unlock(&e->lock);
     if (chan_send_batch(b->link, want, n) < 0)
         return -1;
     for (size_t i = 0; i < n; i++)
@@ -546,6 +611,7 @@ static void *chan_bulk_thread(void *arg)
         }
         b.head = (b.head + 1) % b.cap;
         b.count--;
+        __atomic_add_fetch(&conn->done_seq, 1, __ATOMIC_RELAXED);
         if (len == 0) { /* skipped: the urgent connection brings it */
             __atomic_add_fetch(&c->chunks_skipped, 1, __ATOMIC_RELAXED);
             pthread_mutex_lock(&e->lock);
@@ -609,6 +675,8 @@ void chan_free(Engine *e)
     free(c->outbox);
     free(c->sendbuf);
     free(c->ws);
+    free(c->bulk_seq);
+    free(c->bulk_conn_of);
     Py_XDECREF((PyObject *)c->cache);
     free(c);
     e->chan = NULL;
@@ -695,6 +763,8 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     c->asked = calloc(nchunks + 1, 1);
     c->hitbuf = malloc(cs);
     c->outbox = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
+    c->bulk_seq = calloc(nchunks + 1, sizeof(uint32_t));
+    c->bulk_conn_of = calloc(nchunks + 1, 1);
     c->sendbuf = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
     if (fd.buf && fd.len) {
         c->fast = malloc((size_t)fd.len);
@@ -750,7 +820,9 @@ PyObject *Engine_get_channel(Engine *e, void *unused)
         Py_RETURN_NONE;
     pthread_mutex_lock(&e->lock);
     PyObject *d = Py_BuildValue(
-        "{sOsssKsKsKsKsKsK}", "up", c->up ? Py_True : Py_False, "down_reason", c->down_reason,
+        "{sOsssKsKsKsKsKsKsKsK}", "up", c->up ? Py_True : Py_False, "down_reason",
+        c->down_reason, "chunks_waited", (unsigned long long)c->chunks_waited,
+        "bulk_waits_expired", (unsigned long long)c->bulk_waits_expired,
         "chunks_cached", (unsigned long long)c->chunks_cached, "chunks_skipped",
         (unsigned long long)c->chunks_skipped,
         "bytes_received", (unsigned long long)c->bytes_received, "digest_failures",

@@ -567,14 +567,17 @@ void *fault_thread(void *arg)
         budget = urgent_priority(1);
     struct pollfd fds[3] = {{e->uffd, POLLIN, 0}, {e->ctl_fd, POLLIN, 0}, {e->pidfd, POLLIN, 0}};
     int nfds = e->pidfd >= 0 ? 3 : 2;
-    int more_bg = e->background;
+    int more_bg = e->background, waiting_on_bulk = 0;
     for (;;) {
         pthread_mutex_lock(&e->lock);
         int stop = e->stop || e->state != E_RUNNING;
         pthread_mutex_unlock(&e->lock);
         if (stop)
             break;
-        int rc = poll(fds, nfds, more_bg ? 0 : 1000);
+        /* waiting on bulk: look again a quarter of BULK_WAIT_NS later */
+        struct timespec tick = {more_bg || waiting_on_bulk ? 0 : 1,
+                                waiting_on_bulk ? (long)(BULK_WAIT_NS / 4) : 0};
+        int rc = ppoll(fds, (nfds_t)nfds, &tick, NULL);
         if (rc < 0 && errno != EINTR)
             break;
         pthread_mutex_lock(&e->lock);
@@ -593,6 +596,7 @@ void *fault_thread(void *arg)
             handle_messages(e);
         if (e->state == E_RUNNING && more_bg && !e->stop)
             more_bg = background_step(e);
+        waiting_on_bulk = e->state == E_RUNNING && chan_bulk_waits_locked(e) > 0;
         int notify = e->requests.len > nreq_before;
         if (e->state == E_RUNNING && all_done(e)) {
             settle_pending(e);

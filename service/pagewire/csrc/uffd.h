@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <linux/sockios.h>
 #include <sys/mman.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -294,11 +295,20 @@ typedef struct {
  * installing on one run alongside the other's. A grant admits this many. */
 #define BULK_CONNS 2
 
+/* Faults waiting for bulk chunks: at most this many at once (more are asked for urgently
+ * at once), and only while their connection keeps receiving: one that received nothing
+ * for BULK_WAIT_NS gets the chunk asked for urgently. On a busy host (16 sessions, 64
+ * workload threads on 2 vCPUs) a bulk receiver went unscheduled for 100 ms, and the
+ * fault with it. */
+#define BULK_WAIT_SLOTS 16
+#define BULK_WAIT_NS 2000000ULL
+
 struct bulk_conn {
     Engine *e;
     link_t link;
     pthread_t tid;
     int started;
+    uint32_t asked_seq, done_seq; /* chunks asked for and received on it, in order */
 };
 
 struct chan {
@@ -325,11 +335,26 @@ struct chan {
     uint64_t bulk_cursor; /* next chunk the bulk pass looks at: one linear pass */
     uint64_t *ws;          /* a recorded working set, asked for first in one burst */
     uint64_t nws, ws_pos;
+    /* bulk order: a fault waits for a chunk on the bulk connection only if few chunks
+     * are ahead of it there; deeper in a burst, it is asked for urgently */
+    uint32_t *bulk_seq;    /* chunk k's place in its bulk connection's order */
+    uint8_t *bulk_conn_of; /* which bulk connection chunk k was asked for on */
     uint64_t chunks_waited; /* faults that waited for a chunk already on its way */
+    /* chunks faults wait for on a bulk connection, since when, and how far that
+     * connection had got then: asked for urgently once it has received nothing for
+     * BULK_WAIT_NS (its receiver is not being scheduled, or the link stalls) */
+    uint64_t bulk_waits[BULK_WAIT_SLOTS], bulk_wait_since[BULK_WAIT_SLOTS];
+    uint32_t bulk_wait_seq[BULK_WAIT_SLOTS];
+    uint32_t nbulk_waits;
+    uint64_t bulk_waits_expired; /* of those, asked for urgently: the connection stalled */
 };
 
-/* c->asked[k]: the chunk is on its way; a fault waits for it only if asked urgently */
+/* c->asked[k]: the chunk is on its way, so a fault there waits for it */
 enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
+/* A fault waits for a chunk already asked for on a bulk connection only if at most this
+ * many chunks are ahead of it there; deeper in the queue it is asked for urgently and the
+ * source skips it on the bulk connection (CHAN_SKIPPED), so it still crosses once. */
+#define BULK_WAIT 8
 
 #define CHAN_STALL_NS (3ULL * 1000000000ULL)
 
@@ -493,6 +518,7 @@ uint64_t read_fdinfo_features(int fd);
 uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data, uint64_t len, int kind, int wait);
 int chan_request_locked(Engine *e, region_t *r, uint64_t p);
 void chan_flush_urgent(Engine *e);
+int chan_bulk_waits_locked(Engine *e);
 void bulk_priority(void);
 rt_budget_t urgent_priority(int realtime);
 void rt_budget_check(rt_budget_t *b);
