@@ -691,7 +691,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restore-mib", type=int, default=1024, help="large restore image")
     p.add_argument("--concurrent", type=int, default=16, help="sessions at once")
     p.add_argument("--concurrent-mib", type=int, default=256)
-    p.add_argument("--concurrent-runs", type=int, default=1)
+    p.add_argument("--concurrent-runs", type=int, default=3)
     p.add_argument("--configs", default="plain,mtls", help="plain and/or mtls, side by side")
     p.add_argument("--profile", action="store_true", help="perf record one restore per config")
     p.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")

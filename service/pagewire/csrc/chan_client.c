@@ -145,16 +145,21 @@ static uint32_t bulk_done_seq(struct chan *c, uint64_t k)
     return __atomic_load_n(&c->bulk[c->bulk_conn_of[k]].done_seq, __ATOMIC_RELAXED);
 }
 
+/* Bytes in this host's socket buffer for the bulk connection chunk k was asked for on. */
+static int bulk_queued(struct chan *c, uint64_t k)
+{
+    int queued = 0;
+    if (ioctl(c->bulk[c->bulk_conn_of[k]].link.fd, SIOCINQ, &queued) < 0)
+        queued = 0;
+    return queued;
+}
+
 /* Is chunk k (asked for on a bulk connection) close enough to be waited for: fewer than
  * BULK_WAIT chunks ahead of it that have not reached this host's socket buffer yet? */
 static int bulk_soon(struct chan *c, uint64_t k)
 {
-    struct bulk_conn *b = &c->bulk[c->bulk_conn_of[k]];
-    uint32_t ahead = c->bulk_seq[k] - __atomic_load_n(&b->done_seq, __ATOMIC_RELAXED);
-    int queued = 0;
-    if (ioctl(b->link.fd, SIOCINQ, &queued) < 0)
-        queued = 0;
-    return ahead < BULK_WAIT + (uint64_t)queued / c->chunk_size;
+    uint32_t ahead = c->bulk_seq[k] - bulk_done_seq(c, k);
+    return ahead < BULK_WAIT + (uint64_t)bulk_queued(c, k) / c->chunk_size;
 }
 
 /* Under the engine lock: a fault's chunk (and, while faults run forward, the chunks its
@@ -201,9 +206,9 @@ int chan_request_locked(Engine *e, region_t *r, uint64_t p)
 }
 
 /* Under the engine lock, on each turn of the fault thread: a chunk a fault waits for on
- * a bulk connection that has received nothing for BULK_WAIT_NS is asked for urgently
- * (the source skips it on the bulk connection if it has not sent it yet). Returns how
- * many faults still wait on bulk, so the fault thread looks again soon. */
+ * a stalled bulk connection is asked for urgently (the source skips it on the bulk
+ * connection if it has not sent it yet). Returns how many faults still wait on bulk, so
+ * the fault thread looks again soon. */
 int chan_bulk_waits_locked(Engine *e)
 {
     struct chan *c = e->chan;
@@ -220,7 +225,10 @@ int chan_bulk_waits_locked(Engine *e)
             c->bulk_wait_seq[i] = seq;
             c->bulk_wait_since[i] = now;
         }
-        if (now - c->bulk_wait_since[i] < BULK_WAIT_NS || c->nout >= CHAN_MAX_REQ) {
+        uint64_t waited = now - c->bulk_wait_since[i];
+        int stalled = waited >= BULK_WAIT_MAX_NS ||
+                      (waited >= BULK_WAIT_NS && (seq > 0 || !c->nws || bulk_queued(c, k)));
+        if (!stalled || c->nout >= CHAN_MAX_REQ) {
             c->bulk_waits[kept] = k;
             c->bulk_wait_since[kept] = c->bulk_wait_since[i];
             c->bulk_wait_seq[kept++] = c->bulk_wait_seq[i];

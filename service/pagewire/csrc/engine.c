@@ -189,8 +189,6 @@ void queue_request(Engine *e, region_t *r, uint64_t p)
     vec_push(&e->requests, &off);
 }
 
-/* Decide one fault from current state. Returns 1 if resolved, 0 if it must
- * be retried after events are drained, -1 if it now waits for Python. */
 /* Remember the chunk holding image offset off, once, in first-touch order. */
 void record_offset(Engine *e, uint64_t off)
 {
@@ -208,6 +206,8 @@ static void record_touch(Engine *e, region_t *r, uint64_t p)
     record_offset(e, r->offset + p * r->page_size);
 }
 
+/* Decide one fault from current state. Returns 1 if resolved, 0 if it must
+ * be retried after events are drained, -1 if it now waits for Python. */
 static int decide_fault(Engine *e, int ri, uint64_t p, uint64_t t0)
 {
     region_t *r = &e->regions[ri];

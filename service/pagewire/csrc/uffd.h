@@ -296,12 +296,15 @@ typedef struct {
 #define BULK_CONNS 2
 
 /* Faults waiting for bulk chunks: at most this many at once (more are asked for urgently
- * at once), and only while their connection keeps receiving: one that received nothing
- * for BULK_WAIT_NS gets the chunk asked for urgently. On a busy host (16 sessions, 64
- * workload threads on 2 vCPUs) a bulk receiver went unscheduled for 100 ms, and the
- * fault with it. */
+ * at once), and only while their connection moves: one that has received no chunk for
+ * BULK_WAIT_NS gets the chunk asked for urgently (16 sessions, 64 workload threads on 2
+ * vCPUs left a bulk receiver unscheduled for up to 100 ms). A working-set burst that has
+ * received nothing yet, with nothing in its socket buffer, is waited for up to
+ * BULK_WAIT_MAX_NS: its first answers take a few ms, and asking for them urgently meanwhile
+ * slows the burst the workload is about to touch. */
 #define BULK_WAIT_SLOTS 16
 #define BULK_WAIT_NS 2000000ULL
+#define BULK_WAIT_MAX_NS 20000000ULL
 
 struct bulk_conn {
     Engine *e;
@@ -341,8 +344,7 @@ struct chan {
     uint8_t *bulk_conn_of; /* which bulk connection chunk k was asked for on */
     uint64_t chunks_waited; /* faults that waited for a chunk already on its way */
     /* chunks faults wait for on a bulk connection, since when, and how far that
-     * connection had got then: asked for urgently once it has received nothing for
-     * BULK_WAIT_NS (its receiver is not being scheduled, or the link stalls) */
+     * connection had got then (a chunk received since restarts the clock) */
     uint64_t bulk_waits[BULK_WAIT_SLOTS], bulk_wait_since[BULK_WAIT_SLOTS];
     uint32_t bulk_wait_seq[BULK_WAIT_SLOTS];
     uint32_t nbulk_waits;
