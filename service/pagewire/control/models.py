@@ -18,11 +18,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from pagewire.exports.export import NAME_PATTERN, NAME_RULE
+
 SessionState = Literal["awaiting_attach", "running", "paused", "completed", "failed", "cancelled"]
 ACTIVE_STATES = ("awaiting_attach", "running", "paused")
 # export names: what ExportRegistry accepts (400 export_invalid otherwise)
-EXPORT_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-EXPORT_NAME_RULE = "1-63 of a-z 0-9 . _ -, starting with a letter or digit (no upper case)"
+EXPORT_NAME_PATTERN, EXPORT_NAME_RULE = NAME_PATTERN, NAME_RULE
 TIMESTAMP_FIELDS = ("created_at", "attached_at", "completed_at")
 
 
@@ -200,6 +201,6 @@ class SnapshotRequest(Strict):
     """A live snapshot: the file it is written to (under an export root) and the name of
     the export it becomes."""
 
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    name: str = Field(min_length=1, max_length=63, pattern=EXPORT_NAME_PATTERN)
     path: FilePath
     attach_timeout_s: float = Field(default=60.0, gt=0, le=86400)

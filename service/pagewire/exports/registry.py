@@ -31,20 +31,24 @@ from pagewire.exports.errors import (
     ExportVerifying,
     StateUnwritable,
 )
-from pagewire.exports.export import STATE_READY, STATE_STALE, STATE_VERIFYING, Export
+from pagewire.exports.export import (
+    NAME_PATTERN,
+    NAME_RULE,
+    STATE_READY,
+    STATE_STALE,
+    STATE_VERIFYING,
+    Export,
+)
 from pagewire.exports.identity import FileIdentity
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 def _check_name(name: object) -> None:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ExportInvalid(
-            f"invalid export name {name!r}: use 1-63 of a-z 0-9 . _ -, "
-            "starting with a letter or digit"
-        )
+        raise ExportInvalid(f"invalid export name {name!r}: use {NAME_RULE}")
 
 
 class ExportRegistry:

@@ -186,17 +186,10 @@ class SessionManager:
     async def _run(self, session: Session, listener: socket.socket) -> None:
         try:
             try:
-                handoff = await accept_handoff(
-                    listener,
-                    Limits(
-                        max_regions=self.settings.max_regions,
-                        max_bytes=self.settings.max_session_bytes,
-                        image_size=session.source.size,
-                    ),
-                    session.request.attach_timeout_s,
-                    self.settings.allowed_uids,
-                    functools.partial(self._refused, session),
-                )
+                s, refused = self.settings, functools.partial(self._refused, session)
+                limits = Limits(s.max_regions, s.max_session_bytes, session.source.size)
+                timeout = session.request.attach_timeout_s
+                handoff = await accept_handoff(listener, limits, timeout, s.allowed_uids, refused)
             finally:
                 listener.close()
                 with contextlib.suppress(FileNotFoundError):
