@@ -226,8 +226,9 @@ int chan_bulk_waits_locked(Engine *e)
             c->bulk_wait_since[i] = now;
         }
         uint64_t waited = now - c->bulk_wait_since[i];
+        int burst = c->ws_pos < c->nws; /* a working set is still being asked for */
         int stalled = waited >= BULK_WAIT_MAX_NS ||
-                      (waited >= BULK_WAIT_NS && (seq > 0 || !c->nws || bulk_queued(c, k)));
+                      (waited >= BULK_WAIT_NS && (!burst || bulk_queued(c, k)));
         if (!stalled || c->nout >= CHAN_MAX_REQ) {
             c->bulk_waits[kept] = k;
             c->bulk_wait_since[kept] = c->bulk_wait_since[i];

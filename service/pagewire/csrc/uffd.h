@@ -298,10 +298,10 @@ typedef struct {
 /* Faults waiting for bulk chunks: at most this many at once (more are asked for urgently
  * at once), and only while their connection moves: one that has received no chunk for
  * BULK_WAIT_NS gets the chunk asked for urgently (16 sessions, 64 workload threads on 2
- * vCPUs left a bulk receiver unscheduled for up to 100 ms). A working-set burst that has
- * received nothing yet, with nothing in its socket buffer, is waited for up to
- * BULK_WAIT_MAX_NS: its first answers take a few ms, and asking for them urgently meanwhile
- * slows the burst the workload is about to touch. */
+ * vCPUs left a bulk receiver unscheduled for up to 100 ms). While a working set is being
+ * asked for, a connection with nothing in its socket buffer is waited for up to
+ * BULK_WAIT_MAX_NS: the burst's answers come a few ms apart at times, and asking for them
+ * urgently meanwhile slows the burst the workload is about to touch. */
 #define BULK_WAIT_SLOTS 16
 #define BULK_WAIT_NS 2000000ULL
 #define BULK_WAIT_MAX_NS 20000000ULL
