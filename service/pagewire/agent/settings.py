@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pagewire.peer.wire import host_is_loopback
@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     colon-separated)"""
     token_file: Path | None = None
     """file holding the REST bearer token"""
+    _token: str | None = PrivateAttr(default=None)
     tls_cert: Path | None = None
     """PEM certificate for peer mTLS"""
     tls_key: Path | None = None
@@ -203,7 +204,7 @@ class Settings(BaseSettings):
             if not path.is_file():
                 raise ValueError(f"{path} does not exist")
         if self.token_file is not None:
-            read_token(self.token_file)
+            self._token = read_token(self.token_file)
         host, _ = split_host_port(self.grpc)
         if not any(tls) and not self.insecure_peers and not host_is_loopback(host):
             raise ValueError(
@@ -223,9 +224,8 @@ class Settings(BaseSettings):
         return self.tls_cert is not None
 
     def token(self) -> str | None:
-        if self.token_file is None:
-            return None
-        return read_token(self.token_file)
+        """The bearer token, read once when the settings were checked."""
+        return self._token
 
 
 def read_token(path: Path) -> str:

@@ -11,8 +11,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from pagewire.agent.settings import read_token
 from pagewire.control.models import ACTIVE_STATES, EXPORT_NAME_RULE
 from pagewire.tools.cli_format import (
     emit_json,
@@ -79,13 +81,9 @@ def resolve_token(args: argparse.Namespace) -> str | None:
     if not path:
         return None
     try:
-        with open(path) as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read the token file {path}: {exc.strerror}") from None
-    if not token:
-        raise UsageError(f"the token file {path} is empty")
-    return token
+        return read_token(Path(path))
+    except ValueError as exc:  # the agent's own rules for the file
+        raise UsageError(str(exc)) from None
 
 
 def _command(parser: argparse.ArgumentParser, handler: Handler) -> Callable[..., int]:
