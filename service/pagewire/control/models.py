@@ -18,7 +18,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from pagewire.exports.export import NAME_PATTERN, NAME_RULE
+from pagewire.exports.errors import NAME_PATTERN, NAME_RULE
 
 SessionState = Literal["awaiting_attach", "running", "paused", "completed", "failed", "cancelled"]
 ACTIVE_STATES = ("awaiting_attach", "running", "paused")

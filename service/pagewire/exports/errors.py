@@ -13,6 +13,10 @@ from pagewire.core.errors import (
     Unavailable,
 )
 
+# a valid export name (ExportInvalid otherwise): the registry's check and the API's schemas
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+NAME_RULE = "1-63 of a-z 0-9 . _ -, starting with a letter or digit (no upper case)"
+
 
 class ExportError(PagewireError):
     """Base of the export errors: every kind has its own documented code."""

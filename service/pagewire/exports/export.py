@@ -34,10 +34,6 @@ from pagewire.exports.identity import FileIdentity
 # the name it logged under before the split, so log lines stay the same
 log = logging.getLogger("pagewire.exports.registry")
 
-# export names: the registry's check and the API's schema (snapshots, sessions, exports)
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-NAME_RULE = "1-63 of a-z 0-9 . _ -, starting with a letter or digit (no upper case)"
-
 RECORD_VERSION = 1
 STATE_READY = "ready"
 STATE_STALE = "stale"

@@ -22,6 +22,8 @@ from pagewire.core.layout import SYSTEM_PAGE_SIZE
 from pagewire.core.paths import BeneathFile, PathError, open_beneath
 from pagewire.exports.chunks import DEFAULT_CHUNK_SIZE, scan_file
 from pagewire.exports.errors import (
+    NAME_PATTERN,
+    NAME_RULE,
     ExportError,
     ExportExists,
     ExportInvalid,
@@ -31,14 +33,7 @@ from pagewire.exports.errors import (
     ExportVerifying,
     StateUnwritable,
 )
-from pagewire.exports.export import (
-    NAME_PATTERN,
-    NAME_RULE,
-    STATE_READY,
-    STATE_STALE,
-    STATE_VERIFYING,
-    Export,
-)
+from pagewire.exports.export import STATE_READY, STATE_STALE, STATE_VERIFYING, Export
 from pagewire.exports.identity import FileIdentity
 
 log = logging.getLogger(__name__)
