@@ -150,9 +150,9 @@ print("wrote", flush=True)
 
 def test_snapshot_handoffs_are_checked_like_sessions(tmp_path: Path) -> None:
     """--allowed-uid holds for snapshot sockets too: junk, and a handoff from a uid not
-    allowed, are refused with a reason while the snapshot keeps waiting; nothing is
-    write-protected; when nobody allowed comes, it fails attach_timeout naming the last
-    refusal, and leaves no file."""
+    allowed, are refused with a reason (and counted) while the snapshot keeps waiting;
+    nothing is write-protected; when nobody allowed comes, it fails attach_timeout naming
+    the last refusal, and leaves no file."""
     import socket
 
     roots = tmp_path / "roots"
@@ -187,5 +187,7 @@ def test_snapshot_handoffs_are_checked_like_sessions(tmp_path: Path) -> None:
         assert status["error"]["code"] == "attach_timeout", status
         assert "handoff from uid 0 refused" in status["error"]["message"], status
         assert not out.exists()
+        metrics = agent.request("GET", "/metrics").text  # counted as session refusals are
+        assert 'pagewire_handoff_rejections_total{reason="peer_not_allowed"} 1.0' in metrics
     finally:
         agent.stop()

@@ -79,7 +79,8 @@ class AgentState:
         )
         if s.advertise_grpc is None:
             self.grpc_address = f"{host}:{self.peer_server.port}"
-        self.snapshots = SnapshotManager(s, self.exports)
+        # one refusal counter for session and snapshot sockets
+        self.snapshots = SnapshotManager(s, self.exports, self.sessions.count_rejection)
         await recover(self.sessions)
         self.janitor = asyncio.get_running_loop().create_task(self._expire_sessions())
 

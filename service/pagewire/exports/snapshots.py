@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,15 @@ def _discard(out: BeneathFile) -> None:
 
 
 class SnapshotManager:
-    def __init__(self, settings: Settings, exports: ExportRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        exports: ExportRegistry,
+        count_rejection: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.settings = settings
         self.exports = exports
+        self.count_rejection = count_rejection
         self.snapshots: dict[str, Snapshot] = {}
         self._creating = 0
 
@@ -147,9 +154,9 @@ class SnapshotManager:
         asyncio.get_running_loop().create_task(self._run(snap, listener))
         return snap
 
-    @staticmethod
-    def _refused(snap: Snapshot, exc: HandoffError) -> None:
+    def _refused(self, snap: Snapshot, exc: HandoffError) -> None:
         """As for sessions, one bad connection does not end the snapshot's wait."""
+        self.count_rejection(exc.code)
         snap.last_refusal = {"code": exc.code, "message": exc.message}
         log.warning("handoff refused: %s: %s", exc.code, exc.message, extra={"snapshot": snap.id})
 
