@@ -46,13 +46,31 @@ def running_engine(size: int, zero: bytes) -> tuple[_uffd.Engine, int, int, int]
     return eng, base, uffd, efd
 
 
-def fake_channel_server(data: bytes, zero: bytes, corrupt: int) -> tuple[int, threading.Thread]:
-    """A peer speaking the channel protocol whose first `corrupt` answers are damaged."""
+def chunk_answer(data: bytes, zero: bytes, index: int) -> bytes:
+    """A source's whole answer for chunk index: header, then its non-zero pages."""
+    pages = range(index * (CHUNK // PAGE), min((index + 1) * (CHUNK // PAGE), len(zero)))
+    body = b"".join(data[p * PAGE : (p + 1) * PAGE] for p in pages if not zero[p])
+    return struct.pack("<QII", index, len(body), 0) + body
+
+
+def local_listener() -> socket.socket:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
+    return listener
+
+
+def close_engine(eng: _uffd.Engine, base: int, size: int, uffd: int, efd: int) -> None:
+    eng.close()
+    os.close(efd)
+    os.close(uffd)
+    _uffd.munmap(base, size)
+
+
+def fake_channel_server(data: bytes, zero: bytes, corrupt: int) -> tuple[int, threading.Thread]:
+    """A peer speaking the channel protocol whose first `corrupt` answers are damaged."""
+    listener = local_listener()
     port = listener.getsockname()[1]
-    per = CHUNK // PAGE
 
     def serve() -> None:
         conn, _ = listener.accept()
@@ -66,12 +84,11 @@ def fake_channel_server(data: bytes, zero: bytes, corrupt: int) -> tuple[int, th
             count = struct.unpack("<II", head)[0]
             indexes = struct.unpack(f"<{count}Q", conn.recv(8 * count, socket.MSG_WAITALL))
             for i in indexes:
-                pages = range(i * per, min((i + 1) * per, len(zero)))
-                body = b"".join(data[p * PAGE : (p + 1) * PAGE] for p in pages if not zero[p])
-                if bad > 0 and body:
+                answer = chunk_answer(data, zero, i)
+                if bad > 0 and len(answer) > 16:
                     bad -= 1
-                    body = bytes([body[0] ^ 0xFF]) + body[1:]
-                conn.sendall(struct.pack("<QII", i, len(body), 0) + body)
+                    answer = answer[:16] + bytes([answer[16] ^ 0xFF]) + answer[17:]
+                conn.sendall(answer)
         conn.close()
         listener.close()
 
@@ -122,10 +139,7 @@ def test_corrupted_chunk_drops_the_channel_and_is_never_installed(image, fast: b
     assert seen == [data[first_data_page * PAGE : (first_data_page + 1) * PAGE]]
     eng.install(0, data, _uffd.BACKGROUND)
     assert _uffd.read_memory(base, size) == data
-    eng.close()
-    os.close(efd)
-    os.close(uffd)
-    _uffd.munmap(base, size)
+    close_engine(eng, base, size, uffd, efd)
 
 
 def test_agents_use_the_native_channel_on_plain_links(tmp_path: Path, image) -> None:
@@ -220,10 +234,7 @@ def test_a_wrong_fast_digest_is_a_digest_failure(image) -> None:
         eng.install(start, data[start : start + CHUNK], _uffd.FAULT)
     toucher.join(10)
     assert not toucher.is_alive() and seen == [data[page * PAGE : (page + 1) * PAGE]]
-    eng.close()
-    os.close(efd)
-    os.close(uffd)
-    _uffd.munmap(base, size)
+    close_engine(eng, base, size, uffd, efd)
 
 
 def test_the_data_channel_listens_on_the_configured_port(
@@ -346,17 +357,13 @@ def test_an_urgent_answer_nobody_asked_for_drops_the_channel(image) -> None:
     img: Path = image(1 * MiB, seed=6)
     data, zero, digests = image_facts(img)
     size = len(data)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
+    listener = local_listener()
 
     def flood() -> None:
         conn, _ = listener.accept()
         conn.recv(32, socket.MSG_WAITALL)
         conn.sendall(b"PWOK" + struct.pack("<I", 0))
-        pages = range(0, CHUNK // PAGE)
-        body = b"".join(data[q * PAGE : (q + 1) * PAGE] for q in pages if not zero[q])
-        conn.sendall(struct.pack("<QII", 0, len(body), 0) + body)  # nobody asked for chunk 0
+        conn.sendall(chunk_answer(data, zero, 0))  # nobody asked for chunk 0
         conn.recv(1)
         conn.close()
 
@@ -375,9 +382,7 @@ def test_an_urgent_answer_nobody_asked_for_drops_the_channel(image) -> None:
         assert eng.channel["down_reason"] == "urgent answer nobody asked for"
         assert eng.wanted_chunks(CHUNK, size)[0] & 1  # chunk 0 was not installed
     finally:
-        eng.close()
-        os.close(efd)
-        os.close(uffd)
+        close_engine(eng, base, size, uffd, efd)
         listener.close()
 
 
@@ -389,9 +394,7 @@ def test_a_fault_waiting_on_a_stalled_bulk_connection_asks_urgently(image) -> No
     img: Path = image(2 * MiB, seed=12)
     data, zero, digests = image_facts(img)
     size, per = len(data), CHUNK // PAGE
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
+    listener = local_listener()
     bulk_asked: list[int] = []
 
     def serve(conn: socket.socket) -> None:
@@ -404,9 +407,7 @@ def test_a_fault_waiting_on_a_stalled_bulk_connection_asks_urgently(image) -> No
                 bulk_asked.extend(asked)
                 continue
             for i in asked:
-                pages = range(i * per, min((i + 1) * per, len(zero)))
-                body = b"".join(data[p * PAGE : (p + 1) * PAGE] for p in pages if not zero[p])
-                conn.sendall(struct.pack("<QII", i, len(body), 0) + body)
+                conn.sendall(chunk_answer(data, zero, i))
         conn.close()
 
     def accept() -> None:
@@ -438,8 +439,5 @@ def test_a_fault_waiting_on_a_stalled_bulk_connection_asks_urgently(image) -> No
         assert channel is not None and channel["up"], channel
         assert channel["bulk_waits_expired"] >= 1 and channel["chunks_urgent"] >= 1
     finally:
-        eng.close()
-        os.close(efd)
-        os.close(uffd)
+        close_engine(eng, base, size, uffd, efd)
         listener.close()
-        _uffd.munmap(base, size)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +24,18 @@ WRITER = Path(__file__).with_name("snapshot_writer.py")
 STAMP = struct.Struct("<QQ")
 PAGE = 4096
 PAGES = 8192
+
+
+def wait_ended(agent: LocalAgent, snap_id: str) -> dict[str, Any]:
+    """The snapshot's status once it has left awaiting_attach and running."""
+    deadline = time.monotonic() + 60
+    while (status := agent.request("GET", f"/v1/snapshots/{snap_id}").json())["state"] in (
+        "awaiting_attach",
+        "running",
+    ):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
+    return status
 
 
 def test_snapshot_of_a_running_writer(tmp_path: Path) -> None:
@@ -43,13 +56,7 @@ def test_snapshot_of_a_running_writer(tmp_path: Path) -> None:
             [sys.executable, str(WRITER), snap["socket"], str(PAGES), str(log_path), str(go)],
             stdout=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 60
-        while (status := agent.request("GET", f"/v1/snapshots/{snap['id']}").json())["state"] in (
-            "awaiting_attach",
-            "running",
-        ):
-            assert time.monotonic() < deadline, status
-            time.sleep(0.02)
+        status = wait_ended(agent, snap["id"])
         go.touch()
         report = json.loads(writer.communicate(timeout=60)[0].decode().splitlines()[-1])
         assert status["state"] == "completed", status
@@ -113,13 +120,7 @@ def test_snapshot_of_a_process_that_does_not_stop(tmp_path: Path) -> None:
         ptrace_seize = 0x4206
         assert libc.ptrace(ptrace_seize, proc.pid, None, None) == 0, ctypes.get_errno()
         go.touch()
-        deadline = time.monotonic() + 30
-        while (status := agent.request("GET", f"/v1/snapshots/{snap['id']}").json())["state"] in (
-            "awaiting_attach",
-            "running",
-        ):
-            assert time.monotonic() < deadline, status
-            time.sleep(0.05)
+        status = wait_ended(agent, snap["id"])
         assert status["state"] == "failed", status
         assert status["error"]["code"] == "process_not_stopped", status
         assert not out.exists()
@@ -176,13 +177,7 @@ def test_snapshot_handoffs_are_checked_like_sessions(tmp_path: Path) -> None:
         assert agent.request("GET", f"/v1/snapshots/{snap['id']}").json()["state"] == (
             "awaiting_attach"
         )
-        deadline = time.monotonic() + 30
-        while (status := agent.request("GET", f"/v1/snapshots/{snap['id']}").json())["state"] in (
-            "awaiting_attach",
-            "running",
-        ):
-            assert time.monotonic() < deadline, status
-            time.sleep(0.05)
+        status = wait_ended(agent, snap["id"])
         assert status["state"] == "failed", status
         assert status["error"]["code"] == "attach_timeout", status
         assert "handoff from uid 0 refused" in status["error"]["message"], status

@@ -22,8 +22,6 @@ from pagewire.exports.errors import NAME_PATTERN, NAME_RULE
 
 SessionState = Literal["awaiting_attach", "running", "paused", "completed", "failed", "cancelled"]
 ACTIVE_STATES = ("awaiting_attach", "running", "paused")
-# export names: what ExportRegistry accepts (400 export_invalid otherwise)
-EXPORT_NAME_PATTERN, EXPORT_NAME_RULE = NAME_PATTERN, NAME_RULE
 TIMESTAMP_FIELDS = ("created_at", "attached_at", "completed_at")
 
 
@@ -54,8 +52,8 @@ ExportName = Annotated[
     Field(
         min_length=1,
         max_length=63,
-        description=f"export name: {EXPORT_NAME_RULE}",
-        json_schema_extra={"pattern": EXPORT_NAME_PATTERN},
+        description=f"export name: {NAME_RULE}",
+        json_schema_extra={"pattern": NAME_PATTERN},
     ),
 ]
 
@@ -201,6 +199,6 @@ class SnapshotRequest(Strict):
     """A live snapshot: the file it is written to (under an export root) and the name of
     the export it becomes."""
 
-    name: str = Field(min_length=1, max_length=63, pattern=EXPORT_NAME_PATTERN)
+    name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     path: FilePath
     attach_timeout_s: float = Field(default=60.0, gt=0, le=86400)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pagewire.agent.settings import read_token
-from pagewire.control.models import ACTIVE_STATES, EXPORT_NAME_RULE
+from pagewire.control.models import ACTIVE_STATES
+from pagewire.exports.errors import NAME_RULE
 from pagewire.tools.cli_format import (
     emit_json,
     export_fields,
@@ -281,7 +282,7 @@ def add_api_commands(sub: Any) -> None:
         description="Publish files for peers: create, list, show, delete.",
     )
     ex = export.add_subparsers(dest="export_command", required=True, metavar="COMMAND")
-    name_help = f"the export's name: {EXPORT_NAME_RULE}"
+    name_help = f"the export's name: {NAME_RULE}"
     p = leaf(ex, "create", export_create, "publish a file under an export root")
     p.add_argument("name", help=name_help)
     p.add_argument("path", help="the file, under one of the agent's export roots")
