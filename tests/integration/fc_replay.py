@@ -6,7 +6,8 @@ message: the serde_json array of GuestRegionUffdMapping (both page-size keys, ea
 bytes) with the uffd as SCM_RIGHTS. It never closes the socket and expects no reply.
 vCPU threads then fault pages in while the balloon madvises ranges away.
 
-usage: fc_replay.py SOCKET IMAGE SIZE REMOVE_RANGES(offset:len,...)
+usage: fc_replay.py SOCKET IMAGE SIZE REMOVE_RANGES(offset:len,...) BALLOONED_MARKER
+The marker file is created once the balloon's madvise calls have returned.
 """
 
 from __future__ import annotations
@@ -26,21 +27,25 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MADV_DONTNEED = 4
 
 
-def registered(base: int) -> bool:
+def registered(addr: int) -> bool:
+    """Whether the mapping holding addr is registered with a uffd in missing mode (the
+    two regions may have been merged into one mapping)."""
     with open("/proc/self/smaps") as f:
-        current = None
+        inside = False
         for line in f:
             head = line.split(" ", 1)[0]
             if "-" in head and ":" not in head:
-                current = int(head.split("-")[0], 16)
-            elif line.startswith("VmFlags:") and current == base:
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= addr < end
+            elif line.startswith("VmFlags:") and inside:
                 return " um" in line
     return False
 
 
-def main() -> int:
-    sock_path, image, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    removes = [tuple(int(x, 0) for x in r.split(":")) for r in sys.argv[4].split(",") if r]
+def handshake(sock_path: str, size: int) -> tuple[socket.socket, list[int]]:
+    """Firecracker's side: two anonymous regions registered MISSING on a uffd with only
+    EVENT_REMOVE, their layout and the uffd sent in one message. Returns the socket
+    (kept open, as Firecracker does) and the regions' base addresses."""
     half = size // 2
     # two guest memory regions, the second starting at image offset `half`
     bases = [_uffd.mmap_anon(half), _uffd.mmap_anon(size - half)]
@@ -61,7 +66,14 @@ def main() -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(sock_path)
     sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [uffd]))])
-    # the socket stays open for the life of the "VM", as in Firecracker
+    return sock, bases
+
+
+def main() -> int:
+    sock_path, image, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    removes = [tuple(int(x, 0) for x in r.split(":")) for r in sys.argv[4].split(",") if r]
+    half = size // 2
+    sock, bases = handshake(sock_path, size)  # the socket stays open for the life of the "VM"
 
     pages = list(range(half // PAGE))
     random.Random(7).shuffle(pages)
@@ -73,6 +85,7 @@ def main() -> int:
         t.start()
     for offset, length in removes:  # the balloon inflates while vCPUs fault
         _uffd.madvise(bases[0] + offset, length, MADV_DONTNEED)
+    open(sys.argv[5], "w").close()
     for t in vcpus:
         t.join()
 

@@ -24,12 +24,12 @@ REPLAY = Path(__file__).with_name("fc_replay.py")
 
 async def replay(tmp: Path, img: Path, removes: str, remote: bool) -> tuple[dict, dict, str]:
     size = img.stat().st_size
-    sock_path = tmp / "fc.sock"
+    sock_path, ballooned = tmp / "fc.sock", tmp / "ballooned"
     accept = asyncio.create_task(accept_handoff(sock_path, size))
     while not sock_path.exists():
         await asyncio.sleep(0.01)
     proc = subprocess.Popen(
-        [sys.executable, str(REPLAY), str(sock_path), str(img), str(size), removes],
+        [sys.executable, str(REPLAY), str(sock_path), str(img), str(size), removes, str(ballooned)],
         stdout=subprocess.PIPE,
     )
     conn, handoff = await accept
@@ -41,7 +41,7 @@ async def replay(tmp: Path, img: Path, removes: str, remote: bool) -> tuple[dict
     eng = engine.open_engine(
         handoff,
         efd,
-        engine.EngineOptions(batch_bytes=256 << 10),
+        engine.EngineOptions(background=False),  # no completion before the balloon is done
         source_fd=-1 if remote else src,
         source_size=size,
         zero_map=zmap,
@@ -55,17 +55,33 @@ async def replay(tmp: Path, img: Path, removes: str, remote: bool) -> tuple[dict
             base = off - off % (64 << 10)
             await asyncio.sleep(0.001)  # a peer round trip, during which REMOVEs can land
             eng.install(base, os.pread(src, 64 << 10, base), _uffd.FAULT)
-        if remote:
+        if ballooned.exists():  # the rest, over pages faulted in and pages removed
             for off in range(0, size, 1 << 20):
                 eng.install(off, os.pread(src, 1 << 20, off), _uffd.BACKGROUND)
                 await asyncio.sleep(0)
         await asyncio.sleep(0.002)
-    out, _ = await loop.run_in_executor(None, lambda: proc.communicate(timeout=60))
+    try:
+        out, _ = await loop.run_in_executor(None, lambda: proc.communicate(timeout=60))
+    except subprocess.TimeoutExpired:
+        where = workload_threads(proc.pid)
+        proc.kill()
+        pytest.fail(f"workload hung; engine {eng.state} {eng.error} {eng.stats()}; {where}")
     stats, state = eng.stats(), eng.state
     eng.close()
     conn.close()
     os.close(src)
     return json.loads(out.decode().splitlines()[-1]), stats, state
+
+
+def workload_threads(pid: int) -> dict[str, str]:
+    """Where each of the workload's threads waits in the kernel."""
+    where = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            where[task.name] = (task / "stack").read_text().replace("\n", " | ")
+        except OSError as exc:
+            where[task.name] = str(exc)
+    return where
 
 
 @pytest.mark.parametrize("remote", [False, True])
@@ -78,3 +94,4 @@ def test_firecracker_replay_with_balloon(tmp_path: Path, image, remote: bool) ->
     assert report["unregistered"], "regions still registered after completion"
     assert report["madvise_after_s"] < 1.0
     assert stats["events_remove"] >= 1
+

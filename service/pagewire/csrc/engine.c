@@ -221,12 +221,16 @@ static int decide_fault(Engine *e, int ri, uint64_t p, uint64_t t0)
         wake_page(e, r, p);
         record_fault(e, st == ST_ZERO ? RES_ZERO : RES_LOCAL, t0);
         return 1;
-    case ST_REMOVED:
+    case ST_REMOVED: {
+        uint64_t eexist = e->pages_eexist;
         rc = install_run(e, r, p, 1, NULL, ST_REMOVED, &done);
         if (rc == INS_AGAIN)
             return 0;
+        if (e->pages_eexist != eexist)
+            wake_page(e, r, p); /* present already: no install woke this thread */
         record_fault(e, RES_ZERO, t0);
         return 1;
+    }
     case ST_REQUESTED: {
         pending_t pe = {ri, p, t0};
         vec_push(&e->pending, &pe);
@@ -357,57 +361,65 @@ static void poison_page_or_fail(Engine *e, uint64_t addr)
         engine_fail_locked(e, "fault_outside_regions");
 }
 
-/* Read every queued message; apply events; decide faults, deferring any that
- * hit -EAGAIN until the events behind them have been drained. */
-static void handle_messages(Engine *e)
+/* Read one batch of queued messages: apply events, queue faults to be decided. Returns
+ * the number read, or -1 when the engine failed. */
+static int read_messages(Engine *e)
 {
-    fault_t *deferred = NULL;
-    size_t ndef = 0, capdef = 0;
-    for (int rounds = 0; rounds < 1000 && e->state == E_RUNNING; rounds++) {
-        struct uffd_msg msgs[UFFD_MSG_BATCH];
-        ssize_t n = read(e->uffd, msgs, sizeof msgs);
-        uint64_t t0 = now_ns();
-        int nmsg = n > 0 ? (int)(n / (ssize_t)sizeof(struct uffd_msg)) : 0;
-        if (n < 0 && errno != EAGAIN && errno != EINTR) {
-            engine_fail_locked(e, errno == ESRCH ? "workload_exited" : "uffd_read_failed");
-            break;
+    struct uffd_msg msgs[UFFD_MSG_BATCH];
+    ssize_t n = read(e->uffd, msgs, sizeof msgs);
+    uint64_t t0 = now_ns();
+    if (n < 0 && errno != EAGAIN && errno != EINTR) {
+        engine_fail_locked(e, errno == ESRCH ? "workload_exited" : "uffd_read_failed");
+        return -1;
+    }
+    int nmsg = n > 0 ? (int)(n / (ssize_t)sizeof(struct uffd_msg)) : 0;
+    for (int i = 0; i < nmsg; i++) {
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
+            handle_event(e, &msgs[i]);
+            continue;
         }
-        for (int i = 0; i < nmsg; i++) {
-            if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
-                handle_event(e, &msgs[i]);
-                continue;
-            }
-            if (ndef == capdef) {
-                capdef = capdef ? capdef * 2 : 64;
-                void *grown = realloc(deferred, capdef * sizeof *deferred);
-                if (!grown) {  /* fail closed: the session's policy poisons what is missing */
-                    engine_fail_locked(e, "out_of_memory");
-                    break;
-                }
-                deferred = grown;
-            }
-            deferred[ndef].addr = msgs[i].arg.pagefault.address;
-            deferred[ndef].t0 = t0;
-            ndef++;
+        fault_t f = {msgs[i].arg.pagefault.address, t0};
+        if (vec_push(&e->retry, &f) < 0) { /* fail closed: the policy poisons what is missing */
+            engine_fail_locked(e, "out_of_memory");
+            return -1;
         }
-        size_t keep = 0;
-        for (size_t i = 0; i < ndef && e->state == E_RUNNING; i++) {
-            int ri = find_region(e, deferred[i].addr);
-            if (ri < 0) {
-                poison_page_or_fail(e, deferred[i].addr);
-                continue;
-            }
-            region_t *r = &e->regions[ri];
-            uint64_t p = (deferred[i].addr - r->base) / r->page_size;
-            if (decide_fault(e, ri, p, deferred[i].t0) == 0)
-                deferred[keep++] = deferred[i];
+    }
+    return nmsg;
+}
+
+/* Decide the queued faults; keep those that met -EAGAIN (an event not yet completed)
+ * for the next turn. Once read, a fault is not delivered again: dropping one would
+ * leave its thread asleep. */
+static void decide_faults(Engine *e)
+{
+    fault_t *items = e->retry.items;
+    size_t keep = 0;
+    for (size_t i = 0; i < e->retry.len && e->state == E_RUNNING; i++) {
+        int ri = find_region(e, items[i].addr);
+        if (ri < 0) {
+            poison_page_or_fail(e, items[i].addr);
+            continue;
         }
-        ndef = keep;
+        region_t *r = &e->regions[ri];
+        uint64_t p = (items[i].addr - r->base) / r->page_size;
+        if (decide_fault(e, ri, p, items[i].t0) == 0)
+            items[keep++] = items[i];
+    }
+    e->retry.len = keep;
+}
+
+/* Drain the queued messages (readable: the uffd polled readable) and decide faults. */
+static void handle_messages(Engine *e, int readable)
+{
+    for (int rounds = 0; rounds < 64 && e->state == E_RUNNING; rounds++) {
+        int nmsg = readable ? read_messages(e) : 0;
+        if (nmsg < UFFD_MSG_BATCH)
+            readable = 0;
+        decide_faults(e);
         settle_pending(e);
-        if (nmsg < UFFD_MSG_BATCH && ndef == 0)
+        if (!readable)
             break;
     }
-    free(deferred);
 }
 
 /* ---- background fill ---------------------------------------------------- */
@@ -456,11 +468,15 @@ static int background_step(Engine *e)
 
 /* ---- completion and teardown -------------------------------------------- */
 
+/* Unregister every region, then wake its waiters. The kernel wakes them itself before it
+ * clears the range, but a fault taken under the per-VMA lock can queue itself between that
+ * wake and the clear (seen on 6.18): without our wake its thread sleeps for good. */
 static void unregister_all(Engine *e)
 {
     for (int i = 0; i < e->nregions; i++) {
         struct uffdio_range rg = {e->regions[i].base, e->regions[i].size};
         ioctl(e->uffd, UFFDIO_UNREGISTER, &rg);
+        ioctl(e->uffd, UFFDIO_WAKE, &rg);
     }
 }
 
@@ -574,9 +590,10 @@ void *fault_thread(void *arg)
         pthread_mutex_unlock(&e->lock);
         if (stop)
             break;
-        /* waiting on bulk: look again a quarter of BULK_WAIT_NS later */
-        struct timespec tick = {more_bg || waiting_on_bulk ? 0 : 1,
-                                waiting_on_bulk ? (long)(BULK_WAIT_NS / 4) : 0};
+        /* waiting on bulk: look again a quarter of BULK_WAIT_NS later; faults that met
+         * -EAGAIN: once the madvise behind it has finished */
+        long tick_ns = e->retry.len ? RETRY_TICK_NS : waiting_on_bulk ? (long)(BULK_WAIT_NS / 4) : 0;
+        struct timespec tick = {more_bg || tick_ns ? 0 : 1, tick_ns};
         int rc = ppoll(fds, (nfds_t)nfds, &tick, NULL);
         if (rc < 0 && errno != EINTR)
             break;
@@ -592,8 +609,9 @@ void *fault_thread(void *arg)
             engine_fail_locked(e, "workload_exited");
         }
         size_t nreq_before = e->requests.len;
-        if (e->state == E_RUNNING && (fds[0].revents & (POLLIN | POLLERR | POLLHUP)))
-            handle_messages(e);
+        int readable = (fds[0].revents & (POLLIN | POLLERR | POLLHUP)) != 0;
+        if (e->state == E_RUNNING && (readable || e->retry.len))
+            handle_messages(e, readable);
         if (e->state == E_RUNNING && more_bg && !e->stop)
             more_bg = background_step(e);
         waiting_on_bulk = e->state == E_RUNNING && chan_bulk_waits_locked(e) > 0;

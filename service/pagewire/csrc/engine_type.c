@@ -103,7 +103,8 @@ static void Engine_release(Engine *e)
     e->nregions = 0;
     free(e->pending.items);
     free(e->requests.items);
-    e->pending.items = e->requests.items = NULL;
+    free(e->retry.items);
+    e->pending.items = e->requests.items = e->retry.items = NULL;
     if (e->buf)
         munmap(e->buf, e->buf_size);
     if (e->zero_buf)
@@ -155,6 +156,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw)
     e->batch_bytes = batch < e->sys_page ? e->sys_page : batch;
     e->pending.item_size = sizeof(pending_t);
     e->requests.item_size = sizeof(uint64_t);
+    e->retry.item_size = sizeof(fault_t);
     pthread_mutexattr_t ma;
     pthread_mutexattr_init(&ma);
     /* the fault path's real-time threads wait on it: its holder inherits their priority */

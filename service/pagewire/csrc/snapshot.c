@@ -87,6 +87,7 @@ static void *snap_thread(void *arg)
     if (s->state == E_RUNNING && s->copied >= s->npages) {
         struct uffdio_range rg = {s->base, s->size};
         ioctl(s->uffd, UFFDIO_UNREGISTER, &rg);
+        ioctl(s->uffd, UFFDIO_WAKE, &rg); /* a fault queued after the kernel's own wake */
         snap_faults(s);
         fsync(s->out_fd);
         s->state = E_COMPLETED;
@@ -96,6 +97,7 @@ static void *snap_thread(void *arg)
         ioctl(s->uffd, UFFDIO_WRITEPROTECT, &wp);
         struct uffdio_range rg = {s->base, s->size};
         ioctl(s->uffd, UFFDIO_UNREGISTER, &rg);
+        ioctl(s->uffd, UFFDIO_WAKE, &rg);
     }
     close(s->uffd);
     s->uffd = -1;

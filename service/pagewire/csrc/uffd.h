@@ -252,6 +252,7 @@ typedef struct {
 
     vec_t pending;  /* pending_t: faults waiting for Python */
     vec_t requests; /* uint64_t image offsets for Python */
+    vec_t retry;    /* fault_t: read, met -EAGAIN, decided again next turn */
     int bg_region;
     uint64_t bg_page;
     int bg_done;
@@ -284,6 +285,7 @@ enum { INS_OK = 0, INS_AGAIN = 1, INS_GONE = 2, INS_ERR = 3 };
 
 #define UFFD_MSG_BATCH 64
 #define UFFD_QUIET_MS 20 /* no event for this long after unregistering: none is coming */
+#define RETRY_TICK_NS 50000L /* a fault that met -EAGAIN is decided again this much later */
 
 typedef struct {
     uint64_t addr, t0;
