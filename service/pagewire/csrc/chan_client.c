@@ -367,7 +367,9 @@ static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const u
                              int kind, int wait)
 {
     struct chan *c = e->chan;
-    int notify = 0;
+    int notify = 0, bulk = kind == KIND_BACKGROUND;
+    if (bulk)
+        pthread_mutex_lock(&c->install_lock);
     for (size_t i = 0; i < n;) {
         size_t j = i + 1;
         while (j < n && j - i < INSTALL_PIECE && index[j] == index[j - 1] + 1)
@@ -387,6 +389,8 @@ static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const u
         pthread_mutex_unlock(&e->lock);
         i = j;
     }
+    if (bulk)
+        pthread_mutex_unlock(&c->install_lock);
     if (notify)
         signal_fd(e->ctl_fd);
 }
@@ -687,6 +691,7 @@ void chan_free(Engine *e)
     free(c->bulk_seq);
     free(c->bulk_conn_of);
     Py_XDECREF((PyObject *)c->cache);
+    pthread_mutex_destroy(&c->install_lock);
     free(c);
     e->chan = NULL;
 }
@@ -744,6 +749,8 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         goto out;
     }
     struct chan *c = calloc(1, sizeof *c);
+    if (c)
+        pthread_mutex_init(&c->install_lock, NULL);
     int nbulk = !want_bulk ? 0 : sysconf(_SC_NPROCESSORS_ONLN) >= 2 ? BULK_CONNS : 1;
     int rc;
     Py_BEGIN_ALLOW_THREADS rc = chan_connect(&c->urgent, host, port, token, 1 | zflag, tls, why,

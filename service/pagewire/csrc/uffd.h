@@ -351,6 +351,10 @@ struct chan {
     uint32_t bulk_wait_seq[BULK_WAIT_SLOTS];
     uint32_t nbulk_waits;
     uint64_t bulk_waits_expired; /* of those, asked for urgently: the connection stalled */
+    /* bulk receivers install one at a time: the one waiting sleeps here instead of
+     * spinning in the kernel on the priority-inheriting engine lock, which on two vCPUs
+     * took the CPU the other receiver and the source needed */
+    pthread_mutex_t install_lock;
 };
 
 /* c->asked[k]: the chunk is on its way, so a fault there waits for it */
