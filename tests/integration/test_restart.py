@@ -23,6 +23,17 @@ def wait_for(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped
         time.sleep(0.02)
 
 
+def blocked_in_userfault(pid: int) -> bool:
+    """Is a thread of pid asleep on a page fault nobody has answered?"""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() == "handle_userfault":
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def status(agent: LocalAgent, sid: str) -> dict:
     result: dict = agent.request("GET", f"/v1/sessions/{sid}").json()
     return result
@@ -56,7 +67,7 @@ def test_kill_9_agent_then_restart_takes_the_session_back(tmp_path: Path, image)
         assert before["state"] == "running" and 0 < before["pages_present"] < before["pages_total"]
         agent.kill()  # SIGKILL: no goodbye, the workload still holds its uffd
         go.touch()  # the workload faults on with nobody serving: its threads block
-        time.sleep(0.5)
+        wait_for(lambda: blocked_in_userfault(proc.pid))
         assert proc.poll() is None
         agent = LocalAgent(tmp_path, "agent", [img.parent])
         agent.start()
