@@ -14,6 +14,7 @@ by SIGBUS shows as -7 to the parent. Prints one JSON line with what it saw.
 
 usage: python tests/fc_workload.py --socket S --size N [--verify IMAGE] [--order ...]
        [--threads N] [--remove off:len,...] [--ready-file F --go-file G] [--exit-after N]
+       [--page-size 2097152]   (guest memory in huge pages, as "huge_pages": "2M" does)
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ FEATURES = {
 }
 
 
-def firecracker_handoff(sock_path: str, size: int) -> tuple[list[Region], int, socket.socket]:
+def firecracker_handoff(
+    sock_path: str, size: int, page_size: int = SYSTEM_PAGE_SIZE
+) -> tuple[list[Region], int, socket.socket]:
     """Two regions (the second at image offset size/2), EVENT_REMOVE only, both keys."""
-    half = size // 2 - (size // 2) % SYSTEM_PAGE_SIZE
+    half = size // 2 - (size // 2) % page_size
     layout = [(half, 0), (size - half, half)]
-    regions = [Region(_uffd.mmap_anon(n), n, off, SYSTEM_PAGE_SIZE) for n, off in layout]
+    huge = page_size != SYSTEM_PAGE_SIZE
+    regions = [Region(_uffd.mmap_anon(n, hugetlb=huge), n, off, page_size) for n, off in layout]
     uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
     mappings = []
     for r in regions:
@@ -55,8 +59,8 @@ def firecracker_handoff(sock_path: str, size: int) -> tuple[list[Region], int, s
                 "base_host_virt_addr": r.base,
                 "size": r.size,
                 "offset": r.offset,
-                "page_size": SYSTEM_PAGE_SIZE,
-                "page_size_kib": SYSTEM_PAGE_SIZE,  # Firecracker's name; the value is bytes
+                "page_size": page_size,
+                "page_size_kib": page_size,  # Firecracker's name; the value is bytes
             }
         )
     body = json.dumps(mappings, separators=(",", ":")).encode()
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-after", type=int, default=-1, help="exit after touching N pages")
     p.add_argument("--ready-file")
     p.add_argument("--go-file")
+    p.add_argument("--page-size", type=int, default=SYSTEM_PAGE_SIZE, help="2097152: huge")
     p.add_argument("--defect", choices=DEFECTS, help="send this bad handoff, then touch")
     p.add_argument(
         "--features",
@@ -164,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             data = _uffd.read_memory(r.base, 8)
             print(json.dumps({"read": data.hex(), "offset": r.offset}), flush=True)
         return EXIT_MISMATCH
-    regions, _uffd_fd, _sock = firecracker_handoff(a.socket, a.size)
+    regions, _uffd_fd, _sock = firecracker_handoff(a.socket, a.size, a.page_size)
     # one page index space over both regions, in image order
     starts = [0]
     for r in regions:
-        starts.append(starts[-1] + r.size // SYSTEM_PAGE_SIZE)
+        starts.append(starts[-1] + r.size // a.page_size)
     order = touch_order(starts[-1], a.order, a.seed)
     removed = parse_pairs(a.remove)
 
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         lat: list[int] = []
         for i, r in enumerate(regions):
             mine = [k - starts[i] for k in indexes if starts[i] <= k < starts[i + 1]]
-            lat += touch(r.base, SYSTEM_PAGE_SIZE, mine, a.threads, False)
+            lat += touch(r.base, a.page_size, mine, a.threads, False)
         return lat
 
     t0 = time.monotonic()

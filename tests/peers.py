@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from pagewire.tools.localagents import LocalAgent
-from pagewire.tools.workload import command as workload_command
 
 from tests.netns import NetnsPair
 from tests.pki import agent_pki
+from tests.workloads import workload_command
 
 
 def can_netns() -> bool:
@@ -92,15 +92,21 @@ def publish(p: Peers, image: Path, name: str = "img") -> dict[str, Any]:
     return r.json()
 
 
-def restore(p: Peers, image: Path, *args: str, **options: Any) -> tuple[dict, dict]:
+def restore(
+    p: Peers, image: Path, *args: str, kind: str = "client", **options: Any
+) -> tuple[dict, dict]:
+    """Restore the export into a workload of this kind (tests/workloads.py) and wait for
+    the session's end; returns what the workload saw and the session's status."""
     body = {"source": {"peer": p.source.grpc, "export": "img"}, **options}
     r = p.dest.request("POST", "/v1/sessions", json=body)
     assert r.status_code == 201, r.text
     session = r.json()
     size = image.stat().st_size
-    cmd = workload_command(session["socket"], size, "--verify", str(image), *args)
-    out = subprocess.run(cmd, capture_output=True, timeout=120).stdout
-    seen = json.loads(out.decode().splitlines()[-1])
+    cmd = workload_command(kind, session["socket"], size, "--verify", str(image), *args)
+    done = subprocess.run(cmd, capture_output=True, timeout=120)
+    lines = done.stdout.decode().splitlines()
+    assert lines, f"the workload printed nothing (exit {done.returncode}): {done.stderr!r}"
+    seen = json.loads(lines[-1])
     deadline = time.monotonic() + 60
     while True:
         status = p.dest.request("GET", f"/v1/sessions/{session['id']}").json()

@@ -94,4 +94,3 @@ def test_firecracker_replay_with_balloon(tmp_path: Path, image, remote: bool) ->
     assert report["unregistered"], "regions still registered after completion"
     assert report["madvise_after_s"] < 1.0
     assert stats["events_remove"] >= 1
-

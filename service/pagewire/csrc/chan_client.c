@@ -84,7 +84,7 @@ static void chan_shutdown_links(struct chan *c)
 }
 
 /* The channel failed: every page it owed goes back to Python's queue (gRPC takes over). */
-static void chan_down_locked(Engine *e, const char *reason)
+void chan_down_locked(Engine *e, const char *reason)
 {
     struct chan *c = e->chan;
     if (!c || !c->up)
@@ -102,16 +102,19 @@ static void chan_down_locked(Engine *e, const char *reason)
     signal_fd(e->notify_fd);
 }
 
-/* Does chunk k still hold a data page whose state is in `states` (a bit per state)? */
-static int chunk_holds(Engine *e, struct chan *c, uint64_t k, unsigned states)
+/* Does chunk k still hold a data page whose state is in `states` (a bit per state)? A
+ * chunk gathered for its huge page holds nothing more to fetch. */
+int chunk_holds(Engine *e, struct chan *c, uint64_t k, unsigned states)
 {
+    if (c->gathered && c->gathered[k])
+        return 0;
     for (int i = 0; i < e->nregions; i++) {
         region_t *r = &e->regions[i];
         uint64_t lo = k * c->chunk_size, hi = lo + c->chunk_size;
         if (hi <= r->offset || lo >= r->offset + r->size)
             continue;
         uint64_t p0 = lo > r->offset ? (lo - r->offset) / r->page_size : 0;
-        uint64_t p1 = (hi - r->offset) / r->page_size;
+        uint64_t p1 = (hi - r->offset + r->page_size - 1) / r->page_size; /* a part of a huge page */
         if (p1 > r->npages)
             p1 = r->npages;
         for (uint64_t p = p0; p < p1; p++)
@@ -133,7 +136,7 @@ static int chunk_needed(Engine *e, struct chan *c, uint64_t k)
     return chunk_holds(e, c, k, 1u << ST_MISSING | 1u << ST_REQUESTED);
 }
 
-static uint64_t chunk_len_of(struct chan *c, uint64_t k)
+uint64_t chunk_len_of(struct chan *c, uint64_t k)
 {
     uint64_t end = (k + 1) * c->chunk_size;
     return (end > c->export_size ? c->export_size : end) - k * c->chunk_size;
@@ -162,6 +165,20 @@ static int bulk_soon(struct chan *c, uint64_t k)
     return ahead < BULK_WAIT + (uint64_t)bulk_queued(c, k) / c->chunk_size;
 }
 
+/* Under the engine lock: a fault waits for chunk k, asked for on a bulk connection, if it
+ * is close enough there and a wait slot is free (chan_bulk_waits_locked watches it). */
+int chan_wait_on_bulk_locked(struct chan *c, uint64_t k)
+{
+    if (c->nbulk_waits >= BULK_WAIT_SLOTS || !bulk_soon(c, k))
+        return 0;
+    uint32_t i = c->nbulk_waits++;
+    c->bulk_waits[i] = k;
+    c->bulk_wait_since[i] = now_ns();
+    c->bulk_wait_seq[i] = bulk_done_seq(c, k);
+    c->chunks_waited++;
+    return 1;
+}
+
 /* Under the engine lock: a fault's chunk (and, while faults run forward, the chunks its
  * window reaches) goes to the outbox; nothing is written or hashed here. A chunk already
  * on its way, urgent or bulk, is waited for, never fetched twice. */
@@ -173,18 +190,14 @@ int chan_request_locked(Engine *e, region_t *r, uint64_t p)
     uint64_t chunk = (r->offset + p * r->page_size) / c->chunk_size;
     if (chunk >= c->nchunks)
         return 0;
+    if (c->unit > 1)
+        return chan_request_unit_locked(e, c, chunk);
     if (c->asked[chunk] == ASK_URGENT) {
         c->chunks_waited++;
         return 1;
     }
-    if (c->asked[chunk] == ASK_BULK && c->nbulk_waits < BULK_WAIT_SLOTS && bulk_soon(c, chunk)) {
-        uint32_t i = c->nbulk_waits++;
-        c->bulk_waits[i] = chunk;
-        c->bulk_wait_since[i] = now_ns();
-        c->bulk_wait_seq[i] = bulk_done_seq(c, chunk);
-        c->chunks_waited++;
+    if (c->asked[chunk] == ASK_BULK && chan_wait_on_bulk_locked(c, chunk))
         return 1;
-    }
     uint64_t ahead = e->window * r->page_size / c->chunk_size;
     uint32_t n = 0;
     for (uint64_t k = chunk; k < c->nchunks && k <= chunk + (ahead > 8 ? 8 : ahead); k++) {
@@ -259,7 +272,9 @@ void chan_flush_urgent(Engine *e)
     pthread_mutex_unlock(&e->lock);
     if (n == 0)
         return;
-    ChunkCache *cache = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    /* a huge page's install from here could stop short with its chunks spent: the urgent
+     * connection brings them instead */
+    ChunkCache *cache = c->unit > 1 ? NULL : __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
     uint32_t m = 0;
     for (uint32_t i = 0; i < n; i++) {
         uint64_t k = c->sendbuf[i], len = chunk_len_of(c, k);
@@ -370,7 +385,19 @@ static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const u
     int notify = 0, bulk = kind == KIND_BACKGROUND;
     if (bulk)
         pthread_mutex_lock(&c->install_lock);
-    for (size_t i = 0; i < n;) {
+    for (size_t i = 0; i < n && c->unit > 1;) { /* huge pages: gathered, installed whole */
+        size_t j = i + INSTALL_PIECE < n ? i + INSTALL_PIECE : n;
+        pthread_mutex_lock(&e->lock);
+        for (; i < j && e->state == E_RUNNING; i++)
+            chan_gather_locked(e, index[i], buf + i * c->chunk_size, kind, wait);
+        if (e->state == E_RUNNING) {
+            settle_pending(e);
+            notify |= all_done(e);
+        }
+        pthread_mutex_unlock(&e->lock);
+        i = j;
+    }
+    for (size_t i = 0; i < n && c->unit <= 1;) {
         size_t j = i + 1;
         while (j < n && j - i < INSTALL_PIECE && index[j] == index[j - 1] + 1)
             j++;
@@ -692,6 +719,7 @@ void chan_free(Engine *e)
     free(c->bulk_conn_of);
     Py_XDECREF((PyObject *)c->cache);
     pthread_mutex_destroy(&c->install_lock);
+    chan_gather_free(c);
     free(c);
     e->chan = NULL;
 }
@@ -737,6 +765,12 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
         goto out;
     }
+    int unit = chan_unit_chunks(e, cs);
+    if (unit < 0) {
+        PyErr_SetString(PyExc_ValueError, "a region's huge pages do not start on a huge page "
+                                          "boundary of the image");
+        goto out;
+    }
     uint8_t token[16];
     memcpy(token, tok.buf, 16);
     uint32_t zflag = compression && zstd_compress_fn ? CHAN_ZSTD : 0;
@@ -773,28 +807,34 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     c->background = background, c->compress = zflag != 0;
     c->chunk_size = cs, c->export_size = size, c->export_ps = eps, c->nchunks = nchunks;
     c->zmap = malloc((size_t)zm.len + 1);
-    memcpy(c->zmap, zm.buf, (size_t)zm.len);
     c->digests = malloc((size_t)dg.len + 1);
-    memcpy(c->digests, dg.buf, (size_t)dg.len);
     c->asked = calloc(nchunks + 1, 1);
     c->hitbuf = malloc(cs);
     c->outbox = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
     c->bulk_seq = calloc(nchunks + 1, sizeof(uint32_t));
     c->bulk_conn_of = calloc(nchunks + 1, 1);
     c->sendbuf = malloc(CHAN_MAX_REQ * sizeof(uint64_t));
-    if (fd.buf && fd.len) {
-        c->fast = malloc((size_t)fd.len);
-        memcpy(c->fast, fd.buf, (size_t)fd.len);
-    }
-    if (ws.buf && ws.len) {
-        c->nws = (uint64_t)ws.len / 8;
-        c->ws = malloc((size_t)ws.len);
-        memcpy(c->ws, ws.buf, (size_t)ws.len);
-    }
+    c->fast = fd.buf && fd.len ? malloc((size_t)fd.len) : NULL;
+    c->nws = ws.buf ? (uint64_t)ws.len / 8 : 0;
+    c->ws = c->nws ? malloc((size_t)ws.len) : NULL;
     if (cache_obj != Py_None) {
         Py_INCREF(cache_obj);
         c->cache = (ChunkCache *)cache_obj;
     }
+    if (chan_gather_init(c, (uint64_t)unit) < 0 || !c->zmap || !c->digests || !c->asked ||
+        !c->hitbuf || !c->outbox || !c->bulk_seq || !c->bulk_conn_of || !c->sendbuf ||
+        (fd.buf && fd.len && !c->fast) || (c->nws && !c->ws)) {
+        e->chan = c;
+        chan_free(e);
+        PyErr_NoMemory();
+        goto out;
+    }
+    memcpy(c->zmap, zm.buf, (size_t)zm.len);
+    memcpy(c->digests, dg.buf, (size_t)dg.len);
+    if (c->fast)
+        memcpy(c->fast, fd.buf, (size_t)fd.len);
+    if (c->ws)
+        memcpy(c->ws, ws.buf, (size_t)ws.len);
     pthread_mutex_lock(&e->lock);
     e->chan = c;
     c->up = 1;

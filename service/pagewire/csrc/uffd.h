@@ -355,6 +355,12 @@ struct chan {
      * spinning in the kernel on the priority-inheriting engine lock, which on two vCPUs
      * took the CPU the other receiver and the source needed */
     pthread_mutex_t install_lock;
+    /* huge pages (chan_gather.c): chunks per page, and per page the chunks received so
+     * far (gather, gather_n) until the page is whole; gathered[k]: chunk k is held there */
+    uint64_t unit;
+    uint8_t **gather;
+    uint32_t *gather_n;
+    uint8_t *gathered;
 };
 
 /* c->asked[k]: the chunk is on its way, so a fault there waits for it */
@@ -525,6 +531,15 @@ void *fault_thread(void *arg);
 uint64_t read_fdinfo_features(int fd);
 uint64_t install_image_range(Engine *e, uint64_t off, const uint8_t *data, uint64_t len, int kind, int wait);
 int chan_request_locked(Engine *e, region_t *r, uint64_t p);
+int chunk_holds(Engine *e, struct chan *c, uint64_t k, unsigned states);
+uint64_t chunk_len_of(struct chan *c, uint64_t k);
+void chan_down_locked(Engine *e, const char *reason);
+int chan_unit_chunks(Engine *e, uint64_t chunk_size);
+int chan_gather_init(struct chan *c, uint64_t unit);
+void chan_gather_free(struct chan *c);
+int chan_request_unit_locked(Engine *e, struct chan *c, uint64_t chunk);
+int chan_wait_on_bulk_locked(struct chan *c, uint64_t k);
+void chan_gather_locked(Engine *e, uint64_t k, const uint8_t *data, int kind, int wait);
 void chan_flush_urgent(Engine *e);
 int chan_bulk_waits_locked(Engine *e);
 void bulk_priority(void);

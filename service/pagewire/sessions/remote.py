@@ -116,7 +116,8 @@ class RemoteSource(ChunkLanes):
     def attach(self, session: Session) -> None:
         """Demand faults and bulk go over the engine's own TCP channel when the peer
         offers one (connected before the engine starts, so no fault goes the slow way);
-        gRPC stays the fallback. Huge pages larger than a chunk are gathered in Python."""
+        gRPC stays the fallback. A huge page larger than a chunk is gathered from its chunks
+        (in the engine on the channel, in Python over gRPC) and installed whole."""
         # before the engine starts: a fault it hands to Python before start() ran must
         # find its session, or its fetch would be dropped and the page never asked again
         self.session = session
@@ -128,7 +129,7 @@ class RemoteSource(ChunkLanes):
             engine.record_working_set(self.remote.chunk_size, self.remote.size)
             self.recorder = engine
             self._install_staged(engine)
-        if self.grant is None or self.unit_chunks > 1 or engine is None:
+        if self.grant is None or engine is None:
             return
         cache = self.cache
         port, token = self.grant
