@@ -4,11 +4,13 @@ zero huge pages by COPY from a zeroed huge page, REMOVE at that size; local and 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pagewire import _uffd
 from pagewire.tools.localagents import LocalAgent
 from pagewire.tools.workload import command as workload_command
 
@@ -17,6 +19,7 @@ from tests.peers import publish, restore, start_pair, stop_pair
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20
+PAGE = 4096
 HUGE = 2 * MiB
 NR = Path("/proc/sys/vm/nr_hugepages")
 
@@ -116,3 +119,32 @@ def test_remote_restore_of_huge_pages(
             assert status["pages_background"] == 0 and status["faults"]["remote"] > 0, status
     finally:
         stop_pair(p)
+
+
+@pytest.mark.parametrize("layout", ["mixed", "1g"])
+def test_the_channel_refuses_pages_it_cannot_gather(layout: str) -> None:
+    """Regions of different page sizes (a gather would span pages of another size) and
+    pages of more than 64 chunks (1 GiB) are refused at attach: gRPC brings them."""
+    chunk = 64 << 10
+    if layout == "mixed":
+        size, span = 4 * HUGE, 4 * HUGE
+        base = _uffd.mmap_anon(span)
+        regions = [(base, HUGE, 0, PAGE), (base + 2 * HUGE, 2 * HUGE, 2 * HUGE, HUGE)]
+    else:
+        size, span = 1 << 30, 2 << 30
+        base = _uffd.mmap_anon(span)
+        regions = [(base - base % size + size, size, 0, size)]  # 1 GiB aligned
+    uffd = _uffd.uffd_create(_uffd.FEATURE_EVENT_REMOVE)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    eng = _uffd.Engine(uffd, regions, efd, background=False)
+    try:
+        with pytest.raises(ValueError, match="cannot gather"):
+            eng.attach_channel(
+                "127.0.0.1", 1, b"t" * 16, chunk, size, PAGE, bytes(size // PAGE),
+                bytes(32 * (size // chunk)), background=False,
+            )  # fmt: skip
+    finally:
+        eng.close()
+        os.close(efd)
+        os.close(uffd)
+        _uffd.munmap(base, span)

@@ -699,11 +699,9 @@ void chan_stop(Engine *e)
         c->bulk[i].started = 0;
 }
 
-void chan_free(Engine *e)
+/* Close and free a channel no thread uses any more. */
+static void chan_destroy(struct chan *c)
 {
-    struct chan *c = e->chan;
-    if (!c)
-        return;
     link_close(&c->urgent);
     for (int i = 0; i < c->nbulk; i++)
         link_close(&c->bulk[i].link);
@@ -721,6 +719,12 @@ void chan_free(Engine *e)
     pthread_mutex_destroy(&c->install_lock);
     chan_gather_free(c);
     free(c);
+}
+
+void chan_free(Engine *e)
+{
+    if (e->chan)
+        chan_destroy(e->chan);
     e->chan = NULL;
 }
 
@@ -759,7 +763,7 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_TypeError, "cache must be a ChunkCache or None");
         goto out;
     }
-    if (e->chan || e->state > E_RUNNING || tok.len != 16 || eps == 0 || cs % eps ||
+    if (e->chan || e->state > E_RUNNING || tok.len != 16 || eps == 0 || cs == 0 || cs % eps ||
         size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32 ||
         (fd.buf && (uint64_t)fd.len != nchunks * 16) || (ws.buf && ws.len % 8)) {
         PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
@@ -767,8 +771,9 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     }
     int unit = chan_unit_chunks(e, cs);
     if (unit < 0) {
-        PyErr_SetString(PyExc_ValueError, "a region's huge pages do not start on a huge page "
-                                          "boundary of the image");
+        PyErr_SetString(PyExc_ValueError, "pages the channel cannot gather: regions of "
+                                          "different page sizes, a page of more than 64 "
+                                          "chunks, or one off a page boundary of the image");
         goto out;
     }
     uint8_t token[16];
@@ -783,8 +788,12 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         goto out;
     }
     struct chan *c = calloc(1, sizeof *c);
-    if (c)
-        pthread_mutex_init(&c->install_lock, NULL);
+    if (!c) {
+        SSL_CTX_free(tls);
+        PyErr_NoMemory();
+        goto out;
+    }
+    pthread_mutex_init(&c->install_lock, NULL);
     int nbulk = !want_bulk ? 0 : sysconf(_SC_NPROCESSORS_ONLN) >= 2 ? BULK_CONNS : 1;
     int rc;
     Py_BEGIN_ALLOW_THREADS rc = chan_connect(&c->urgent, host, port, token, 1 | zflag, tls, why,
@@ -800,6 +809,7 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     }
     Py_END_ALLOW_THREADS SSL_CTX_free(tls);
     if (rc < 0) {
+        pthread_mutex_destroy(&c->install_lock);
         free(c);
         PyErr_Format(PyExc_ConnectionError, "native channel to %s:%d: %s", host, port, why);
         goto out;
@@ -824,8 +834,7 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     if (chan_gather_init(c, (uint64_t)unit) < 0 || !c->zmap || !c->digests || !c->asked ||
         !c->hitbuf || !c->outbox || !c->bulk_seq || !c->bulk_conn_of || !c->sendbuf ||
         (fd.buf && fd.len && !c->fast) || (c->nws && !c->ws)) {
-        e->chan = c;
-        chan_free(e);
+        chan_destroy(c); /* never published: no engine thread has seen it */
         PyErr_NoMemory();
         goto out;
     }

@@ -7,17 +7,23 @@
 #include "uffd.h"
 
 /* How many chunks make one page of the regions (1: pages no larger than a chunk, nothing
- * to gather); -1 when a region's huge pages do not start on a page boundary of the image. */
+ * to gather); -1 when the channel cannot carry them: regions with different page sizes
+ * (a gather would span pages of another size, or none), a page not on a page boundary of
+ * the image, or a page of more than MAX_UNIT chunks (1 GiB pages: gRPC brings them). */
 int chan_unit_chunks(Engine *e, uint64_t chunk_size)
 {
-    uint64_t ps = 0;
+    uint64_t ps = e->nregions ? e->regions[0].page_size : 0;
+    int mixed = 0;
     for (int i = 0; i < e->nregions; i++) {
         region_t *r = &e->regions[i];
         if (r->page_size > chunk_size && r->offset % r->page_size)
             return -1;
+        mixed |= r->page_size != ps;
         ps = r->page_size > ps ? r->page_size : ps;
     }
-    return ps > chunk_size ? (int)(ps / chunk_size) : 1;
+    if (ps <= chunk_size)
+        return 1;
+    return mixed || ps % chunk_size || ps / chunk_size > MAX_UNIT ? -1 : (int)(ps / chunk_size);
 }
 
 int chan_gather_init(struct chan *c, uint64_t unit)
@@ -28,8 +34,9 @@ int chan_gather_init(struct chan *c, uint64_t unit)
     uint64_t nunits = (c->nchunks + unit - 1) / unit;
     c->gather = calloc(nunits + 1, sizeof *c->gather);
     c->gather_n = calloc(nunits + 1, sizeof *c->gather_n);
+    c->gather_retries = calloc(nunits + 1, 1);
     c->gathered = calloc(c->nchunks + 1, 1);
-    return c->gather && c->gather_n && c->gathered ? 0 : -1;
+    return c->gather && c->gather_n && c->gather_retries && c->gathered ? 0 : -1;
 }
 
 void chan_gather_free(struct chan *c)
@@ -38,7 +45,18 @@ void chan_gather_free(struct chan *c)
         free(c->gather[u]);
     free(c->gather);
     free(c->gather_n);
+    free(c->gather_retries);
     free(c->gathered);
+}
+
+/* Forget page u's gathered chunks and give back its buffer. */
+static void gather_drop(struct chan *c, uint64_t u)
+{
+    uint64_t first = u * c->unit, last = first + c->unit;
+    free(c->gather[u]);
+    c->gather[u] = NULL;
+    c->gather_n[u] = 0;
+    memset(c->gathered + first, 0, (last < c->nchunks ? last : c->nchunks) - first);
 }
 
 /* Under the engine lock: a fault on a huge page asks for each chunk of it not yet here or
@@ -50,6 +68,8 @@ int chan_request_unit_locked(Engine *e, struct chan *c, uint64_t chunk)
     uint64_t first = chunk - chunk % c->unit;
     uint64_t last = first + c->unit < c->nchunks ? first + c->unit : c->nchunks;
     uint32_t n = 0, waiting = 0, full = 0;
+    for (uint64_t k = first; k < last; k++) /* the whole page is the touch: replay it whole */
+        record_offset(e, k * c->chunk_size);
     for (uint64_t k = first; k < last; k++) {
         /* gathered: the page goes in when the rest lands, or is going in now (an install
          * that waits for a REMOVE in flight lets go of the lock) */
@@ -64,14 +84,12 @@ int chan_request_unit_locked(Engine *e, struct chan *c, uint64_t chunk)
         }
         c->outbox[c->nout++] = k;
         c->asked[k] = ASK_URGENT;
-        record_offset(e, k * c->chunk_size);
         n++;
     }
     if (n && c->outstanding == 0)
         c->last_answer_ns = now_ns();
     c->outstanding += n;
-    if (waiting && !n)
-        c->chunks_waited++;
+    c->chunks_waited += waiting && !n;
     return !full && (waiting || n);
 }
 
@@ -84,8 +102,13 @@ void chan_gather_locked(Engine *e, uint64_t k, const uint8_t *data, int kind, in
     uint64_t u = k / c->unit, first = u * c->unit;
     uint64_t last = first + c->unit < c->nchunks ? first + c->unit : c->nchunks;
     c->asked[k] = ASK_NONE;
-    if (c->gathered[k] || !chunk_holds(e, c, k, 1u << ST_MISSING | 1u << ST_REQUESTED))
+    if (c->gathered[k])
         return;
+    if (!chunk_holds(e, c, k, 1u << ST_MISSING | 1u << ST_REQUESTED)) {
+        if (c->gather[u]) /* the page went in another way, or was removed: drop the rest */
+            gather_drop(c, u);
+        return;
+    }
     if (!c->gather[u] && !(c->gather[u] = malloc(c->unit * c->chunk_size))) {
         chan_down_locked(e, "out of memory gathering a huge page");
         return;
@@ -99,11 +122,12 @@ void chan_gather_locked(Engine *e, uint64_t k, const uint8_t *data, int kind, in
     /* whole: from here on no chunk of it is gathered again, whatever the install does */
     install_image_range(e, off, page, (end < c->export_size ? end : c->export_size) - off,
                         kind, wait);
-    free(page);
-    c->gather[u] = NULL;
-    c->gather_n[u] = 0;
-    memset(c->gathered + first, 0, last - first);
-    if (chunk_holds(e, c, first, 1u << ST_REQUESTED)) { /* fell short, a fault waits: again */
+    gather_drop(c, u);
+    /* fell short while a fault waits: ask again, a few times (a range that keeps refusing
+     * the install must not cost 2 MiB of traffic per round for ever) */
+    if (e->state == E_RUNNING && c->up && c->gather_retries[u] < GATHER_RETRIES &&
+        chunk_holds(e, c, first, 1u << ST_REQUESTED)) {
+        c->gather_retries[u]++;
         chan_request_unit_locked(e, c, first);
         signal_fd(e->ctl_fd);
     }

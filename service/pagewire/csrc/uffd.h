@@ -360,8 +360,11 @@ struct chan {
     uint64_t unit;
     uint8_t **gather;
     uint32_t *gather_n;
+    uint8_t *gather_retries; /* per page: asked again after an install fell short */
     uint8_t *gathered;
 };
+#define MAX_UNIT 64      /* chunks per page the channel gathers (4 MiB of 64 KiB chunks) */
+#define GATHER_RETRIES 3
 
 /* c->asked[k]: the chunk is on its way, so a fault there waits for it */
 enum { ASK_NONE = 0, ASK_URGENT = 1, ASK_BULK = 2 };
