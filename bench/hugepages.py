@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LocalAgent, MiB, at, emit, median
-from pagewire.tools.images import make_image
+from pagewire.tools.images import data_bytes, make_image
 from remote import check, create_session, finish_workload, start_workload, wait_sessions
 
 HUGE = 2 * MiB
@@ -77,6 +77,7 @@ def main() -> None:
             make_image(image, size, seed=21)
             grpc = measure(work / "grpc", roots, image, size, a.runs, native=False)
             native = measure(work / "native", roots, image, size, a.runs, native=True)
+            data = data_bytes(image)
     finally:
         NR.write_text(str(before))
     emit(
@@ -87,6 +88,9 @@ def main() -> None:
             "page_size": HUGE,
             "native": native,
             "grpc_baseline": grpc,
+            "data_bytes": data,
+            "bytes_received_over_data_native": round(native["bytes_received"] / data, 4),
+            "bytes_received_over_data_grpc": round(grpc["bytes_received"] / data, 4),
             "restore_time_native_over_grpc": round(
                 native["create_to_complete_s"] / grpc["create_to_complete_s"], 3
             ),

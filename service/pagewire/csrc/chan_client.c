@@ -385,29 +385,21 @@ static void chan_install_run(Engine *e, const uint64_t *index, size_t n, const u
     int notify = 0, bulk = kind == KIND_BACKGROUND;
     if (bulk)
         pthread_mutex_lock(&c->install_lock);
-    for (size_t i = 0; i < n && c->unit > 1;) { /* huge pages: gathered, installed whole */
-        size_t j = i + INSTALL_PIECE < n ? i + INSTALL_PIECE : n;
-        pthread_mutex_lock(&e->lock);
-        for (; i < j && e->state == E_RUNNING; i++)
-            chan_gather_locked(e, index[i], buf + i * c->chunk_size, kind, wait);
-        if (e->state == E_RUNNING) {
-            settle_pending(e);
-            notify |= all_done(e);
-        }
-        pthread_mutex_unlock(&e->lock);
-        i = j;
-    }
-    for (size_t i = 0; i < n && c->unit <= 1;) {
+    for (size_t i = 0; i < n;) {
         size_t j = i + 1;
         while (j < n && j - i < INSTALL_PIECE && index[j] == index[j - 1] + 1)
             j++;
         uint64_t off = index[i] * c->chunk_size;
         uint64_t end = (index[j - 1] + 1) * c->chunk_size;
-        if (end > c->export_size)
-            end = c->export_size;
         pthread_mutex_lock(&e->lock);
         if (e->state == E_RUNNING) {
-            install_image_range(e, off, buf + i * c->chunk_size, end - off, kind, wait);
+            if (c->unit > 1) /* huge pages: each chunk gathered, its page installed whole */
+                for (size_t k = i; k < j; k++)
+                    chan_gather_locked(e, index[k], buf + k * c->chunk_size, kind);
+            else
+                install_image_range(e, off, buf + i * c->chunk_size,
+                                    (end < c->export_size ? end : c->export_size) - off, kind,
+                                    wait);
             settle_pending(e);
             notify = all_done(e);
         }

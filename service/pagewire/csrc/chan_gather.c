@@ -96,7 +96,7 @@ int chan_request_unit_locked(Engine *e, struct chan *c, uint64_t chunk)
 /* Under the engine lock: keep chunk k until its page is whole, then install the page.
  * A chunk whose page is no longer needed (installed, removed) or that is here already
  * (urgent and bulk both sent it) is dropped. */
-void chan_gather_locked(Engine *e, uint64_t k, const uint8_t *data, int kind, int wait)
+void chan_gather_locked(Engine *e, uint64_t k, const uint8_t *data, int kind)
 {
     struct chan *c = e->chan;
     uint64_t u = k / c->unit, first = u * c->unit;
@@ -121,7 +121,7 @@ void chan_gather_locked(Engine *e, uint64_t k, const uint8_t *data, int kind, in
     uint8_t *page = c->gather[u];
     /* whole: from here on no chunk of it is gathered again, whatever the install does */
     install_image_range(e, off, page, (end < c->export_size ? end : c->export_size) - off,
-                        kind, wait);
+                        kind, 1);
     gather_drop(c, u);
     /* fell short while a fault waits: ask again, a few times (a range that keeps refusing
      * the install must not cost 2 MiB of traffic per round for ever) */

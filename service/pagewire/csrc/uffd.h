@@ -542,7 +542,7 @@ int chan_gather_init(struct chan *c, uint64_t unit);
 void chan_gather_free(struct chan *c);
 int chan_request_unit_locked(Engine *e, struct chan *c, uint64_t chunk);
 int chan_wait_on_bulk_locked(struct chan *c, uint64_t k);
-void chan_gather_locked(Engine *e, uint64_t k, const uint8_t *data, int kind, int wait);
+void chan_gather_locked(Engine *e, uint64_t k, const uint8_t *data, int kind);
 void chan_flush_urgent(Engine *e);
 int chan_bulk_waits_locked(Engine *e);
 void bulk_priority(void);

@@ -93,3 +93,12 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def data_bytes(path: Path) -> int:
+    """The bytes of the image's non-zero pages: what a restore must carry at least."""
+    zero, total = bytes(SYSTEM_PAGE_SIZE), 0
+    with open(path, "rb") as f:
+        while page := f.read(SYSTEM_PAGE_SIZE):
+            total += len(page) if page != zero else 0
+    return total
