@@ -29,6 +29,7 @@ exec .venv-sanitize/bin/python -m pytest -q -p no:cacheprovider \
     tests/integration/test_engine_restore.py tests/integration/test_partial_install.py \
     tests/integration/test_native_channel.py tests/integration/test_firecracker_handshake.py \
     tests/integration/test_cache.py tests/integration/test_hugepages.py \
+    tests/integration/test_staging.py \
     -k "not working_set and not fetches_each_chunk_once" "$@"
 # Left out above: two tests that measure fault counts against a bulk transfer (working-set
 # replay, over-fetch); ASan's pace changes who wins that race, not whether memory is safe.

@@ -169,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             data = _uffd.read_memory(r.base, 8)
             print(json.dumps({"read": data.hex(), "offset": r.offset}), flush=True)
         return EXIT_MISMATCH
+    order = touch_order(a.size // a.page_size, a.order, a.seed)  # ready before the handoff
     regions, _uffd_fd, _sock = firecracker_handoff(a.socket, a.size, a.page_size)
     # one page index space over both regions, in image order
     starts = [0]
     for r in regions:
         starts.append(starts[-1] + r.size // a.page_size)
-    order = touch_order(starts[-1], a.order, a.seed)
+    if starts[-1] != a.size // a.page_size:
+        order = touch_order(starts[-1], a.order, a.seed)
     removed = parse_pairs(a.remove)
 
     def touch_pages(indexes: list[int]) -> list[int]:

@@ -222,6 +222,25 @@ def munmap(addr: int, size: int) -> None: ...
 def madvise(addr: int, size: int, advice: int) -> None: ...
 def read_memory(addr: int, size: int) -> bytes: ...
 def write_memory(addr: int, data: bytes) -> None: ...
+def stage_chunks(
+    host: str,
+    port: int,
+    token: bytes,
+    chunk_size: int,
+    export_size: int,
+    export_page_size: int,
+    zero_map: bytes,
+    digests: bytes,
+    chunks: bytes,
+    fast_digests: bytes | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+) -> tuple[bytes, bytes, str | None]:
+    """Fetch chunks (uint64 indexes) over the native channel on the grant's stage
+    connection, verified: (indexes received, their chunks end to end, error or None).
+    A chunk the session's urgent connection sent meanwhile is not among them. GIL released."""
+
 def touch_pages(addr: int, page_size: int, pages: Sequence[int], write: bool = False) -> list[int]:
     """Touch each page (read one byte, or write) in order; returns ns per touch. GIL released."""
 

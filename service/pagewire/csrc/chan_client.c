@@ -24,7 +24,7 @@ static int tcp_connect(const char *host, int port, uint32_t kind)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if ((kind & 0xff) == 2)
+        if ((kind & 0xff) != CHAN_KIND_URGENT)
             setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
     }
     if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) < 0) {
@@ -37,8 +37,8 @@ static int tcp_connect(const char *host, int port, uint32_t kind)
 
 /* Connect (TLS 1.3 when tls is given, the server's certificate checked against host) and
  * say hello with the grant's token. On failure, why names the cause. */
-static int chan_connect(link_t *l, const char *host, int port, const uint8_t token[16],
-                        uint32_t kind, SSL_CTX *tls, char *why, size_t n)
+int chan_connect(link_t *l, const char *host, int port, const uint8_t token[16], uint32_t kind,
+                 SSL_CTX *tls, char *why, size_t n)
 {
     link_plain(l, tcp_connect(host, port, kind));
     if (l->fd < 0) {
@@ -318,8 +318,8 @@ static int chan_verify(struct chan *c, uint64_t index, const uint8_t *buf, uint6
 
 /* Read one answer into buf (the whole chunk, zero pages filled in) and verify it. A bulk
  * answer the source skipped (its urgent connection sent that chunk) has *len_out 0. */
-static int64_t chan_receive(struct chan *c, link_t *l, uint8_t *buf, uint8_t *stage,
-                            uint64_t *len_out, const char **why)
+int64_t chan_receive(struct chan *c, link_t *l, uint8_t *buf, uint8_t *stage,
+                     uint64_t *len_out, const char **why)
 {
     chan_answer_t a;
     if (link_read(l, &a, sizeof a) < 0) {
@@ -788,11 +788,11 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
     pthread_mutex_init(&c->install_lock, NULL);
     int nbulk = !want_bulk ? 0 : sysconf(_SC_NPROCESSORS_ONLN) >= 2 ? BULK_CONNS : 1;
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = chan_connect(&c->urgent, host, port, token, 1 | zflag, tls, why,
-                                             sizeof why);
+    Py_BEGIN_ALLOW_THREADS rc = chan_connect(&c->urgent, host, port, token,
+                                             CHAN_KIND_URGENT | zflag, tls, why, sizeof why);
     for (; rc == 0 && c->nbulk < nbulk; c->nbulk++)
-        rc = chan_connect(&c->bulk[c->nbulk].link, host, port, token, 2 | zflag, tls, why,
-                          sizeof why);
+        rc = chan_connect(&c->bulk[c->nbulk].link, host, port, token, CHAN_KIND_BULK | zflag,
+                          tls, why, sizeof why);
     if (rc < 0) {
         for (int i = 0; i < c->nbulk - 1; i++)
             link_close(&c->bulk[i].link);

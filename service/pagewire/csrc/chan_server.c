@@ -38,7 +38,7 @@ static void grant_unlink(DataServer *s, grant_t **at)
 static int grant_take(DataServer *s, const uint8_t token[16], uint32_t kind,
                       chan_session_t **sess)
 {
-    if (!s->grants || (kind != 1 && kind != 2))
+    if (!s->grants || kind < CHAN_KIND_URGENT || kind > CHAN_KIND_STAGE)
         return -1;
     for (grant_t **at = &s->grants[grant_bucket(token)]; *at; at = &(*at)->next) {
         grant_t *g = *at;
@@ -51,7 +51,8 @@ static int grant_take(DataServer *s, const uint8_t token[16], uint32_t kind,
             *sess = g->session;
             g->session->refs++;
         }
-        if (id < 0 || g->left[1] + g->left[2] == 0)
+        /* the engine's connections used up: done (staging comes before them or not) */
+        if (id < 0 || g->left[CHAN_KIND_URGENT] + g->left[CHAN_KIND_BULK] == 0)
             grant_unlink(s, at);
         return id;
     }
@@ -226,7 +227,7 @@ static int send_chunk(DataServer *s, conn_t *c, link_t *l, uint64_t index, uint8
         a.status = CHAN_STALE;
     if (a.status != CHAN_OK)
         return link_write(l, &a, sizeof a) < 0 ? -1 : 1;
-    if (index < sess->nchunks && c->kind == 1) {
+    if (index < sess->nchunks && c->kind == CHAN_KIND_URGENT) {
         __atomic_store_n(&sess->served[index], 1, __ATOMIC_RELAXED);
     } else if (index < sess->nchunks &&
                __atomic_exchange_n(&sess->served[index], 0, __ATOMIC_RELAXED)) {
@@ -319,7 +320,7 @@ static void *conn_thread(void *arg)
         raw = malloc(sizeof(chan_answer_t) + ex->chunk_size);
     if (tls_ok && link_write(&l, &reply, sizeof reply) == 0 && ex) {
         rt_budget_t budget = {0};
-        if ((hello.kind & 0xff) == 2)
+        if ((hello.kind & 0xff) != CHAN_KIND_URGENT)
             bulk_priority();
         else
             budget = urgent_priority(1);
@@ -692,7 +693,8 @@ static PyObject *DataServer_grant(DataServer *s, PyObject *args)
     memcpy(g->token, tok.buf, 16);
     PyBuffer_Release(&tok);
     g->export_id = id;
-    g->left[1] = 1, g->left[2] = BULK_CONNS;
+    g->left[CHAN_KIND_URGENT] = 1, g->left[CHAN_KIND_BULK] = BULK_CONNS;
+    g->left[CHAN_KIND_STAGE] = 1;
     g->session = calloc(1, sizeof *g->session);
     g->session->refs = 1;
     g->expires_ns = now_ns() + (uint64_t)(ttl_s * 1e9);

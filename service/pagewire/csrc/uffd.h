@@ -153,6 +153,10 @@ static inline uint64_t now_ns(void)
 #define CHAN_DENIED 3
 #define CHAN_BUSY 4 /* hello refused: the source's connection limit (per peer or total) */
 #define CHAN_SKIPPED 5 /* bulk answer without data: the urgent connection sent the chunk */
+/* hello kinds: what a grant admits one (urgent), BULK_CONNS (bulk) and one (stage) of */
+#define CHAN_KIND_URGENT 1
+#define CHAN_KIND_BULK 2
+#define CHAN_KIND_STAGE 3 /* a working set fetched before attach (chan_stage.c) */
 #define CHAN_ZSTD (1u << 16) /* answer flag: data is zstd; hello kind flag: please compress */
 
 /* zstd, loaded at run time like libcrypto: wire compression is optional */
@@ -422,7 +426,7 @@ typedef struct grant {
     uint8_t token[16];
     int export_id;
     chan_session_t *session;
-    int left[3]; /* connections it still admits, by kind: [1] urgent, [2] bulk */
+    int left[4]; /* connections it still admits, by kind: [1] urgent, [2] bulk, [3] stage */
     uint64_t expires_ns;
     struct grant *next;
 } grant_t;
@@ -552,6 +556,11 @@ void chan_stop(Engine *e);
 void chan_free(Engine *e);
 void chan_start_threads(Engine *e);
 PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw);
+int chan_connect(link_t *l, const char *host, int port, const uint8_t token[16], uint32_t kind,
+                 SSL_CTX *tls, char *why, size_t n);
+int64_t chan_receive(struct chan *c, link_t *l, uint8_t *buf, uint8_t *stage,
+                     uint64_t *len_out, const char **why);
+PyObject *mod_stage_chunks(PyObject *self, PyObject *args, PyObject *kw); /* chan_stage.c */
 PyObject *Engine_share_cache(Engine *e, PyObject *arg);
 PyObject *Engine_get_channel(Engine *e, void *unused);
 

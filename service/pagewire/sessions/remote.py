@@ -21,8 +21,11 @@ from pagewire.peer.client import PeerClient
 from pagewire.peer.errors import PeerError
 from pagewire.peer.remote_export import RemoteExport
 from pagewire.sessions.lanes import ChunkLanes, FailCallback
+from pagewire.sessions.staging import WorkingSetStage
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from pagewire.sessions.session import Session
 
 log = logging.getLogger("pagewire.sessions.remote")
@@ -30,11 +33,6 @@ log = logging.getLogger("pagewire.sessions.remote")
 
 # the active remote sources of this agent, by image: who could share chunks
 SAME_IMAGE: dict[tuple[str, str, str], set[RemoteSource]] = {}
-
-
-# working-set parts (16 chunks each) staged over gRPC at once: when the native channel
-# takes over at attach, at most this many parts were fetched for nothing
-STAGE_PARTS = 2
 
 
 class RemoteSource(ChunkLanes):
@@ -82,8 +80,8 @@ class RemoteSource(ChunkLanes):
         self.recorder: _uffd.Engine | None = None
         # a recorded working set fetched between session creation and attach, installed
         # before the engine serves its first fault (kept in the host's bounded cache)
+        self.stage: WorkingSetStage | None = None
         self.staging: asyncio.Task[None] | None = None
-        self.staged: list[int] = []
 
     def describe(self) -> dict[str, str]:
         return {"peer": self.address, "export": self.remote.name}
@@ -104,14 +102,21 @@ class RemoteSource(ChunkLanes):
         """At session creation: join the image's sessions, and ask the peer for a native
         data channel before any workload attaches."""
         self._join_image()
-        if self._replay() and self.host_cache is not None:
-            self.staging = asyncio.ensure_future(self._stage_working_set())
-        if not self.native:
-            return
-        try:
-            self.grant = await self.client.open_channel(self.remote.name)
-        except PeerError as exc:
-            log.info("native channel not offered: %s", exc, extra=self._log_extra())
+        if self.native:
+            try:
+                self.grant = await self.client.open_channel(self.remote.name)
+            except PeerError as exc:
+                log.info("native channel not offered: %s", exc, extra=self._log_extra())
+        replay = list(self._replay())
+        if replay and self.host_cache is not None:
+            budget = self.host_cache.stats()["capacity"]
+            self.stage = WorkingSetStage(self.remote, replay, budget, self._log_extra())
+            if self.grant is not None:
+                port, token = self.grant
+                fetch = self.stage.over_native(self._host(), port, token, self.tls or ())
+            else:
+                fetch = self.stage.over_grpc(self._urgent())
+            self.staging = asyncio.ensure_future(fetch)
 
     def attach(self, session: Session) -> None:
         """Demand faults and bulk go over the engine's own TCP channel when the peer
@@ -128,12 +133,13 @@ class RemoteSource(ChunkLanes):
         if engine is not None:  # first-touched chunks, whichever transport brings them
             engine.record_working_set(self.remote.chunk_size, self.remote.size)
             self.recorder = engine
-            self._install_staged(engine)
+            if self.stage is not None:
+                self.stage.attach(engine)
         if self.grant is None or engine is None:
             return
         cache = self.cache
         port, token = self.grant
-        host = self.address.rsplit(":", 1)[0].strip("[]")
+        host = self._host()
         r = self.remote
         cert, key, ca = self.tls or (None, None, None)
         try:
@@ -150,7 +156,7 @@ class RemoteSource(ChunkLanes):
                 compression=self.compression == "zstd",
                 fast_digests=b"".join(r.fast_digests) or None,
                 # what staging installed is skipped; the channel brings the rest
-                working_set=self._replay().tobytes() or None,
+                working_set=self._replay(skip=self._staged()).tobytes() or None,
                 tls_cert=cert,
                 tls_key=key,
                 tls_ca=ca,
@@ -159,8 +165,8 @@ class RemoteSource(ChunkLanes):
             log.info("native channel not used: %s", exc, extra=self._log_extra())
             return
         self.on_channel = True
-        if self.staging is not None and not self.staging.done():
-            self.staging.cancel()  # the channel's burst is faster than gRPC's parts
+        if self.stage is not None:
+            self.stage.over = True  # the channel's burst is faster than gRPC's parts
         if cache is not None:
             engine.share_cache(cache)
         extra = {**self._log_extra(), "port": port, "tls": self.tls is not None}
@@ -187,53 +193,21 @@ class RemoteSource(ChunkLanes):
             for source in peers:
                 source.share_cache()
 
-    async def _stage_working_set(self) -> None:
-        """Fetch the recorded working set into the host's cache before the workload
-        attaches (it fills what the cache may hold; the rest comes after attach)."""
-        cache, r = self.host_cache, self.remote
-        assert cache is not None
-        chunks = [c for c in self._replay() if not r.chunk_is_zero(c)]
-        stream = self._urgent()
+    def _host(self) -> str:
+        """The peer's host: the native channel is dialled where gRPC was."""
+        return self.address.rsplit(":", 1)[0].strip("[]")
 
-        async def part(indexes: list[int]) -> None:
-            got = await stream.fetch(indexes)
-            engine = self.recorder  # attached meanwhile: straight in
-            for index in indexes:
-                if engine is not None and engine.state == "running":
-                    engine.install(index * r.chunk_size, got[index], _uffd.PREFETCH)
-                else:  # kept as each part lands: attach may come any time
-                    cache.put(r.digests[index], got[index])
-                    self.staged.append(index)
+    def _staged(self) -> set[int]:
+        """Chunks staging is still bringing: the channel need not ask for them (what it
+        installed already, the engine skips)."""
+        return set(self.stage.on_the_way) if self.stage is not None else set()
 
-        in_flight = asyncio.Semaphore(STAGE_PARTS)
-
-        async def bounded(indexes: list[int]) -> None:
-            async with in_flight:
-                await part(indexes)
-
-        try:
-            parts = (bounded(chunks[i : i + 16]) for i in range(0, len(chunks), 16))
-            await asyncio.gather(*parts)
-        except PeerError as exc:
-            log.info("working set not staged: %s", exc, extra=self._log_extra())
-
-    def _install_staged(self, engine: _uffd.Engine) -> None:
-        """Before the engine starts: install the staged working set in one burst (what is
-        still on its way is installed as it lands)."""
-        cache, r = self.host_cache, self.remote
-        staged, self.staged = self.staged, []
-        if cache is None:
-            return
-        for index in staged:
-            data = cache.get(r.digests[index], r.chunk_len(index))
-            if data is not None:
-                engine.install(index * r.chunk_size, data, _uffd.PREFETCH)
-
-    def _replay(self) -> array.array[int]:
+    def _replay(self, skip: Collection[int] = ()) -> array.array[int]:
         """The recorded working set to install first (prefetch "working_set")."""
         if self.prefetch != "working_set":
             return array.array("Q")
-        return array.array("Q", (c for c in self.remote.working_set if c < self.remote.chunks))
+        chunks, n = self.remote.working_set, self.remote.chunks
+        return array.array("Q", (c for c in chunks if c < n and c not in skip))
 
     async def start(self, session: Session) -> None:
         self.session = session
