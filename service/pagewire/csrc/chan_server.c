@@ -284,6 +284,18 @@ static int send_chunk(DataServer *s, conn_t *c, link_t *l, uint64_t index, uint8
     return 0;
 }
 
+/* TLS writes a chunk as four 16 KiB records, each its own write(); with TCP_NODELAY each
+ * would leave as its own segment and wake the receiver. A bulk batch is corked, so they
+ * leave in full segments (uncorking sends the rest at once): 1 GiB under mTLS, 4 runs
+ * each, bulk +12%, source CPU -10%. Urgent answers are not: corked, a fault's chunk left
+ * only once all of it was encrypted (p50 +30%). Plain text joins header and data with
+ * MSG_MORE instead. */
+static void tls_cork(const conn_t *c, link_t *l, int on)
+{
+    if (l->ssl && c->kind != CHAN_KIND_URGENT)
+        setsockopt(l->fd, IPPROTO_TCP, TCP_CORK, &on, sizeof on);
+}
+
 static void *conn_thread(void *arg)
 {
     conn_t *c = arg;
@@ -330,8 +342,10 @@ static void *conn_thread(void *arg)
                 head[0] > CHAN_MAX_REQ || link_read(&l, idx, head[0] * 8) < 0)
                 break;
             int rc = 0;
+            tls_cork(c, &l, 1);
             for (uint32_t i = 0; i < head[0] && rc == 0; i++)
                 rc = send_chunk(s, c, &l, idx[i], raw, packed);
+            tls_cork(c, &l, 0);
             if (rc != 0)
                 break; /* a refusal answer was sent, or the peer went away */
             rt_budget_check(&budget);
