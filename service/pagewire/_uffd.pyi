@@ -133,7 +133,7 @@ class ChunkCache:
     def __init__(self, capacity: int) -> None: ...
     def get(self, digest: bytes, length: int) -> bytes | None:
         """A digest-verified copy, or None (a corrupt entry is dropped)."""
-    def put(self, digest: bytes, data: bytes) -> None: ...
+    def put(self, digest: bytes, data: bytes | memoryview) -> None: ...
     def claim(self, digest: bytes, length: int, owner: int) -> tuple[int, bytes | None]:
         """(CACHE_READY, data), (CACHE_PENDING, None), or (CACHE_ABSENT, None) now claimed."""
     def release(self, owner: int) -> None: ...
@@ -237,9 +237,10 @@ def stage_chunks(
     tls_key: str | None = None,
     tls_ca: str | None = None,
 ) -> tuple[bytes, bytes, str | None]:
-    """Fetch chunks (uint64 indexes) over the native channel on the grant's stage
-    connection, verified: (indexes received, their chunks end to end, error or None).
-    A chunk the session's urgent connection sent meanwhile is not among them. GIL released."""
+    """Fetch at most 4096 chunks (uint64 indexes) over the native channel on the grant's
+    stage connection, verified: (indexes received, their chunks in one chunk_size slot
+    each, zero-padded, error or None). A chunk the session's urgent connection sent
+    meanwhile is not among them; the fetch gives up after 10 s. GIL released."""
 
 def touch_pages(addr: int, page_size: int, pages: Sequence[int], write: bool = False) -> list[int]:
     """Touch each page (read one byte, or write) in order; returns ns per touch. GIL released."""

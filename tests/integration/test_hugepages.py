@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +110,37 @@ def test_remote_restore_of_huge_pages(
         assert status["bytes_received"] <= 1.10 * data, (status["bytes_received"], data)
         if not background:
             assert status["pages_background"] == 0 and status["faults"]["remote"] > 0, status
+    finally:
+        stop_pair(p)
+
+
+@pytest.mark.usefixtures("huge_pages")
+def test_a_staged_working_set_goes_in_as_whole_huge_pages(tmp_path: Path, image) -> None:
+    """A recorded working set staged before attach (its chunks on the native channel's
+    stage connection) is installed huge page by huge page, gathered from its chunks: a
+    Firecracker-shaped workload restored again, demand only, faults on almost none."""
+    size = 32 * MiB
+    img = huge_image(image, size)
+    p = start_pair(tmp_path)
+    try:
+        publish(p, img)
+        touch = ("--page-size", str(HUGE), "--threads", "2", "--order", "random")
+        seen, first = restore(p, img, *touch, background=False, kind="firecracker")
+        assert seen["verified"] and first["state"] == "completed", (seen, first)
+        record = p.source.workdir / "state" / "exports" / "img.json"
+        deadline = time.monotonic() + 10
+        while not json.loads(record.read_text())["working_set"]:
+            assert time.monotonic() < deadline, "no working set uploaded"
+            time.sleep(0.02)
+        seen, second = restore(
+            p, img, *touch, background=False, prefetch="working_set", kind="firecracker"
+        )
+        assert seen["verified"] and second["state"] == "completed", (seen, second)
+        assert second["transport"] == "native" and second["page_size"] == HUGE
+        assert second["faults"]["remote"] <= max(1, first["faults"]["remote"] // 4), (
+            first["faults"],
+            second["faults"],
+        )
     finally:
         stop_pair(p)
 

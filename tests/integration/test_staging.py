@@ -62,8 +62,11 @@ def test_the_grant_admits_one_stage_connection_beside_the_engines(tmp_path: Path
         assert stage(port, token, img, [2])[2] == ""  # token revoked (as for any misuse)
         assert "refused the token" in stage(port, token, img, [2])[2]
         assert hello(port, token, 1)[1] != CHAN_OK
-        with pytest.raises(ValueError, match="out of range"):
+        with pytest.raises(ValueError, match="out of range"):  # refused before connecting
             stage(port, token, img, [len(data) // CHUNK])
+        with pytest.raises(ValueError, match="at most 4096 chunks"):  # one request's worth
+            stage(port, token, img, [0] * 4097)
+        assert stage(port, token, img, []) == ([], b"", "")  # nothing asked: no connection
     finally:
         stop_pair(p)
 

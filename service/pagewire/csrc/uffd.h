@@ -122,7 +122,8 @@ static inline uint64_t now_ns(void)
  * Between agents, page data may flow over a native TCP channel negotiated and authorised
  * over gRPC: a 16-byte token per session. Under mTLS each connection is TLS 1.3 with the
  * agents' certificates (link.c). Per session one urgent connection and up to BULK_CONNS
- * bulk ones, so a demand fault never waits behind bulk data.
+ * bulk ones, so a demand fault never waits behind bulk data, and before attach one stage
+ * connection that fetches a recorded working set (served as bulk; chan_stage.c).
  *
  *   hello    client: "PWDATA01" token[16] u32 kind u32 0    server: "PWOK" u32 status
  *   request  u32 count (1..MAX_REQ) u32 0, count x u64 chunk index
@@ -420,8 +421,9 @@ typedef struct {
     int refs;
 } chan_session_t;
 
-/* A grant serves one urgent and BULK_CONNS bulk connections, until it expires. Grants
- * are chained in a hash table on their (random) token, so taking or revoking one is O(1). */
+/* A grant serves one urgent, BULK_CONNS bulk and one stage connection, until it expires or
+ * the first two kinds are used up; a refused hello revokes it. Grants are chained in a
+ * hash table on their (random) token, so taking or revoking one is O(1). */
 typedef struct grant {
     uint8_t token[16];
     int export_id;

@@ -9,6 +9,7 @@ new stream (DESIGN.md section 5).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,15 @@ class RemoteExport(ChunkGeometry):
     # xxh3-128 per chunk, what every chunk is checked against; empty from an older source
     # (then sha256 is)
     fast_digests: list[bytes] = field(default_factory=list)
+
+    @functools.cached_property
+    def joined_digests(self) -> bytes:
+        """Every chunk's SHA-256 end to end, as the native channel takes them."""
+        return b"".join(self.digests)
+
+    @functools.cached_property
+    def joined_fast_digests(self) -> bytes:
+        return b"".join(self.fast_digests)
 
     @classmethod
     def from_proto(cls, desc: Any) -> RemoteExport:

@@ -68,7 +68,7 @@ class ChunkLanes:
         self.cache: _uffd.ChunkCache | None = None
         # what one install covers: a chunk, or a whole huge page gathered from its chunks
         self.unit_chunks = 1
-        self.assembling: dict[int, dict[int, bytes]] = {}
+        self.assembling: dict[int, dict[int, bytes | memoryview]] = {}
         self.session: Session | None = None
         self.urgent_stream: UrgentStream | None = None
         self.inflight: set[int] = set()
@@ -93,10 +93,10 @@ class ChunkLanes:
         first = index - index % self.unit_chunks
         return range(first, min(first + self.unit_chunks, self.remote.chunks))
 
-    def _install(self, index: int, chunk: bytes, kind: int) -> bool:
+    def _install(self, index: int, chunk: bytes | memoryview, kind: int) -> bool:
         """Install a verified chunk, or hold it until its huge page is whole."""
-        engine = self._engine()
-        if engine is None or engine.state != "running":
+        engine = self._engine()  # created: a staged working set goes in before start
+        if engine is None or engine.state not in ("created", "running"):
             return False
         if self.cache is not None:
             self.cache.put(self.remote.digests[index], chunk)

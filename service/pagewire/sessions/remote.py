@@ -79,7 +79,7 @@ class RemoteSource(ChunkLanes):
         # the session's engine, kept until stop() so its working-set record can be read
         self.recorder: _uffd.Engine | None = None
         # a recorded working set fetched between session creation and attach, installed
-        # before the engine serves its first fault (kept in the host's bounded cache)
+        # before the engine serves its first fault
         self.stage: WorkingSetStage | None = None
         self.staging: asyncio.Task[None] | None = None
 
@@ -108,15 +108,21 @@ class RemoteSource(ChunkLanes):
             except PeerError as exc:
                 log.info("native channel not offered: %s", exc, extra=self._log_extra())
         replay = list(self._replay())
-        if replay and self.host_cache is not None:
-            budget = self.host_cache.stats()["capacity"]
-            self.stage = WorkingSetStage(self.remote, replay, budget, self._log_extra())
-            if self.grant is not None:
-                port, token = self.grant
-                fetch = self.stage.over_native(self._host(), port, token, self.tls or ())
-            else:
-                fetch = self.stage.over_grpc(self._urgent())
-            self.staging = asyncio.ensure_future(fetch)
+        if replay and self.host_cache is not None:  # staged up to the cache's size
+            limit = self.host_cache.stats()["capacity"]
+            self.stage = WorkingSetStage(self.remote, replay, limit, self._log_extra())
+            self.staging = asyncio.ensure_future(self._stage(self.stage))
+
+    async def _stage(self, stage: WorkingSetStage) -> None:
+        if self.grant is not None:
+            port, token = self.grant
+            missing = await stage.over_native(self._host(), port, token, self.tls or ())
+            if missing and stage.install is not None:  # the channel was told to skip them
+                self._spawn(self._fetch(missing, _uffd.PREFETCH))
+        else:
+            await stage.over_grpc(self._urgent())
+        if stage.install is not None:  # attached, and everything is in: free the budget
+            stage.close()
 
     def attach(self, session: Session) -> None:
         """Demand faults and bulk go over the engine's own TCP channel when the peer
@@ -134,7 +140,9 @@ class RemoteSource(ChunkLanes):
             engine.record_working_set(self.remote.chunk_size, self.remote.size)
             self.recorder = engine
             if self.stage is not None:
-                self.stage.attach(engine)
+                self.stage.attach(lambda index, data: self._install(index, data, _uffd.PREFETCH))
+                if self.staging is not None and self.staging.done():
+                    self.stage.close()
         if self.grant is None or engine is None:
             return
         cache = self.cache
@@ -151,10 +159,10 @@ class RemoteSource(ChunkLanes):
                 r.size,
                 r.page_size,
                 r.zero_map,
-                b"".join(r.digests),
+                r.joined_digests,
                 background=self.background,
                 compression=self.compression == "zstd",
-                fast_digests=b"".join(r.fast_digests) or None,
+                fast_digests=r.joined_fast_digests or None,
                 # what staging installed is skipped; the channel brings the rest
                 working_set=self._replay(skip=self._staged()).tobytes() or None,
                 tls_cert=cert,
@@ -165,8 +173,6 @@ class RemoteSource(ChunkLanes):
             log.info("native channel not used: %s", exc, extra=self._log_extra())
             return
         self.on_channel = True
-        if self.stage is not None:
-            self.stage.over = True  # the channel's burst is faster than gRPC's parts
         if cache is not None:
             engine.share_cache(cache)
         extra = {**self._log_extra(), "port": port, "tls": self.tls is not None}
@@ -198,9 +204,9 @@ class RemoteSource(ChunkLanes):
         return self.address.rsplit(":", 1)[0].strip("[]")
 
     def _staged(self) -> set[int]:
-        """Chunks staging is still bringing: the channel need not ask for them (what it
-        installed already, the engine skips)."""
-        return set(self.stage.on_the_way) if self.stage is not None else set()
+        """Chunks staging brought or is still bringing: not asked for again."""
+        stage = self.stage
+        return stage.landed | stage.on_the_way if stage is not None else set()
 
     def _replay(self, skip: Collection[int] = ()) -> array.array[int]:
         """The recorded working set to install first (prefetch "working_set")."""
@@ -211,7 +217,7 @@ class RemoteSource(ChunkLanes):
 
     async def start(self, session: Session) -> None:
         self.session = session
-        replay = self._replay()
+        replay = self._replay(skip=self._staged())
         if replay and not self.on_channel:  # the native channel asks for it itself
             self._spawn(self._fetch(list(replay), _uffd.PREFETCH))
         if self.background and not self.on_channel:
@@ -258,6 +264,8 @@ class RemoteSource(ChunkLanes):
     async def stop(self) -> None:
         if self.staging is not None:
             self.staging.cancel()
+        if self.stage is not None:
+            self.stage.close()
         await self._upload_working_set()
         self.stopped = True
         peers = SAME_IMAGE.get(self.image_key, set())
