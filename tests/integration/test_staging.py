@@ -1,8 +1,9 @@
 """A recorded working set staged over the native channel's stage connection before the
 workload attaches (issue 15: over gRPC the set took longer than a workload takes to start,
 so the second restore still faulted on a fifth of it): the grant admits one stage
-connection beside the engine's, the chunks come verified, a corrupted one is refused, and a
-Firecracker-shaped workload restored with the replay faults on almost none of the set."""
+connection beside the engine's, the chunks come verified, a corrupted one is refused, a
+Firecracker-shaped workload restored with the replay faults on almost none of the set, and
+one whose source went bad gets SIGBUS, never a staged wrong byte."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import json
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from pagewire import _uffd
 
+from tests.faults.test_scenarios import corrupt_in_place
 from tests.integration.test_native_channel import (
     CHUNK,
     PAGE,
@@ -26,6 +29,7 @@ from tests.integration.test_native_channel import (
 )
 from tests.peers import publish, restore, start_pair, stop_pair
 from tests.security.peer_attacks import CHAN_OK, grant, hello
+from tests.workloads import SIGBUS_EXIT, workload_command
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
 MiB = 1 << 20
@@ -111,11 +115,7 @@ def test_a_firecracker_workload_replays_its_working_set_almost_without_faults(
         touch = ("--threads", "2", "--order", "random")
         seen, first = restore(p, img, *touch, background=False, kind="firecracker")
         assert seen["verified"] and first["state"] == "completed"
-        record = p.source.workdir / "state" / "exports" / "img.json"
-        deadline = time.monotonic() + 10
-        while not json.loads(record.read_text())["working_set"]:
-            assert time.monotonic() < deadline, "no working set uploaded"
-            time.sleep(0.02)
+        wait_for_record(p)
         seen, second = restore(
             p, img, *touch, background=False, prefetch="working_set", kind="firecracker"
         )
@@ -125,5 +125,47 @@ def test_a_firecracker_workload_replays_its_working_set_almost_without_faults(
             first["faults"],
             second["faults"],
         )
+    finally:
+        stop_pair(p)
+
+
+def wait_for_record(p) -> None:  # type: ignore[no-untyped-def]
+    record = p.source.workdir / "state" / "exports" / "img.json"
+    deadline = time.monotonic() + 10
+    while not json.loads(record.read_text())["working_set"]:
+        assert time.monotonic() < deadline, "no working set uploaded"
+        time.sleep(0.02)
+
+
+def test_a_corrupt_sources_working_set_is_never_staged(tmp_path: Path, image) -> None:
+    """The source's file goes bad in place (size and mtime kept) after its working set was
+    recorded: the stage refuses the first bad chunk, the channel and gRPC refuse the rest,
+    and the Firecracker-shaped workload gets SIGBUS by policy, never a wrong byte."""
+    p = start_pair(tmp_path)
+    try:
+        img = image(8 * MiB, seed=34)
+        publish(p, img)
+        touch = ("--threads", "2", "--order", "random")
+        seen, first = restore(p, img, *touch, background=False, kind="firecracker")
+        assert seen["verified"] and first["state"] == "completed"
+        wait_for_record(p)
+        corrupt_in_place(img)
+        body = {
+            "source": {"peer": p.source.grpc, "export": "img"}, "prefetch": "working_set",
+            "background": False, "on_source_lost": "sigbus", "pause_timeout_s": 1.0,
+        }  # fmt: skip
+        session = p.dest.request("POST", "/v1/sessions", json=body).json()
+        cmd = workload_command("firecracker", session["socket"], img.stat().st_size, *touch)
+        done = subprocess.run([*cmd, "--verify", str(img)], capture_output=True, timeout=60)
+        assert done.returncode == SIGBUS_EXIT, (done.returncode, done.stdout, done.stderr)
+        deadline = time.monotonic() + 30
+        while (status := p.dest.request("GET", f"/v1/sessions/{session['id']}").json())[
+            "state"
+        ] not in ("failed", "completed", "cancelled"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status["state"] == "failed" and status["error"]["code"] == "source_lost", status
+        log = p.dest.log_path.read_text()
+        assert "working set staged in part (0 of" in log and "digest mismatch" in log, log[-3000:]
     finally:
         stop_pair(p)
