@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,14 +94,22 @@ def publish(p: Peers, image: Path, name: str = "img") -> dict[str, Any]:
 
 
 def restore(
-    p: Peers, image: Path, *args: str, kind: str = "client", **options: Any
+    p: Peers,
+    image: Path,
+    *args: str,
+    kind: str = "client",
+    ready: Callable[[dict], None] | None = None,
+    **options: Any,
 ) -> tuple[dict, dict]:
     """Restore the export into a workload of this kind (tests/workloads.py) and wait for
-    the session's end; returns what the workload saw and the session's status."""
+    the session's end; returns what the workload saw and the session's status. ready, if
+    given, is called with the new session before the workload starts."""
     body = {"source": {"peer": p.source.grpc, "export": "img"}, **options}
     r = p.dest.request("POST", "/v1/sessions", json=body)
     assert r.status_code == 201, r.text
     session = r.json()
+    if ready is not None:
+        ready(session)
     size = image.stat().st_size
     cmd = workload_command(kind, session["socket"], size, "--verify", str(image), *args)
     done = subprocess.run(cmd, capture_output=True, timeout=120)
@@ -114,3 +123,30 @@ def restore(
             return seen, status
         assert time.monotonic() < deadline, status
         time.sleep(0.05)
+
+
+def record_working_set(p: Peers, image: Path, *args: str, **options: Any) -> dict:
+    """Restore once (the destination records the first touches and uploads them as the
+    session completes) and wait until the source holds the working set; returns the
+    session's status."""
+    seen, status = restore(p, image, *args, **options)
+    assert seen["verified"] and status["state"] == "completed", (seen, status)
+    record = p.source.workdir / "state" / "exports" / "img.json"
+    deadline = time.monotonic() + 10
+    while not json.loads(record.read_text())["working_set"]:
+        assert time.monotonic() < deadline, "no working set uploaded"
+        time.sleep(0.02)
+    return status
+
+
+def staged(p: Peers) -> Callable[[dict], None]:
+    """A ready hook for restore(): wait until the destination has logged a working set
+    staged (its pair's first; as a VM would start a while after its session)."""
+
+    def wait(session: dict) -> None:
+        deadline = time.monotonic() + 20
+        while "working set staged:" not in p.dest.log_path.read_text():
+            assert time.monotonic() < deadline, f"session {session['id']}: nothing staged"
+            time.sleep(0.02)
+
+    return wait

@@ -15,7 +15,7 @@ import pytest
 from pagewire import _uffd
 from pagewire.core.layout import SYSTEM_PAGE_SIZE as PAGE
 
-from tests.peers import publish, restore, start_pair, stop_pair
+from tests.peers import publish, record_working_set, restore, start_pair, stop_pair
 from tests.security.peer_attacks import recv_exact
 
 pytestmark = pytest.mark.usefixtures("require_uffd")
@@ -275,13 +275,8 @@ def test_working_set_is_recorded_uploaded_and_replayed(
     try:
         img = image(16 * MiB, seed=8)
         publish(p, img)
-        seen, first = restore(p, img, "--threads", "2", "--order", "random", background=False)
-        assert seen["verified"] and first["state"] == "completed"
+        first = record_working_set(p, img, "--threads", "2", "--order", "random", background=False)
         record = p.source.workdir / "state" / "exports" / "img.json"
-        deadline = time.monotonic() + 10
-        while not json.loads(record.read_text())["working_set"]:
-            assert time.monotonic() < deadline, "no working set uploaded"
-            time.sleep(0.02)
         recorded = json.loads(record.read_text())["working_set"]
         assert len(recorded) == len(set(recorded)) > 0
         seen, second = restore(

@@ -52,3 +52,19 @@ def test_a_closed_stage_keeps_nothing_that_lands_late() -> None:
     stage.close()
     stage.land({1: b"y" * CHUNK})
     assert stage.kept == {} and stage.landed == {0}
+
+
+def test_what_attach_left_to_staging_and_never_came_is_handed_back() -> None:
+    """Before attach nothing is owed (the engine's channel asks for the whole rest); after
+    it, what was on its way and never landed is, and the stage then lets its budget go."""
+    early = WorkingSetStage(export(4), [0, 1], 1 << 40, {})
+    assert early.fetched() == []
+    early.close()
+    used = Budget.used
+    stage = WorkingSetStage(export(4), [0, 1, 2], 1 << 40, {})
+    stage.on_the_way.update([1, 2])
+    installed: list[int] = []
+    stage.attach(lambda index, data: installed.append(index))
+    stage.land({1: b"x" * CHUNK})
+    assert installed == [1] and stage.fetched() == [2]
+    assert stage.closed and Budget.used == used

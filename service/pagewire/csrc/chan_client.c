@@ -734,6 +734,16 @@ void chan_start_threads(Engine *e)
     }
 }
 
+/* An export's description as Describe gave it: chunk and page sizes that divide, a zero
+ * map byte per page, a SHA-256 (and, when given, an XXH3-128) per chunk. */
+int chan_desc_ok(uint64_t cs, uint64_t size, uint64_t eps, const Py_buffer *zm,
+                 const Py_buffer *dg, const Py_buffer *fd)
+{
+    uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
+    return eps && cs && cs % eps == 0 && size % eps == 0 && (uint64_t)zm->len == size / eps &&
+           (uint64_t)dg->len == nchunks * 32 && (!fd || (uint64_t)fd->len == nchunks * 16);
+}
+
 PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"host",     "port",    "token",      "chunk_size",  "export_size",
@@ -755,9 +765,8 @@ PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_TypeError, "cache must be a ChunkCache or None");
         goto out;
     }
-    if (e->chan || e->state > E_RUNNING || tok.len != 16 || eps == 0 || cs == 0 || cs % eps ||
-        size % eps || (uint64_t)zm.len != size / eps || (uint64_t)dg.len != nchunks * 32 ||
-        (fd.buf && (uint64_t)fd.len != nchunks * 16) || (ws.buf && ws.len % 8)) {
+    if (e->chan || e->state > E_RUNNING || tok.len != 16 ||
+        !chan_desc_ok(cs, size, eps, &zm, &dg, fd.buf ? &fd : NULL) || (ws.buf && ws.len % 8)) {
         PyErr_SetString(PyExc_ValueError, "bad channel description (or engine not running)");
         goto out;
     }

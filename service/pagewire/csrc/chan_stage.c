@@ -51,17 +51,16 @@ static void stage_run(struct chan *c, link_t *l, stage_t *st, uint8_t *scratch)
     }
 }
 
-/* The export's description, checked as attach_channel checks it; 0, or -1 with why set. */
+/* The export's description (checked as attach_channel checks it); 0, or -1 with why set. */
 static int stage_desc(struct chan *c, uint64_t cs, uint64_t size, uint64_t eps, Py_buffer *zm,
                       Py_buffer *dg, Py_buffer *fd, char *why, size_t n)
 {
-    uint64_t nchunks = cs ? (size + cs - 1) / cs : 0;
-    if (eps == 0 || cs == 0 || cs % eps || size % eps || (uint64_t)zm->len != size / eps ||
-        (uint64_t)dg->len != nchunks * 32 || (fd->buf && (uint64_t)fd->len != nchunks * 16)) {
+    if (!chan_desc_ok(cs, size, eps, zm, dg, fd->buf ? fd : NULL)) {
         snprintf(why, n, "bad channel description");
         return -1;
     }
-    c->chunk_size = cs, c->export_size = size, c->export_ps = eps, c->nchunks = nchunks;
+    c->chunk_size = cs, c->export_size = size, c->export_ps = eps;
+    c->nchunks = (size + cs - 1) / cs;
     c->zmap = zm->buf, c->digests = dg->buf; /* borrowed for the call */
     c->fast = fd->buf && fd->len ? fd->buf : NULL;
     return 0;

@@ -558,6 +558,8 @@ void chan_stop(Engine *e);
 void chan_free(Engine *e);
 void chan_start_threads(Engine *e);
 PyObject *Engine_attach_channel(Engine *e, PyObject *args, PyObject *kw);
+int chan_desc_ok(uint64_t cs, uint64_t size, uint64_t eps, const Py_buffer *zm,
+                 const Py_buffer *dg, const Py_buffer *fd);
 int chan_connect(link_t *l, const char *host, int port, const uint8_t token[16], uint32_t kind,
                  SSL_CTX *tls, char *why, size_t n);
 int64_t chan_receive(struct chan *c, link_t *l, uint8_t *buf, uint8_t *stage,

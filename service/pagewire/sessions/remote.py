@@ -117,12 +117,10 @@ class RemoteSource(ChunkLanes):
         if self.grant is not None:
             port, token = self.grant
             missing = await stage.over_native(self._host(), port, token, self.tls or ())
-            if missing and stage.install is not None:  # the channel was told to skip them
-                self._spawn(self._fetch(missing, _uffd.PREFETCH))
         else:
-            await stage.over_grpc(self._urgent())
-        if stage.install is not None:  # attached, and everything is in: free the budget
-            stage.close()
+            missing = await stage.over_grpc(self._urgent())
+        if missing:  # attach left them to staging, which did not bring them
+            self._spawn(self._fetch(missing, _uffd.PREFETCH))
 
     def attach(self, session: Session) -> None:
         """Demand faults and bulk go over the engine's own TCP channel when the peer
@@ -141,8 +139,6 @@ class RemoteSource(ChunkLanes):
             self.recorder = engine
             if self.stage is not None:
                 self.stage.attach(lambda index, data: self._install(index, data, _uffd.PREFETCH))
-                if self.staging is not None and self.staging.done():
-                    self.stage.close()
         if self.grant is None or engine is None:
             return
         cache = self.cache

@@ -4,7 +4,8 @@ The engine needs the workload's uffd, so it exists only from attach on; until th
 chunks of the recorded set are fetched and kept here, verified, and installed in one burst
 before the engine serves its first fault. They come over the native channel's stage
 connection when the peer granted a channel (one request at the channel's rate), else over
-gRPC in parts. What is still on its way at attach is installed as it lands; the engine's
+gRPC in parts (none started after attach). What is still on its way at attach is installed
+as it lands; the engine's
 channel asks only for the rest, and what a failed stage never brought is handed back to be
 fetched over gRPC. Everything here runs on the event loop but the native fetch itself.
 
@@ -18,6 +19,7 @@ import array
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -65,6 +67,9 @@ class WorkingSetStage:
         self.on_the_way: set[int] = set()
         self.landed: set[int] = set()  # kept or installed
         self.install: Install | None = None  # set at attach
+        self.owed: set[int] = set()  # on the way at attach: the engine does not ask for them
+        self.fetching = True
+        self.started = time.monotonic()
         self.closed = False
 
     async def over_native(
@@ -92,18 +97,18 @@ class WorkingSetStage:
         view, size = memoryview(data), r.chunk_size
         indexes = array.array("Q", got)
         self.land({c: view[n * size : n * size + r.chunk_len(c)] for n, c in enumerate(indexes)})
-        missing = [c for c in self.chunks if c not in self.landed]
         if error:
             log.info("working set staged in part (%d of %d): %s", len(indexes),
                      len(self.chunks), error, extra=self.log_extra)  # fmt: skip
-        return missing
+        return self.fetched()
 
-    async def over_grpc(self, stream: UrgentStream) -> None:
+    async def over_grpc(self, stream: UrgentStream) -> list[int]:
+        """Fetch the set in parts over gRPC; returns the chunks that did not come."""
         in_flight = asyncio.Semaphore(GRPC_PARTS)
 
         async def part(indexes: list[int]) -> None:
             async with in_flight:
-                if self.closed:
+                if self.closed or self.install is not None:  # attached: the engine asks
                     return
                 self.on_the_way.update(indexes)
                 try:
@@ -118,6 +123,19 @@ class WorkingSetStage:
             )
         except PeerError as exc:
             log.info("working set not staged: %s", exc, extra=self.log_extra)
+        return self.fetched()
+
+    def fetched(self) -> list[int]:
+        """The fetch is over: the chunks attach left to it that did not come. Once attached
+        too, what is kept is in and the budget goes back."""
+        self.fetching = False
+        log.info("working set staged: %d of %d chunks in %.0f ms", len(self.landed),
+                 len(self.chunks), (time.monotonic() - self.started) * 1000,
+                 extra=self.log_extra)  # fmt: skip
+        missing = [c for c in self.owed if c not in self.landed]
+        if self.install is not None:
+            self.close()
+        return missing
 
     def land(self, got: dict[int, bytes] | dict[int, memoryview]) -> None:
         """Install what landed once attached, else keep it for attach."""
@@ -134,9 +152,12 @@ class WorkingSetStage:
         """Before the engine starts: install what is kept in one burst; what is on its way
         goes in as it lands."""
         self.install = install
+        self.owed = set(self.on_the_way)
         kept, self.kept = self.kept, {}
         for index, data in kept.items():
             install(index, data)
+        if not self.fetching:
+            self.close()
 
     def close(self) -> None:
         """The session ended (or its set is in): drop what is kept, free the budget."""
