@@ -236,11 +236,12 @@ def stage_chunks(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_ca: str | None = None,
-) -> tuple[bytes, bytes, str | None]:
+) -> tuple[bytes, bytes, str | None, int]:
     """Fetch at most 4096 chunks (uint64 indexes) over the native channel on the grant's
     stage connection, verified: (indexes received, their chunks in one chunk_size slot
-    each, zero-padded, error or None). A chunk the session's urgent connection sent
-    meanwhile is not among them; the fetch gives up after 10 s. GIL released."""
+    each, zero-padded, error or None, bytes received off the wire). A chunk the session's
+    urgent connection sent meanwhile is not among them; the fetch gives up after 10 s.
+    GIL released."""
 
 def touch_pages(addr: int, page_size: int, pages: Sequence[int], write: bool = False) -> list[int]:
     """Touch each page (read one byte, or write) in order; returns ns per touch. GIL released."""

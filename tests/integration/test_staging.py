@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from pagewire import _uffd
+from pagewire.tools.images import data_bytes
 
 from tests.faults.test_scenarios import corrupt_in_place
 from tests.integration.test_native_channel import (
@@ -44,7 +45,7 @@ STAGE = 3  # the hello kind of the stage connection
 
 def stage(port: int, token: bytes, img: Path, chunks: list[int]) -> tuple[list[int], bytes, str]:
     data, zero, digests = image_facts(img)
-    got, body, error = _uffd.stage_chunks(
+    got, body, error, _ = _uffd.stage_chunks(
         "127.0.0.1", port, token, CHUNK, len(data), PAGE, zero, digests,
         struct.pack(f"<{len(chunks)}Q", *chunks),
     )  # fmt: skip
@@ -132,6 +133,8 @@ def test_a_firecracker_workload_replays_its_working_set_without_faults(
             first["faults"],
             second["faults"],
         )
+        # what the stage connection carried counts: each data page once (zero pages never)
+        assert second["bytes_received"] == data_bytes(img), second["bytes_received"]
     finally:
         stop_pair(p)
 

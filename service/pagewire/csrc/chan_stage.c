@@ -147,7 +147,8 @@ PyObject *mod_stage_chunks(PyObject *self, PyObject *args, PyObject *kw)
     got = PyBytes_FromStringAndSize((const char *)st.got, (Py_ssize_t)(st.ngot * 8));
     Py_ssize_t keep = (Py_ssize_t)(st.ngot * cs); /* (an empty bytes is shared: no resize) */
     if (got && (PyBytes_GET_SIZE(data) == keep || _PyBytes_Resize(&data, keep) == 0))
-        result = Py_BuildValue("(OOs)", got, data, st.why[0] ? st.why : NULL);
+        result = Py_BuildValue("(OOsK)", got, data, st.why[0] ? st.why : NULL,
+                               (unsigned long long)c.bytes_received);
 out:
     Py_XDECREF(got);
     Py_XDECREF(data);

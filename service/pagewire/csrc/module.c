@@ -458,7 +458,7 @@ static PyMethodDef module_methods[] = {
     {"stage_chunks", (PyCFunction)(void (*)(void))mod_stage_chunks,
      METH_VARARGS | METH_KEYWORDS,
      "Fetch chunks over the native channel's stage connection before attach: (indexes, "
-     "data: one zero-padded chunk_size slot each, error or None)."},
+     "data: one zero-padded chunk_size slot each, error or None, bytes off the wire)."},
     {"touch_pages", (PyCFunction)(void (*)(void))mod_touch_pages, METH_VARARGS | METH_KEYWORDS,
      "Touch pages in order; ns per touch (GIL released)."},
     {"zero_map", mod_zero_map, METH_VARARGS, "One byte per page: 1 if all zero."},

@@ -96,7 +96,8 @@ class RemoteSource(ChunkLanes):
         return self.client.reconnects
 
     def bytes_received(self) -> int:
-        return self.client.bytes_received
+        staged = self.stage.bytes_received if self.stage is not None else 0
+        return self.client.bytes_received + staged
 
     async def connect(self) -> None:
         """At session creation: join the image's sessions, and ask the peer for a native

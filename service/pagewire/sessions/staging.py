@@ -69,6 +69,7 @@ class WorkingSetStage:
         self.install: Install | None = None  # set at attach
         self.owed: set[int] = set()  # on the way at attach: the engine does not ask for them
         self.fetching = True
+        self.bytes_received = 0  # on the stage connection (gRPC's count in its client's)
         self.started = time.monotonic()
         self.closed = False
 
@@ -80,8 +81,9 @@ class WorkingSetStage:
         cert, key, ca = tls or (None, None, None)
         self.on_the_way.update(self.chunks)
         error, got, data = "", b"", b""
+        loop = asyncio.get_running_loop()
         try:
-            got, data, reason = await asyncio.get_running_loop().run_in_executor(
+            got, data, reason, self.bytes_received = await loop.run_in_executor(
                 FETCHERS, lambda: _uffd.stage_chunks(
                     host, port, token, r.chunk_size, r.size, r.page_size, r.zero_map,
                     r.joined_digests, array.array("Q", self.chunks).tobytes(),
